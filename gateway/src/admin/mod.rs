@@ -1,0 +1,248 @@
+//! The admin listener, separate from traffic: `GET /admin/status` (bearer token),
+//! `POST /admin/shards/{id}/fault` (demo mode only) and `GET /metrics` (Prometheus).
+//!
+//! The token comes from `BREAKWATER_ADMIN_TOKEN`; it is compared in constant time and
+//! never logged. `/metrics` carries no secrets and is left open for scrapers, as Envoy's
+//! admin `/stats` is; bind the admin listener to a private address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::proxy::error::{error_json, GatewayError};
+use crate::routing::Router;
+
+/// Largest admin request body, bytes.
+const MAX_ADMIN_BODY_BYTES: usize = 64 << 10;
+
+/// The admin application.
+pub struct Admin {
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    token: String,
+    home_region: String,
+    /// Demo mode: each simulated shard's control address, for the fault endpoint.
+    fault_controls: HashMap<String, SocketAddr>,
+}
+
+impl Admin {
+    /// An admin API guarded by `token`. `fault_controls` is empty outside demo mode, which
+    /// turns the fault endpoint off.
+    pub fn new(
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        token: String,
+        home_region: String,
+        fault_controls: HashMap<String, SocketAddr>,
+    ) -> Self {
+        Self {
+            router,
+            metrics,
+            token,
+            home_region,
+            fault_controls,
+        }
+    }
+
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(given.as_bytes(), self.token.as_bytes())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let health = self.router.health();
+        let shards: Vec<_> = self
+            .router
+            .shards()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let h = health.get(i);
+                json!({
+                    "id": s.id,
+                    "region": s.region,
+                    "pool": s.pool,
+                    "url": s.url.as_str(),
+                    "state": h.state.as_str(),
+                    "reason": h.reason,
+                    "inflight_tokens": s.load.inflight_tokens(),
+                    "inflight_requests": s.load.inflight_requests(),
+                    "capacity_tps": s.capacity_tps,
+                    "dispatched_requests_total": s.load.dispatched_requests_total(),
+                    "dispatched_tokens_total": s.load.dispatched_tokens_total(),
+                })
+            })
+            .collect();
+        json!({"home_region": self.home_region, "ready": self.router.ready(), "shards": shards})
+    }
+
+    async fn fault(&self, shard: &str, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let Some(control) = self.fault_controls.get(shard) else {
+            let msg = if self.fault_controls.is_empty() {
+                "fault injection is only available in demo mode".to_string()
+            } else {
+                format!("no simulated shard {shard:?}")
+            };
+            return error(StatusCode::NOT_FOUND, &msg, "not_found");
+        };
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_ADMIN_BODY_BYTES => {
+                    body.extend_from_slice(&chunk)
+                }
+                Ok(Some(_)) => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body too large",
+                        "request_too_large",
+                    )
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "could not read the body",
+                        "invalid_request",
+                    )
+                }
+            }
+        }
+        // The simulator validates the body; its answer (or its error) is relayed.
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let request = http::Request::post(format!("http://{control}/fault"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)));
+        let Ok(request) = request else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not build the request",
+                "internal",
+            );
+        };
+        match client.request(request).await {
+            Ok(resp) => {
+                let status = resp.status();
+                let bytes = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                reply(status, bytes.to_vec())
+            }
+            Err(e) => error(
+                StatusCode::BAD_GATEWAY,
+                &format!("simulator unreachable: {e}"),
+                "upstream_error",
+            ),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() || b.is_empty() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn reply(status: StatusCode, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let len = r.body().len();
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    r
+}
+
+fn error(status: StatusCode, message: &str, code: &str) -> Response<Vec<u8>> {
+    reply(
+        status,
+        error_json(message, "invalid_request_error", code).into_bytes(),
+    )
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        if method == http::Method::GET && path == "/metrics" {
+            let mut r = reply(
+                StatusCode::OK,
+                self.metrics.render(&self.router).into_bytes(),
+            );
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            return r;
+        }
+        if !path.starts_with("/admin/") {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("no route for {method} {path}"),
+                "not_found",
+            );
+        }
+        if !self.authorized(session) {
+            let e = GatewayError::Unauthorized;
+            let mut r = reply(StatusCode::UNAUTHORIZED, e.body().into_bytes());
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+        let fault_target = path
+            .strip_prefix("/admin/shards/")
+            .and_then(|rest| rest.strip_suffix("/fault"))
+            .map(str::to_string);
+        match (&method, path.as_str(), fault_target) {
+            (&http::Method::GET, "/admin/status", _) => {
+                reply(StatusCode::OK, self.status().to_string().into_bytes())
+            }
+            (&http::Method::POST, _, Some(shard)) => self.fault(&shard, session).await,
+            _ => error(
+                StatusCode::NOT_FOUND,
+                &format!("no route for {method} {path}"),
+                "not_found",
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"", b""));
+        assert!(!constant_time_eq(b"sec", b"secret"));
+    }
+}

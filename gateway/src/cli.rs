@@ -1,0 +1,211 @@
+//! The command line: `serve`, `validate` and `demo`.
+
+#![allow(clippy::print_stdout)] // printing to the terminal is this module's job
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::policy::{self, PolicyError};
+use crate::server::{self, ServeOptions};
+
+/// Breakwater: an LLM inference gateway that keeps serving through surges and failures.
+#[derive(Parser, Debug)]
+#[command(name = "breakwater", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log as JSON lines (for log shippers) instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway from a policy directory.
+    Serve {
+        /// Directory of policy `*.toml` files.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Traffic listener (default: the policy's `gateway.listen`).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Admin listener (default: the policy's `gateway.admin_listen`).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// Worker threads (default: one per CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Check a policy directory: one line per problem and a non-zero exit, or a summary.
+    Validate {
+        /// Directory of policy `*.toml` files.
+        dir: PathBuf,
+    },
+    /// Run the gateway in front of a built-in simulated fleet (two regions) on 127.0.0.1.
+    Demo {
+        /// Traffic listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listener.
+        #[arg(long, default_value = "127.0.0.1:9091")]
+        admin_listen: SocketAddr,
+    },
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,pingora_core=warn,pingora_proxy=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn print_policy_error(e: &PolicyError) {
+    match e {
+        PolicyError::Invalid(issues) => {
+            for i in issues {
+                eprintln!("{i}");
+            }
+            eprintln!("{} problem(s); the policy set is not valid", issues.len());
+        }
+        other => eprintln!("{other}"),
+    }
+}
+
+fn admin_token(generate: bool) -> (String, bool) {
+    match std::env::var("BREAKWATER_ADMIN_TOKEN") {
+        Ok(t) if !t.is_empty() => (t, false),
+        _ if generate => (format!("{:032x}", rand::random::<u128>()), true),
+        _ => (String::new(), false),
+    }
+}
+
+/// Runs the command line; the exit code is non-zero on any failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { dir } => match policy::load_dir(&dir) {
+            Ok(p) => {
+                println!("{}", p.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                print_policy_error(&e);
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve {
+            policy: dir,
+            listen,
+            admin_listen,
+            threads,
+        } => {
+            init_logging(cli.log_json);
+            let policy = match policy::load_dir(&dir) {
+                Ok(p) => p,
+                Err(e) => {
+                    print_policy_error(&e);
+                    return ExitCode::FAILURE;
+                }
+            };
+            let (admin_token, _) = admin_token(false);
+            serve(ServeOptions {
+                policy,
+                listen,
+                admin_listen,
+                admin_token,
+                fault_controls: Default::default(),
+                threads,
+            })
+        }
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => {
+            init_logging(cli.log_json);
+            demo(listen, admin_listen)
+        }
+    }
+}
+
+fn serve(opts: ServeOptions) -> ExitCode {
+    match server::run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("breakwater: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
+    let policy = match crate::demo::policy() {
+        Ok(p) => p,
+        Err(e) => {
+            print_policy_error(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    let controls = match crate::demo::start_fleet(&policy) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("breakwater demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (token, generated) = admin_token(true);
+    let model = policy
+        .pools
+        .first()
+        .and_then(|p| p.models.first())
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "Breakwater demo: {} shards in {} regions (home: {})",
+        policy.shards.len(),
+        policy.regions.len(),
+        policy.home_region
+    );
+    for s in &policy.shards {
+        println!(
+            "  {:<10} {:<8} {:>6} tok/s  {}",
+            s.id, s.region, s.capacity_tps, s.url
+        );
+    }
+    println!();
+    println!("OpenAI API:  http://{listen}/v1");
+    println!("Admin API:   http://{admin_listen}/admin/status   (metrics: http://{admin_listen}/metrics)");
+    if generated {
+        println!("Admin token: {token}   (set BREAKWATER_ADMIN_TOKEN to choose your own)");
+    } else {
+        println!("Admin token: from BREAKWATER_ADMIN_TOKEN");
+    }
+    println!();
+    println!("Try:");
+    println!(
+        "  curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \\"
+    );
+    println!("    -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}],\"max_tokens\":16}}'");
+    println!("  curl -s -H 'authorization: Bearer {token}' http://{admin_listen}/admin/status");
+    println!("  curl -s -X POST -H 'authorization: Bearer {token}' http://{admin_listen}/admin/shards/use-big/fault -d '{{\"mode\":\"down\"}}'");
+    println!();
+    println!("Ctrl-C stops everything.");
+    serve(ServeOptions {
+        policy,
+        listen: Some(listen),
+        admin_listen: Some(admin_listen),
+        admin_token: token,
+        fault_controls: controls,
+        threads: Some(2),
+    })
+}

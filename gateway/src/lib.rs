@@ -1,0 +1,20 @@
+//! Breakwater: a gateway for self-hosted LLM inference that routes by token-weighted load
+//! across regional pools and keeps serving through surges and failures.
+//!
+//! A request's path, in modules:
+//! 1. [`proxy`] — Pingora accepts; `request_filter` owns the exchange
+//!    ([`proxy::exchange`]): read and bound the body, parse, route, call a shard, relay.
+//! 2. [`routing`] — estimate the token cost, pick a shard (home region first,
+//!    power-of-two-choices on in-flight tokens per capacity), account the load.
+//! 3. [`policy`] — the TOML policy set everything above is built from.
+//! 4. [`admin`] and [`metrics`] — the admin listener and Prometheus.
+//! 5. [`server`] — assembling it all on Pingora; [`cli`] and [`demo`] — the commands.
+
+pub mod admin;
+pub mod cli;
+pub mod demo;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod routing;
+pub mod server;

@@ -1,0 +1,5 @@
+//! The `breakwater` command.
+
+fn main() -> std::process::ExitCode {
+    breakwater::cli::main()
+}

@@ -1,0 +1,122 @@
+//! Prometheus metrics: what the admin listener's `/metrics` exposes.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::routing::Router;
+
+/// The gateway's metrics, registered in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    requests_total: IntCounterVec,
+    request_duration_seconds: HistogramVec,
+    time_to_first_byte_seconds: HistogramVec,
+    upstream_attempts_total: IntCounterVec,
+    shard_inflight_tokens: IntGaugeVec,
+    shard_inflight_requests: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn try_new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("breakwater".into()), None)?;
+        let buckets = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ];
+        let requests_total = IntCounterVec::new(
+            Opts::new("requests_total", "Client requests by response status."),
+            &["status"],
+        )?;
+        let request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "Client request duration.")
+                .buckets(buckets.clone()),
+            &["status_class"],
+        )?;
+        let time_to_first_byte_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "time_to_first_byte_seconds",
+                "From request to the response header (streams: the first event).",
+            )
+            .buckets(buckets),
+            &["status_class"],
+        )?;
+        let upstream_attempts_total = IntCounterVec::new(
+            Opts::new("upstream_attempts_total", "Attempts on shards by outcome."),
+            &["shard", "outcome"],
+        )?;
+        let shard_inflight_tokens = IntGaugeVec::new(
+            Opts::new(
+                "shard_inflight_tokens",
+                "Estimated tokens in flight per shard.",
+            ),
+            &["shard", "region", "pool"],
+        )?;
+        let shard_inflight_requests = IntGaugeVec::new(
+            Opts::new("shard_inflight_requests", "Requests in flight per shard."),
+            &["shard", "region", "pool"],
+        )?;
+        registry.register(Box::new(requests_total.clone()))?;
+        registry.register(Box::new(request_duration_seconds.clone()))?;
+        registry.register(Box::new(time_to_first_byte_seconds.clone()))?;
+        registry.register(Box::new(upstream_attempts_total.clone()))?;
+        registry.register(Box::new(shard_inflight_tokens.clone()))?;
+        registry.register(Box::new(shard_inflight_requests.clone()))?;
+        Ok(Self {
+            registry,
+            requests_total,
+            request_duration_seconds,
+            time_to_first_byte_seconds,
+            upstream_attempts_total,
+            shard_inflight_tokens,
+            shard_inflight_requests,
+        })
+    }
+
+    /// Records a finished client request (status 0: the client left before any answer).
+    pub fn request(&self, status: u16, total: Duration, first_byte: Option<Duration>) {
+        let class = match status {
+            0 => "aborted",
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "other",
+        };
+        self.requests_total
+            .with_label_values(&[&status.to_string()])
+            .inc();
+        self.request_duration_seconds
+            .with_label_values(&[class])
+            .observe(total.as_secs_f64());
+        if let Some(fb) = first_byte {
+            self.time_to_first_byte_seconds
+                .with_label_values(&[class])
+                .observe(fb.as_secs_f64());
+        }
+    }
+
+    /// Records one attempt on a shard.
+    pub fn attempt(&self, shard: &str, outcome: &str) {
+        self.upstream_attempts_total
+            .with_label_values(&[shard, outcome])
+            .inc();
+    }
+
+    /// The text exposition, with per-shard gauges read from the ledger now.
+    pub fn render(&self, router: &Router) -> String {
+        for s in router.shards() {
+            let labels = [s.id.as_str(), s.region.as_str(), s.pool.as_str()];
+            self.shard_inflight_tokens
+                .with_label_values(&labels)
+                .set(s.load.inflight_tokens() as i64);
+            self.shard_inflight_requests
+                .with_label_values(&labels)
+                .set(s.load.inflight_requests() as i64);
+        }
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

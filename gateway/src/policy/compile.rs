@@ -1,0 +1,448 @@
+//! Raw policy files → one validated [`Policy`]. Every problem is collected (not just the
+//! first), each naming its file and key, so `breakwater validate` can list them all.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use url::Url;
+
+use super::raw::{RawFile, RawShard};
+use super::{
+    EngineKind, Limits, Policy, PolicyIssue, Pool, Region, RoutingSettings, Shard, Timeouts,
+};
+
+/// Compiles parsed files (name, contents) into one policy, or every problem found.
+pub fn compile(files: &[(String, RawFile)]) -> Result<Policy, Vec<PolicyIssue>> {
+    let mut c = Compiler::default();
+    c.run(files);
+    match (c.issues.is_empty(), c.policy) {
+        (true, Some(policy)) => Ok(policy),
+        _ => Err(c.issues),
+    }
+}
+
+#[derive(Default)]
+struct Compiler {
+    issues: Vec<PolicyIssue>,
+    policy: Option<Policy>,
+}
+
+impl Compiler {
+    fn issue(&mut self, file: &str, key: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(PolicyIssue {
+            file: file.to_string(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Takes a singleton section from at most one file; a second one is an issue.
+    fn singleton<'a, T>(
+        &mut self,
+        files: &'a [(String, RawFile)],
+        section: &str,
+        get: impl Fn(&'a RawFile) -> Option<&'a T>,
+    ) -> Option<(&'a str, &'a T)> {
+        let mut found: Option<(&str, &T)> = None;
+        for (name, file) in files {
+            if let Some(value) = get(file) {
+                match found {
+                    None => found = Some((name, value)),
+                    Some((first, _)) => self.issue(
+                        name,
+                        section,
+                        format!("[{section}] is already set in {first}; it may appear once"),
+                    ),
+                }
+            }
+        }
+        found
+    }
+
+    fn check_id(&mut self, file: &str, key: &str, id: &str) -> bool {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            self.issue(
+                file,
+                key,
+                format!("id {id:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"),
+            );
+        }
+        ok
+    }
+
+    fn run(&mut self, files: &[(String, RawFile)]) {
+        if files.is_empty() {
+            self.issue("", "", "no policy files (*.toml) found");
+            return;
+        }
+        let gateway = self.singleton(files, "gateway", |f| f.gateway.as_ref());
+        let limits = self.singleton(files, "limits", |f| f.limits.as_ref());
+        let timeouts = self.singleton(files, "timeouts", |f| f.timeouts.as_ref());
+        let routing = self.singleton(files, "routing", |f| f.routing.as_ref());
+
+        // Regions, in failover order (file name order, then position in the file).
+        let mut regions: Vec<Region> = Vec::new();
+        let mut region_file: HashMap<String, String> = HashMap::new();
+        for (name, file) in files {
+            for (i, r) in file.regions.iter().enumerate() {
+                let key = format!("regions[{i}].id");
+                if !self.check_id(name, &key, &r.id) {
+                    continue;
+                }
+                if let Some(first) = region_file.get(&r.id) {
+                    let msg = format!("duplicate region id {:?} (first in {first})", r.id);
+                    self.issue(name, key, msg);
+                    continue;
+                }
+                region_file.insert(r.id.clone(), name.clone());
+                regions.push(Region { id: r.id.clone() });
+            }
+        }
+        if regions.is_empty() {
+            self.issue(
+                &files[0].0,
+                "regions",
+                "at least one [[regions]] entry is required",
+            );
+        }
+
+        // Pools.
+        let mut pools: Vec<Pool> = Vec::new();
+        let mut pool_file: HashMap<String, String> = HashMap::new();
+        let mut served: HashMap<(String, String), String> = HashMap::new();
+        for (name, file) in files {
+            for (i, p) in file.pools.iter().enumerate() {
+                let at = |k: &str| format!("pools[{i}].{k}");
+                if !self.check_id(name, &at("id"), &p.id) {
+                    continue;
+                }
+                if let Some(first) = pool_file.get(&p.id) {
+                    let msg = format!("duplicate pool id {:?} (first in {first})", p.id);
+                    self.issue(name, at("id"), msg);
+                    continue;
+                }
+                pool_file.insert(p.id.clone(), name.clone());
+                if !region_file.contains_key(&p.region) {
+                    let msg = format!(
+                        "pool {:?} names region {:?}, which no file defines",
+                        p.id, p.region
+                    );
+                    self.issue(name, at("region"), msg);
+                }
+                let engine = match p.engine.as_deref() {
+                    None => EngineKind::Generic,
+                    Some(kind) => match EngineKind::parse(kind) {
+                        Some(e) => e,
+                        None => {
+                            let msg = format!(
+                                "unknown engine {kind:?}; expected one of {}",
+                                EngineKind::NAMES.join(", ")
+                            );
+                            self.issue(name, at("engine"), msg);
+                            EngineKind::Generic
+                        }
+                    },
+                };
+                if p.models.is_empty() {
+                    self.issue(name, at("models"), "a pool must serve at least one model");
+                }
+                for (j, m) in p.models.iter().enumerate() {
+                    if m.is_empty() || m.len() > 256 {
+                        self.issue(
+                            name,
+                            format!("pools[{i}].models[{j}]"),
+                            "a model name is 1-256 characters",
+                        );
+                        continue;
+                    }
+                    let k = (p.region.clone(), m.clone());
+                    if let Some(other) = served.get(&k) {
+                        let msg = format!(
+                            "model {m:?} is already served in region {:?} by pool {other:?}; one pool per model and region",
+                            p.region
+                        );
+                        self.issue(name, format!("pools[{i}].models[{j}]"), msg);
+                    } else {
+                        served.insert(k, p.id.clone());
+                    }
+                }
+                pools.push(Pool {
+                    id: p.id.clone(),
+                    region: p.region.clone(),
+                    engine,
+                    models: p.models.clone(),
+                });
+            }
+        }
+
+        // Shards.
+        let mut shards: Vec<Shard> = Vec::new();
+        let mut shard_file: HashMap<String, String> = HashMap::new();
+        let mut urls: HashSet<String> = HashSet::new();
+        for (name, file) in files {
+            for (i, s) in file.shards.iter().enumerate() {
+                if let Some(shard) = self.shard(name, i, s, &pools, &mut shard_file, &mut urls) {
+                    shards.push(shard);
+                }
+            }
+        }
+
+        // Singletons.
+        let Some((gw_file, gw)) = gateway else {
+            self.issue(
+                &files[0].0,
+                "gateway",
+                "a [gateway] section with home_region is required",
+            );
+            return;
+        };
+        if !region_file.contains_key(&gw.home_region) {
+            let msg = format!("home_region {:?} is not a defined region", gw.home_region);
+            self.issue(gw_file, "gateway.home_region", msg);
+        }
+        let listen = self.addr(
+            gw_file,
+            "gateway.listen",
+            gw.listen.as_deref(),
+            "127.0.0.1:8080",
+        );
+        let admin_listen = self.addr(
+            gw_file,
+            "gateway.admin_listen",
+            gw.admin_listen.as_deref(),
+            "127.0.0.1:9091",
+        );
+
+        let mut lim = Limits::default();
+        if let Some((f, l)) = limits {
+            if let Some(v) = l.max_body_bytes {
+                lim.max_body_bytes =
+                    self.bounded(f, "limits.max_body_bytes", v, 1024, 1 << 30) as usize;
+            }
+            if let Some(v) = l.max_response_bytes {
+                lim.max_response_bytes =
+                    self.bounded(f, "limits.max_response_bytes", v, 1024, 1 << 32) as usize;
+            }
+        }
+        let mut t = Timeouts::default();
+        if let Some((f, raw)) = timeouts {
+            let ms = |c: &mut Self, key: &str, v: Option<u64>, d: Duration| {
+                v.map(|v| Duration::from_millis(c.bounded(f, key, v, 1, 86_400_000)))
+                    .unwrap_or(d)
+            };
+            t.connect = ms(self, "timeouts.connect_ms", raw.connect_ms, t.connect);
+            t.first_byte = ms(
+                self,
+                "timeouts.first_byte_ms",
+                raw.first_byte_ms,
+                t.first_byte,
+            );
+            t.idle = ms(self, "timeouts.idle_ms", raw.idle_ms, t.idle);
+            t.total = ms(self, "timeouts.total_ms", raw.total_ms, t.total);
+            for (key, d) in [
+                ("connect_ms", t.connect),
+                ("first_byte_ms", t.first_byte),
+                ("idle_ms", t.idle),
+            ] {
+                if d > t.total {
+                    self.issue(
+                        f,
+                        format!("timeouts.{key}"),
+                        format!(
+                            "{key} ({} ms) exceeds total_ms ({} ms)",
+                            d.as_millis(),
+                            t.total.as_millis()
+                        ),
+                    );
+                }
+            }
+        }
+        let mut r = RoutingSettings::default();
+        if let Some((f, raw)) = routing {
+            if let Some(v) = raw.default_completion_tokens {
+                r.default_completion_tokens =
+                    self.bounded(f, "routing.default_completion_tokens", v, 1, 1_000_000);
+            }
+            if let Some(v) = raw.bytes_per_token {
+                if v.is_finite() && (0.5..=64.0).contains(&v) {
+                    r.bytes_per_token = v;
+                } else {
+                    self.issue(
+                        f,
+                        "routing.bytes_per_token",
+                        format!("{v} must be within 0.5..=64"),
+                    );
+                }
+            }
+            if let Some(v) = raw.max_attempts {
+                r.max_attempts = self.bounded(f, "routing.max_attempts", v.into(), 1, 5) as u32;
+            }
+        }
+
+        self.policy = Some(Policy {
+            home_region: gw.home_region.clone(),
+            listen,
+            admin_listen,
+            limits: lim,
+            timeouts: t,
+            routing: r,
+            regions,
+            pools,
+            shards,
+            files: files.iter().map(|(n, _)| n.clone()).collect(),
+        });
+    }
+
+    fn shard(
+        &mut self,
+        file: &str,
+        i: usize,
+        s: &RawShard,
+        pools: &[Pool],
+        seen: &mut HashMap<String, String>,
+        urls: &mut HashSet<String>,
+    ) -> Option<Shard> {
+        let at = |k: &str| format!("shards[{i}].{k}");
+        if !self.check_id(file, &at("id"), &s.id) {
+            return None;
+        }
+        if let Some(first) = seen.get(&s.id) {
+            let msg = format!("duplicate shard id {:?} (first in {first})", s.id);
+            self.issue(file, at("id"), msg);
+            return None;
+        }
+        seen.insert(s.id.clone(), file.to_string());
+        let mut ok = true;
+        let pool = pools.iter().find(|p| p.id == s.pool);
+        if pool.is_none() {
+            self.issue(
+                file,
+                at("pool"),
+                format!(
+                    "shard {:?} names pool {:?}, which no file defines",
+                    s.id, s.pool
+                ),
+            );
+            ok = false;
+        }
+        if let (Some(region), Some(pool)) = (&s.region, pool) {
+            if *region != pool.region {
+                let msg = format!(
+                    "shard region {region:?} differs from its pool's region {:?}",
+                    pool.region
+                );
+                self.issue(file, at("region"), msg);
+                ok = false;
+            }
+        }
+        let url = self.base_url(file, &at("url"), &s.url);
+        if let Some(u) = &url {
+            if !urls.insert(u.to_string()) {
+                self.issue(file, at("url"), format!("another shard already uses {u}"));
+                ok = false;
+            }
+        }
+        if !(s.capacity_tps.is_finite() && s.capacity_tps > 0.0 && s.capacity_tps <= 1e9) {
+            self.issue(
+                file,
+                at("capacity_tps"),
+                format!(
+                    "{} must be a positive number of tokens/s (at most 1e9)",
+                    s.capacity_tps
+                ),
+            );
+            ok = false;
+        }
+        let weight = s.weight.unwrap_or(1.0);
+        if !(weight.is_finite() && weight > 0.0 && weight <= 1000.0) {
+            self.issue(
+                file,
+                at("weight"),
+                format!("{weight} must be within (0, 1000]"),
+            );
+            ok = false;
+        }
+        let gpu_probe = match &s.gpu_probe {
+            Some(p) => {
+                let u = self.base_url(file, &at("gpu_probe"), p);
+                ok &= u.is_some();
+                u
+            }
+            None => None,
+        };
+        if s.gpu_devices.is_some() && gpu_probe.is_none() {
+            self.issue(file, at("gpu_devices"), "gpu_devices needs gpu_probe");
+            ok = false;
+        }
+        let (url, pool) = (url?, pool?);
+        ok.then(|| Shard {
+            id: s.id.clone(),
+            region: pool.region.clone(),
+            pool: pool.id.clone(),
+            url,
+            capacity_tps: s.capacity_tps,
+            weight,
+            gpu_probe,
+            gpu_devices: s.gpu_devices.clone().unwrap_or_default(),
+        })
+    }
+
+    /// An `http://HOST:PORT` base URL with no path, query, fragment or credentials.
+    fn base_url(&mut self, file: &str, key: &str, raw: &str) -> Option<Url> {
+        let url = match Url::parse(raw) {
+            Ok(u) => u,
+            Err(e) => {
+                self.issue(file, key, format!("{raw:?} is not a URL: {e}"));
+                return None;
+            }
+        };
+        let problem = if url.scheme() != "http" {
+            Some("only http:// upstreams are supported")
+        } else if url.host_str().is_none_or(str::is_empty) {
+            Some("the URL has no host")
+        } else if !url.username().is_empty() || url.password().is_some() {
+            Some("credentials do not belong in a URL")
+        } else if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            Some("a base URL has no path, query or fragment")
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => {
+                self.issue(file, key, format!("{raw:?}: {p}"));
+                None
+            }
+            None => Some(url),
+        }
+    }
+
+    fn addr(&mut self, file: &str, key: &str, raw: Option<&str>, default: &str) -> SocketAddr {
+        let fallback = SocketAddr::from(([127, 0, 0, 1], 0));
+        match raw.unwrap_or(default).parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.issue(
+                    file,
+                    key,
+                    format!("{:?} is not IP:PORT", raw.unwrap_or(default)),
+                );
+                fallback
+            }
+        }
+    }
+
+    fn bounded(&mut self, file: &str, key: &str, v: u64, min: u64, max: u64) -> u64 {
+        if (min..=max).contains(&v) {
+            v
+        } else {
+            self.issue(file, key, format!("{v} must be within {min}..={max}"));
+            v.clamp(min, max)
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! Routing policy: a directory of `*.toml` files merged into one validated [`Policy`].
+//!
+//! Two stages: [`raw`] mirrors the TOML (unknown keys are errors); `compile` checks
+//! references, ids, URLs and numbers and builds the runtime types with defaults applied.
+//! Nothing downstream re-validates. This module does not watch files or swap tables.
+
+mod compile;
+pub mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use url::Url;
+
+/// One problem in a policy set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyIssue {
+    /// The file it is in (its name within the directory).
+    pub file: String,
+    /// The key, as a path such as `shards[2].capacity_tps` (empty for a whole file).
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.file.is_empty(), self.key.is_empty()) {
+            (true, _) => write!(f, "{}", self.message),
+            (false, true) => write!(f, "{}: {}", self.file, self.message),
+            (false, false) => write!(f, "{}: {}: {}", self.file, self.key, self.message),
+        }
+    }
+}
+
+/// Why a policy set could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The directory or a file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// What was being read.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The files were read but the set is invalid.
+    #[error("{} problem(s) in the policy set", .0.len())]
+    Invalid(Vec<PolicyIssue>),
+}
+
+/// The engine behind a pool; chooses how its metrics are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// vLLM.
+    Vllm,
+    /// SGLang.
+    Sglang,
+    /// Hugging Face Text Generation Inference.
+    Tgi,
+    /// TensorRT-LLM (through its OpenAI server).
+    Trtllm,
+    /// Triton Inference Server.
+    Triton,
+    /// Ray Serve.
+    RayServe,
+    /// BentoML.
+    Bentoml,
+    /// Anything else that speaks the OpenAI API.
+    Generic,
+}
+
+impl EngineKind {
+    /// The names accepted in `pools[].engine`.
+    pub const NAMES: [&'static str; 8] = [
+        "vllm",
+        "sglang",
+        "tgi",
+        "trtllm",
+        "triton",
+        "ray_serve",
+        "bentoml",
+        "generic",
+    ];
+
+    /// Parses a policy name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "vllm" => Self::Vllm,
+            "sglang" => Self::Sglang,
+            "tgi" => Self::Tgi,
+            "trtllm" => Self::Trtllm,
+            "triton" => Self::Triton,
+            "ray_serve" => Self::RayServe,
+            "bentoml" => Self::Bentoml,
+            "generic" => Self::Generic,
+            _ => return None,
+        })
+    }
+}
+
+/// A failure domain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Region {
+    /// Region id.
+    pub id: String,
+}
+
+/// The shards of one region serving the same models with one engine kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    /// Pool id.
+    pub id: String,
+    /// Its region.
+    pub region: String,
+    /// Its engine.
+    pub engine: EngineKind,
+    /// Models it serves.
+    pub models: Vec<String>,
+}
+
+/// One inference endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shard {
+    /// Shard id.
+    pub id: String,
+    /// Its region (its pool's).
+    pub region: String,
+    /// Its pool.
+    pub pool: String,
+    /// Base URL (`http://host:port/`).
+    pub url: Url,
+    /// Decode capacity, tokens/s.
+    pub capacity_tps: f64,
+    /// Relative weight in its pool.
+    pub weight: f64,
+    /// The gpu-probe agent's base URL.
+    pub gpu_probe: Option<Url>,
+    /// Device indices the shard runs on.
+    pub gpu_devices: Vec<u32>,
+}
+
+/// Bounds on what the gateway buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest request body, bytes (default 8 MiB).
+    pub max_body_bytes: usize,
+    /// Largest non-streamed response body, bytes (default 64 MiB).
+    pub max_response_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 8 << 20,
+            max_response_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    /// TCP connect (default 1 s).
+    pub connect: Duration,
+    /// Request sent → response header, or first event for a stream (default 30 s).
+    pub first_byte: Duration,
+    /// Longest gap between two chunks (default 30 s).
+    pub idle: Duration,
+    /// The whole request, attempts included (default 600 s).
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_millis(1000),
+            first_byte: Duration::from_millis(30_000),
+            idle: Duration::from_millis(30_000),
+            total: Duration::from_millis(600_000),
+        }
+    }
+}
+
+/// Token estimation and attempt settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingSettings {
+    /// Completion tokens assumed without `max_tokens` (default 256).
+    pub default_completion_tokens: u64,
+    /// Prompt bytes per token before calibration (default 4.0).
+    pub bytes_per_token: f64,
+    /// Attempts per request, first included (default 2).
+    pub max_attempts: u32,
+}
+
+impl Default for RoutingSettings {
+    fn default() -> Self {
+        Self {
+            default_completion_tokens: 256,
+            bytes_per_token: 4.0,
+            max_attempts: 2,
+        }
+    }
+}
+
+/// A complete, validated policy set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// This gateway's home region.
+    pub home_region: String,
+    /// Traffic listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Buffering bounds.
+    pub limits: Limits,
+    /// Upstream timeouts.
+    pub timeouts: Timeouts,
+    /// Estimation and attempts.
+    pub routing: RoutingSettings,
+    /// Regions in failover order.
+    pub regions: Vec<Region>,
+    /// Pools.
+    pub pools: Vec<Pool>,
+    /// Shards.
+    pub shards: Vec<Shard>,
+    /// The files the set came from, in merge order.
+    pub files: Vec<String>,
+}
+
+impl Policy {
+    /// A one-line summary for `breakwater validate` and the startup log.
+    pub fn summary(&self) -> String {
+        let mut models: Vec<&str> = self
+            .pools
+            .iter()
+            .flat_map(|p| p.models.iter().map(String::as_str))
+            .collect();
+        models.sort_unstable();
+        models.dedup();
+        format!(
+            "policy OK: {} region(s), {} pool(s), {} shard(s), {} model(s), home region {} ({} file(s))",
+            self.regions.len(),
+            self.pools.len(),
+            self.shards.len(),
+            models.len(),
+            self.home_region,
+            self.files.len()
+        )
+    }
+}
+
+/// Parses and compiles policy sources given as (file name, contents), merged in the order
+/// given. Used by [`load_dir`] and by the demo's built-in policy.
+pub fn from_sources(sources: &[(String, String)]) -> Result<Policy, PolicyError> {
+    let mut issues = Vec::new();
+    let mut files = Vec::new();
+    for (name, text) in sources {
+        match toml::from_str::<raw::RawFile>(text) {
+            Ok(f) => files.push((name.clone(), f)),
+            Err(e) => issues.push(PolicyIssue {
+                file: name.clone(),
+                key: String::new(),
+                message: toml_message(text, &e),
+            }),
+        }
+    }
+    if !issues.is_empty() {
+        return Err(PolicyError::Invalid(issues));
+    }
+    compile::compile(&files).map_err(PolicyError::Invalid)
+}
+
+/// Reads every `*.toml` file in `dir` (sorted by name; subdirectories ignored) and compiles
+/// the set.
+pub fn load_dir(dir: &Path) -> Result<Policy, PolicyError> {
+    let io = |source| PolicyError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    let mut sources = Vec::with_capacity(paths.len());
+    for p in paths {
+        let text = std::fs::read_to_string(&p).map_err(|source| PolicyError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        sources.push((name, text));
+    }
+    from_sources(&sources)
+}
+
+/// A TOML error on one line: `line L, column C: message`.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {col}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[gateway]
+home_region = "east"
+
+[[regions]]
+id = "east"
+[[regions]]
+id = "west"
+
+[[pools]]
+id = "p-east"
+region = "east"
+engine = "vllm"
+models = ["llama"]
+
+[[shards]]
+id = "e1"
+pool = "p-east"
+url = "http://127.0.0.1:9001"
+capacity_tps = 1000
+"#;
+
+    fn one(text: &str) -> Result<Policy, PolicyError> {
+        from_sources(&[("a.toml".into(), text.into())])
+    }
+
+    fn issues(r: Result<Policy, PolicyError>) -> Vec<String> {
+        match r {
+            Err(PolicyError::Invalid(i)) => i.iter().map(ToString::to_string).collect(),
+            other => panic!("expected issues, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_set_compiles_with_defaults() {
+        let p = one(BASE).unwrap();
+        assert_eq!(p.home_region, "east");
+        assert_eq!(p.limits.max_body_bytes, 8 << 20);
+        assert_eq!(p.timeouts.connect, Duration::from_secs(1));
+        assert_eq!(p.shards[0].region, "east");
+        assert_eq!(p.shards[0].weight, 1.0);
+        assert_eq!(p.regions.len(), 2);
+        assert!(p
+            .summary()
+            .starts_with("policy OK: 2 region(s), 1 pool(s), 1 shard(s)"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line() {
+        let text = BASE.replace(
+            "capacity_tps = 1000",
+            "capacity_tps = 1000\ncapacity_tsp = 5",
+        );
+        let i = issues(one(&text));
+        assert_eq!(i.len(), 1);
+        assert!(i[0].contains("a.toml: line "), "{}", i[0]);
+        assert!(i[0].contains("capacity_tsp"), "{}", i[0]);
+    }
+
+    #[test]
+    fn dangling_references_and_duplicates_name_file_and_key() {
+        let extra = r#"
+[[shards]]
+id = "e1"
+pool = "p-east"
+url = "http://127.0.0.1:9002"
+capacity_tps = 10
+
+[[shards]]
+id = "e2"
+pool = "nowhere"
+url = "http://127.0.0.1:9003"
+capacity_tps = 10
+
+[[pools]]
+id = "p-mars"
+region = "mars"
+models = ["llama"]
+"#;
+        let i = issues(from_sources(&[
+            ("a.toml".into(), BASE.into()),
+            ("b.toml".into(), extra.into()),
+        ]));
+        assert!(
+            i.iter().any(|s| s
+                .starts_with("b.toml: shards[0].id: duplicate shard id \"e1\" (first in a.toml)")),
+            "{i:?}"
+        );
+        assert!(
+            i.iter().any(|s| s.starts_with("b.toml: shards[1].pool:")),
+            "{i:?}"
+        );
+        assert!(
+            i.iter().any(|s| s.starts_with("b.toml: pools[0].region:")),
+            "{i:?}"
+        );
+    }
+
+    #[test]
+    fn bad_urls_and_numbers_are_errors() {
+        for (from, to, key) in [
+            (
+                "url = \"http://127.0.0.1:9001\"",
+                "url = \"ftp://x\"",
+                "shards[0].url",
+            ),
+            (
+                "url = \"http://127.0.0.1:9001\"",
+                "url = \"http://127.0.0.1:9001/v1\"",
+                "shards[0].url",
+            ),
+            (
+                "url = \"http://127.0.0.1:9001\"",
+                "url = \"not a url\"",
+                "shards[0].url",
+            ),
+            (
+                "capacity_tps = 1000",
+                "capacity_tps = 0",
+                "shards[0].capacity_tps",
+            ),
+            (
+                "capacity_tps = 1000",
+                "capacity_tps = -5",
+                "shards[0].capacity_tps",
+            ),
+            (
+                "capacity_tps = 1000",
+                "capacity_tps = 1000\nweight = 0",
+                "shards[0].weight",
+            ),
+            ("engine = \"vllm\"", "engine = \"vllmm\"", "pools[0].engine"),
+            (
+                "home_region = \"east\"",
+                "home_region = \"north\"",
+                "gateway.home_region",
+            ),
+            (
+                "home_region = \"east\"",
+                "home_region = \"east\"\nlisten = \"localhost\"",
+                "gateway.listen",
+            ),
+            ("id = \"e1\"", "id = \"e 1\"", "shards[0].id"),
+        ] {
+            let text = BASE.replace(from, to);
+            let i = issues(one(&text));
+            assert!(
+                i.iter().any(|s| s.starts_with(&format!("a.toml: {key}:"))),
+                "{to}: {i:?}"
+            );
+        }
+        let text = format!("{BASE}\n[timeouts]\nconnect_ms = 5000\ntotal_ms = 1000\n");
+        let i = issues(one(&text));
+        assert!(i.iter().any(|s| s.contains("timeouts.connect_ms")), "{i:?}");
+        let text = format!("{BASE}\n[limits]\nmax_body_bytes = 10\n");
+        assert!(issues(one(&text))
+            .iter()
+            .any(|s| s.contains("limits.max_body_bytes")));
+    }
+
+    #[test]
+    fn singleton_sections_may_appear_once_and_gateway_is_required() {
+        let i = issues(from_sources(&[
+            ("a.toml".into(), BASE.into()),
+            (
+                "b.toml".into(),
+                "[gateway]\nhome_region = \"west\"\n".into(),
+            ),
+        ]));
+        assert!(
+            i.iter()
+                .any(|s| s.contains("b.toml: gateway: [gateway] is already set in a.toml")),
+            "{i:?}"
+        );
+        let no_gw = BASE.replace("[gateway]\nhome_region = \"east\"\n", "");
+        assert!(issues(one(&no_gw))
+            .iter()
+            .any(|s| s.contains("[gateway] section")));
+        assert!(issues(from_sources(&[]))
+            .iter()
+            .any(|s| s.contains("no policy files")));
+    }
+
+    #[test]
+    fn one_pool_per_model_and_region() {
+        let text =
+            format!("{BASE}\n[[pools]]\nid = \"p2\"\nregion = \"east\"\nmodels = [\"llama\"]\n");
+        assert!(issues(one(&text))
+            .iter()
+            .any(|s| s.contains("pools[1].models[0]")));
+    }
+}

@@ -1,0 +1,126 @@
+//! The policy files as written: serde structs that mirror the TOML one to one.
+//!
+//! Every struct rejects unknown keys, so a typo fails validation instead of being ignored.
+//! Defaults and units are documented on each field and in `policies/README.md`; they are
+//! applied by [`super::compile`], not here.
+
+use serde::Deserialize;
+
+/// One policy file. Every section is optional in a single file; the merged set must have
+/// exactly one `[gateway]` and at most one of each other singleton section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    /// `[gateway]`: this instance's home region and listeners.
+    pub gateway: Option<RawGateway>,
+    /// `[limits]`: bounds on what the gateway buffers.
+    pub limits: Option<RawLimits>,
+    /// `[timeouts]`: upstream timeouts.
+    pub timeouts: Option<RawTimeouts>,
+    /// `[routing]`: token estimation and attempts.
+    pub routing: Option<RawRouting>,
+    /// `[[regions]]`, in failover order.
+    #[serde(default)]
+    pub regions: Vec<RawRegion>,
+    /// `[[pools]]`.
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+    /// `[[shards]]`.
+    #[serde(default)]
+    pub shards: Vec<RawShard>,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    /// The region this gateway instance serves first. Required.
+    pub home_region: String,
+    /// Traffic listener, `IP:PORT`. Default `127.0.0.1:8080`.
+    pub listen: Option<String>,
+    /// Admin listener, `IP:PORT`. Default `127.0.0.1:9091`.
+    pub admin_listen: Option<String>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Largest request body accepted, bytes. Default 8 MiB.
+    pub max_body_bytes: Option<u64>,
+    /// Largest non-streamed response body relayed, bytes. Default 64 MiB.
+    pub max_response_bytes: Option<u64>,
+}
+
+/// `[timeouts]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    /// TCP connect to a shard, milliseconds. Default 1000.
+    pub connect_ms: Option<u64>,
+    /// From sending the request to the response header (streams: the first event),
+    /// milliseconds. Default 30000.
+    pub first_byte_ms: Option<u64>,
+    /// Longest silence between two chunks of a response, milliseconds. Default 30000.
+    pub idle_ms: Option<u64>,
+    /// Whole request, all attempts included, milliseconds. Default 600000.
+    pub total_ms: Option<u64>,
+}
+
+/// `[routing]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    /// Completion tokens assumed when a request sets no `max_tokens`. Default 256.
+    pub default_completion_tokens: Option<u64>,
+    /// Bytes of prompt text per token before calibration. Default 4.0.
+    pub bytes_per_token: Option<f64>,
+    /// Attempts per request (first try included) before the client gets an error.
+    /// Default 2.
+    pub max_attempts: Option<u32>,
+}
+
+/// `[[regions]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegion {
+    /// Region id, e.g. `us-east`.
+    pub id: String,
+}
+
+/// `[[pools]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    /// Pool id.
+    pub id: String,
+    /// The region the pool is in.
+    pub region: String,
+    /// Engine kind: `vllm`, `sglang`, `tgi`, `trtllm`, `triton`, `ray_serve`, `bentoml` or
+    /// `generic`. Default `generic`.
+    pub engine: Option<String>,
+    /// Model names the pool serves (the request body's `model`).
+    pub models: Vec<String>,
+}
+
+/// `[[shards]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShard {
+    /// Shard id, unique across the set.
+    pub id: String,
+    /// The pool the shard belongs to.
+    pub pool: String,
+    /// The shard's region; optional, must match the pool's.
+    pub region: Option<String>,
+    /// Base URL of the engine's OpenAI API, `http://HOST:PORT`.
+    pub url: String,
+    /// Decode capacity, tokens per second.
+    pub capacity_tps: f64,
+    /// Relative weight within its pool. Default 1.0.
+    pub weight: Option<f64>,
+    /// Base URL of the gpu-probe agent on the shard's node.
+    pub gpu_probe: Option<String>,
+    /// GPU device indices the shard runs on (as the probe numbers them).
+    pub gpu_devices: Option<Vec<u32>>,
+}

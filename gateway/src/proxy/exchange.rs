@@ -1,0 +1,520 @@
+//! The exchange the gateway owns for the OpenAI endpoints: read the body whole, route,
+//! call a shard, and relay the answer — retrying on another shard while nothing has reached
+//! the client, ending a stream with an SSE error event once something has.
+//!
+//! The commit point is the first write of a response header downstream. Before it, every
+//! failure (refused, reset, 5xx, 429, timeout, a stream that dies before its first event)
+//! may be retried with the same body. For a stream, the header is held back until the first
+//! complete `data:` event has arrived, so a shard that answers 200 and then dies is
+//! invisible to the client.
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use tokio::time::{timeout_at, Instant};
+
+use super::error::{AttemptFailure, GatewayError, UpstreamFailure};
+use super::request::{self, Endpoint, InferenceRequest};
+use super::{sse, RequestCtx, State};
+use crate::routing::ShardEntry;
+
+/// Request headers not forwarded to a shard: hop-by-hop ones, and those the gateway sets.
+const SKIPPED_REQUEST_HEADERS: [&str; 12] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "expect",
+    "x-request-id",
+];
+
+/// Bytes a stream may send before its first `data:` event (comments, `event:` lines)
+/// before the gateway stops holding the header back.
+const MAX_HELD_BACK_BYTES: usize = 256 << 10;
+
+/// How one attempt ended.
+enum Attempt {
+    /// The client got a complete answer, or an answer that ended with an error event.
+    Finished,
+    /// The client went away; nothing more to do.
+    ClientGone,
+    /// Failed before the commit point; another shard may be tried.
+    Retryable(UpstreamFailure),
+}
+
+/// Serves one inference request end to end. Always leaves a response written (or the
+/// client gone); never panics on bad input.
+pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, endpoint: Endpoint) {
+    let body = match read_body(session, state.policy.limits.max_body_bytes).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return, // the client went away while sending
+        Err(e) => return super::respond_error(session, ctx, &e).await,
+    };
+    let req = match request::parse(endpoint, &body) {
+        Ok(r) => r,
+        Err(e) => return super::respond_error(session, ctx, &e).await,
+    };
+    ctx.model = Some(req.model.clone());
+    let Some(route) = state.router.route(&req.model) else {
+        let e = GatewayError::ModelNotFound(req.model.clone());
+        return super::respond_error(session, ctx, &e).await;
+    };
+    let cost = state.router.estimator().estimate(route.model, &req.size);
+    ctx.estimated_tokens = cost.total();
+    let deadline = Instant::now() + state.policy.timeouts.total;
+    let mut tried = Vec::with_capacity(2);
+    let mut failures = Vec::new();
+    while tried.len() < state.policy.routing.max_attempts as usize {
+        let Some(shard_idx) = state.router.pick(route, &tried, &mut rand::thread_rng()) else {
+            break;
+        };
+        tried.push(shard_idx);
+        let shard = &state.router.shards()[shard_idx];
+        ctx.shard = Some(shard_idx);
+        ctx.attempts += 1;
+        let _charge = shard.load.charge(cost.total());
+        let call = Call {
+            state,
+            shard,
+            req: &req,
+            route_model: route.model,
+            deadline,
+        };
+        let outcome = call.attempt(session, ctx, &body).await;
+        state.metrics.attempt(&shard.id, &outcome_label(&outcome));
+        match outcome {
+            Attempt::Finished | Attempt::ClientGone => return,
+            Attempt::Retryable(cause) => {
+                tracing::debug!(request_id = %ctx.request_id, shard = %shard.id, %cause, "attempt failed");
+                failures.push(AttemptFailure {
+                    shard: shard.id.clone(),
+                    region: shard.region.clone(),
+                    cause,
+                });
+                if Instant::now() >= deadline {
+                    break;
+                }
+            }
+        }
+    }
+    let error = if failures.is_empty() {
+        GatewayError::NoShard(req.model.clone())
+    } else if failures
+        .iter()
+        .all(|f| matches!(f.cause, UpstreamFailure::Status(429)))
+    {
+        GatewayError::Overloaded(failures)
+    } else {
+        GatewayError::Upstream(failures)
+    };
+    super::respond_error(session, ctx, &error).await;
+}
+
+fn outcome_label(a: &Attempt) -> String {
+    match a {
+        Attempt::Finished => "ok".into(),
+        Attempt::ClientGone => "client_gone".into(),
+        Attempt::Retryable(UpstreamFailure::Status(s)) => format!("status_{s}"),
+        Attempt::Retryable(f) if f.is_timeout() => "timeout".into(),
+        Attempt::Retryable(UpstreamFailure::Connect(_)) => "connect_error".into(),
+        Attempt::Retryable(_) => "error".into(),
+    }
+}
+
+/// Reads the request body whole, bounded by `limit`. `Ok(None)`: the client went away.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>, GatewayError> {
+    let too_large = GatewayError::BodyTooLarge { limit };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        // Not reading the body means the connection cannot be reused.
+        session.set_keepalive(None);
+        return Err(too_large);
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue && session.write_continue_response().await.is_err() {
+        return Ok(None);
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    session.set_keepalive(None);
+                    return Err(too_large);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(Some(buf.freeze())),
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// Resolves when the client closes its connection; never otherwise.
+async fn client_gone(session: &mut Session) {
+    if session.read_body_or_idle(true).await.is_err() {
+        return;
+    }
+    std::future::pending::<()>().await
+}
+
+/// One attempt's fixed inputs.
+struct Call<'a> {
+    state: &'a State,
+    shard: &'a ShardEntry,
+    req: &'a InferenceRequest,
+    route_model: usize,
+    deadline: Instant,
+}
+
+impl Call<'_> {
+    fn upstream_request(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        body: &Bytes,
+    ) -> Option<http::Request<Full<Bytes>>> {
+        let head = session.req_header();
+        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut b = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("http://{}{}", self.shard.authority, path));
+        for (name, value) in head.headers.iter() {
+            if !SKIPPED_REQUEST_HEADERS.contains(&name.as_str()) {
+                b = b.header(name, value);
+            }
+        }
+        b.header(http::header::HOST, &self.shard.authority)
+            .header("x-request-id", &ctx.request_id)
+            .body(Full::new(body.clone()))
+            .ok()
+    }
+
+    fn first_byte_deadline(&self) -> Instant {
+        (Instant::now() + self.state.policy.timeouts.first_byte).min(self.deadline)
+    }
+
+    fn first_byte_failure(&self) -> UpstreamFailure {
+        if Instant::now() >= self.deadline {
+            UpstreamFailure::Deadline
+        } else {
+            UpstreamFailure::FirstByteTimeout(self.state.policy.timeouts.first_byte.as_millis())
+        }
+    }
+
+    async fn attempt(&self, session: &mut Session, ctx: &mut RequestCtx, body: &Bytes) -> Attempt {
+        let Some(request) = self.upstream_request(session, ctx, body) else {
+            return Attempt::Retryable(UpstreamFailure::Connect(
+                "could not build the request".into(),
+            ));
+        };
+        let first_byte = self.first_byte_deadline();
+        let response = tokio::select! {
+            r = timeout_at(first_byte, self.state.upstream.send(request)) => match r {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(f)) => return Attempt::Retryable(f),
+                Err(_) => return Attempt::Retryable(self.first_byte_failure()),
+            },
+            _ = client_gone(session) => return Attempt::ClientGone,
+        };
+        let status = response.status().as_u16();
+        if status == 429 || status >= 500 {
+            return Attempt::Retryable(UpstreamFailure::Status(status));
+        }
+        let is_sse = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if self.req.stream && is_sse && (200..300).contains(&status) {
+            self.stream(session, ctx, response, first_byte).await
+        } else {
+            self.whole(session, ctx, response).await
+        }
+    }
+
+    fn idle_deadline(&self) -> Instant {
+        (Instant::now() + self.state.policy.timeouts.idle).min(self.deadline)
+    }
+
+    fn idle_failure(&self) -> UpstreamFailure {
+        if Instant::now() >= self.deadline {
+            UpstreamFailure::Deadline
+        } else {
+            UpstreamFailure::IdleTimeout(self.state.policy.timeouts.idle.as_millis())
+        }
+    }
+
+    /// Relays a non-streamed answer: read it whole (still retryable if that fails), then
+    /// write it.
+    async fn whole(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        response: http::Response<Incoming>,
+    ) -> Attempt {
+        let (parts, mut body) = response.into_parts();
+        let limit = self.state.policy.limits.max_response_bytes;
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = tokio::select! {
+                f = timeout_at(self.idle_deadline(), body.frame()) => f,
+                _ = client_gone(session) => return Attempt::ClientGone,
+            };
+            match frame {
+                Err(_) => return Attempt::Retryable(self.idle_failure()),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Attempt::Retryable(UpstreamFailure::Cut(e.to_string())),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        if buf.len() + data.len() > limit {
+                            return Attempt::Retryable(UpstreamFailure::TooLarge(limit));
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+        let body = buf.freeze();
+        let status = parts.status.as_u16();
+        if (200..300).contains(&status) {
+            self.learn_from_whole(&body);
+        }
+        let Ok(mut header) = self.response_header(ctx, status) else {
+            return Attempt::Retryable(UpstreamFailure::Status(status));
+        };
+        if let Some(ct) = parts.headers.get(http::header::CONTENT_TYPE) {
+            let _ = header.insert_header(http::header::CONTENT_TYPE, ct);
+        }
+        let _ = header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
+        ctx.status = status;
+        ctx.first_byte_at = Some(std::time::Instant::now());
+        if session
+            .write_response_header(Box::new(header), false)
+            .await
+            .is_err()
+            || session.write_response_body(Some(body), true).await.is_err()
+        {
+            return Attempt::ClientGone;
+        }
+        Attempt::Finished
+    }
+
+    fn learn_from_whole(&self, body: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct WithUsage {
+            usage: Option<Usage>,
+        }
+        if let Ok(WithUsage { usage: Some(u) }) = serde_json::from_slice::<WithUsage>(body) {
+            self.learn(u);
+        }
+    }
+
+    fn learn(&self, u: Usage) {
+        let completion = self
+            .req
+            .size
+            .generates
+            .then_some(u.completion_tokens.unwrap_or(0));
+        self.state.router.estimator().observe(
+            self.route_model,
+            self.req.size.prompt_bytes,
+            u.prompt_tokens.unwrap_or(0),
+            completion,
+        );
+    }
+
+    /// A response header with the routing headers. Fails only for a status outside
+    /// 100..=999, which an HTTP response cannot carry.
+    fn response_header(&self, ctx: &RequestCtx, status: u16) -> pingora::Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(status, Some(8))?;
+        h.insert_header("x-breakwater-shard", &self.shard.id)?;
+        h.insert_header("x-breakwater-region", &self.shard.region)?;
+        h.insert_header("x-request-id", &ctx.request_id)?;
+        Ok(h)
+    }
+
+    /// Relays a stream: hold the header back until the first complete `data:` event, then
+    /// forward every complete event as it arrives.
+    async fn stream(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        response: http::Response<Incoming>,
+        first_byte: Instant,
+    ) -> Attempt {
+        let mut body = response.into_body();
+        let mut pending = BytesMut::new();
+        // Before the commit point: collect until the first data event.
+        let ready = loop {
+            let frame = tokio::select! {
+                f = timeout_at(first_byte, body.frame()) => f,
+                _ = client_gone(session) => return Attempt::ClientGone,
+            };
+            match frame {
+                Err(_) => return Attempt::Retryable(self.first_byte_failure()),
+                Ok(None) => {
+                    return Attempt::Retryable(UpstreamFailure::Cut(
+                        "stream ended before its first event".into(),
+                    ))
+                }
+                Ok(Some(Err(e))) => return Attempt::Retryable(UpstreamFailure::Cut(e.to_string())),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        pending.extend_from_slice(&data);
+                    }
+                    if let Some(end) = sse::last_event_end(&pending) {
+                        if sse::has_data_event(&pending[..end])
+                            || pending.len() > MAX_HELD_BACK_BYTES
+                        {
+                            break end;
+                        }
+                    }
+                }
+            }
+        };
+        // The commit point.
+        let Ok(mut header) = self.response_header(ctx, 200) else {
+            return Attempt::Retryable(UpstreamFailure::Status(200));
+        };
+        let _ = header.insert_header(http::header::CONTENT_TYPE, "text/event-stream");
+        let _ = header.insert_header(http::header::CACHE_CONTROL, "no-cache");
+        let _ = header.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        ctx.status = 200;
+        ctx.first_byte_at = Some(std::time::Instant::now());
+        let mut tally = StreamTally::default();
+        let first = pending.split_to(ready).freeze();
+        tally.see(&first);
+        if session
+            .write_response_header(Box::new(header), false)
+            .await
+            .is_err()
+            || session
+                .write_response_body(Some(first), false)
+                .await
+                .is_err()
+        {
+            return Attempt::ClientGone;
+        }
+        // After it: forward complete events; a failure ends the stream with an error event.
+        let failure = loop {
+            let frame = tokio::select! {
+                f = timeout_at(self.idle_deadline(), body.frame()) => f,
+                _ = client_gone(session) => return Attempt::ClientGone,
+            };
+            let chunk = match frame {
+                Err(_) => break Some(self.idle_failure()),
+                Ok(None) => break None,
+                Ok(Some(Err(e))) => break Some(UpstreamFailure::Cut(e.to_string())),
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+            };
+            let out = if pending.is_empty() && chunk.ends_with(b"\n\n") {
+                chunk // the usual case: whole events per read, forwarded without a copy
+            } else {
+                pending.extend_from_slice(&chunk);
+                match sse::last_event_end(&pending) {
+                    Some(end) => pending.split_to(end).freeze(),
+                    None => continue,
+                }
+            };
+            tally.see(&out);
+            if session.write_response_body(Some(out), false).await.is_err() {
+                return Attempt::ClientGone;
+            }
+        };
+        let tail = match &failure {
+            // A clean end: pass on whatever the shard sent last, complete or not.
+            None => pending.freeze(),
+            // A partial event is dropped so the error event starts at an event boundary.
+            Some(cause) => {
+                tracing::warn!(request_id = %ctx.request_id, shard = %self.shard.id, %cause, "stream failed after output started");
+                ctx.stream_error = Some(cause.to_string());
+                sse::error_event(
+                    &format!("the shard failed mid-stream: {cause}"),
+                    if cause.is_timeout() {
+                        "upstream_timeout"
+                    } else {
+                        "upstream_error"
+                    },
+                )
+            }
+        };
+        self.learn_from_stream(&tally);
+        if session.write_response_body(Some(tail), true).await.is_err() {
+            return Attempt::ClientGone;
+        }
+        Attempt::Finished
+    }
+
+    fn learn_from_stream(&self, tally: &StreamTally) {
+        match tally.usage {
+            Some(u) => self.learn(u),
+            None if tally.data_events > 0 => self.state.router.estimator().observe(
+                self.route_model,
+                self.req.size.prompt_bytes,
+                0,
+                Some(tally.data_events),
+            ),
+            None => {}
+        }
+    }
+}
+
+/// A `usage` block.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+struct Usage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+/// What a relayed stream said about its size.
+#[derive(Default)]
+struct StreamTally {
+    data_events: u64,
+    usage: Option<Usage>,
+}
+
+impl StreamTally {
+    fn see(&mut self, events: &[u8]) {
+        self.data_events += sse::count_data_events(events);
+        // Only the (rare) event that carries usage is parsed.
+        if contains(events, b"\"usage\"") {
+            for line in events.split(|b| *b == b'\n') {
+                let Some(json) = line.strip_prefix(b"data:") else {
+                    continue;
+                };
+                #[derive(serde::Deserialize)]
+                struct WithUsage {
+                    usage: Option<Usage>,
+                }
+                if let Ok(WithUsage { usage: Some(u) }) = serde_json::from_slice(json) {
+                    self.usage = Some(u);
+                }
+            }
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}

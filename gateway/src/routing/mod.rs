@@ -1,0 +1,305 @@
+//! Where a request goes: model → the regions that serve it (home first, then policy order)
+//! → a shard chosen by power-of-two-choices on in-flight tokens per unit of capacity.
+//!
+//! # Layout
+//! - [`estimate`]: a request's token cost, calibrated by reported usage.
+//! - [`ledger`]: in-flight tokens per shard, released exactly once.
+//! - [`select`]: the power-of-two-choices selector.
+//!
+//! This module does not talk to shards or judge their health; it reads the published
+//! [`HealthView`].
+
+pub mod estimate;
+pub mod ledger;
+pub mod select;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use breakwater_health::HealthView;
+use rand::Rng;
+use url::Url;
+
+use crate::policy::Policy;
+use estimate::Estimator;
+use ledger::ShardLoad;
+
+/// A shard as routing sees it.
+#[derive(Debug)]
+pub struct ShardEntry {
+    /// Shard id.
+    pub id: String,
+    /// Region id.
+    pub region: String,
+    /// Pool id.
+    pub pool: String,
+    /// Base URL.
+    pub url: Url,
+    /// `host:port`, for the upstream `Host` header.
+    pub authority: String,
+    /// Capacity × weight, tokens/s: the denominator of the load score.
+    pub effective_capacity: f64,
+    /// Declared capacity, tokens/s.
+    pub capacity_tps: f64,
+    /// Live load.
+    pub load: Arc<ShardLoad>,
+}
+
+/// The shards that may serve one model, grouped by region in the order they are tried.
+#[derive(Debug)]
+pub struct ModelRoute {
+    /// Index into the estimator's per-model statistics.
+    pub model: usize,
+    /// `tiers[0]` is the home region (if it serves the model), then other regions in
+    /// policy order. Each tier lists shard indices.
+    pub tiers: Vec<Vec<usize>>,
+}
+
+/// The compiled routing table plus the live state routing reads: loads, learned token
+/// statistics and the health snapshot.
+pub struct Router {
+    shards: Vec<ShardEntry>,
+    models: HashMap<String, ModelRoute>,
+    model_names: Vec<String>,
+    estimator: Estimator,
+    health: ArcSwap<HealthView>,
+}
+
+impl Router {
+    /// Builds the table from a validated policy.
+    pub fn new(policy: &Policy) -> Self {
+        let shards: Vec<ShardEntry> = policy
+            .shards
+            .iter()
+            .map(|s| ShardEntry {
+                id: s.id.clone(),
+                region: s.region.clone(),
+                pool: s.pool.clone(),
+                authority: match s.url.port_or_known_default() {
+                    Some(p) => format!("{}:{p}", s.url.host_str().unwrap_or_default()),
+                    None => s.url.host_str().unwrap_or_default().to_string(),
+                },
+                url: s.url.clone(),
+                effective_capacity: s.capacity_tps * s.weight,
+                capacity_tps: s.capacity_tps,
+                load: Arc::new(ShardLoad::default()),
+            })
+            .collect();
+        // Region order: home first, then the policy's order.
+        let mut regions: Vec<&str> = vec![policy.home_region.as_str()];
+        regions.extend(
+            policy
+                .regions
+                .iter()
+                .map(|r| r.id.as_str())
+                .filter(|r| *r != policy.home_region),
+        );
+        let mut model_names: Vec<String> = policy
+            .pools
+            .iter()
+            .flat_map(|p| p.models.iter().cloned())
+            .collect();
+        model_names.sort();
+        model_names.dedup();
+        let models = model_names
+            .iter()
+            .enumerate()
+            .map(|(idx, model)| {
+                let tiers = regions
+                    .iter()
+                    .filter_map(|region| {
+                        let pool = policy
+                            .pools
+                            .iter()
+                            .find(|p| p.region == *region && p.models.contains(model))?;
+                        let tier: Vec<usize> = shards
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| s.pool == pool.id)
+                            .map(|(i, _)| i)
+                            .collect();
+                        (!tier.is_empty()).then_some(tier)
+                    })
+                    .collect();
+                (model.clone(), ModelRoute { model: idx, tiers })
+            })
+            .collect();
+        let estimator = Estimator::new(
+            model_names.len(),
+            policy.routing.bytes_per_token,
+            policy.routing.default_completion_tokens,
+        );
+        Self {
+            health: ArcSwap::from_pointee(HealthView::all_healthy(shards.len())),
+            shards,
+            models,
+            model_names,
+            estimator,
+        }
+    }
+
+    /// The route for a model, or `None` when no pool serves it.
+    pub fn route(&self, model: &str) -> Option<&ModelRoute> {
+        self.models.get(model)
+    }
+
+    /// Every model some pool serves, sorted.
+    pub fn model_names(&self) -> &[String] {
+        &self.model_names
+    }
+
+    /// Every shard, by index.
+    pub fn shards(&self) -> &[ShardEntry] {
+        &self.shards
+    }
+
+    /// The token estimator.
+    pub fn estimator(&self) -> &Estimator {
+        &self.estimator
+    }
+
+    /// The health snapshot routing uses now.
+    pub fn health(&self) -> Arc<HealthView> {
+        self.health.load_full()
+    }
+
+    /// Publishes a new health snapshot (swapped whole).
+    pub fn publish_health(&self, view: HealthView) {
+        self.health.store(Arc::new(view));
+    }
+
+    /// The load score of a shard: in-flight tokens per token/s of effective capacity
+    /// (roughly, seconds of work queued), scaled up for a shard health has degraded.
+    pub fn score(&self, shard: usize, health: &HealthView) -> f64 {
+        let s = &self.shards[shard];
+        let factor = health.get(shard).weight_factor.clamp(0.01, 1.0);
+        s.load.inflight_tokens() as f64 / (s.effective_capacity * factor)
+    }
+
+    /// Picks a shard for the next attempt: the first tier (home region first) with a shard
+    /// that health admits and this request has not tried yet, then power-of-two-choices
+    /// within it. `None`: nothing left to try.
+    pub fn pick<R: Rng + ?Sized>(
+        &self,
+        route: &ModelRoute,
+        tried: &[usize],
+        rng: &mut R,
+    ) -> Option<usize> {
+        let health = self.health.load();
+        let mut candidates = Vec::with_capacity(8);
+        for tier in &route.tiers {
+            candidates.clear();
+            candidates.extend(
+                tier.iter()
+                    .copied()
+                    .filter(|i| !tried.contains(i) && health.takes_new_requests(*i)),
+            );
+            if let Some(i) = select::p2c(&candidates, |i| self.score(i, &health), rng) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Whether any shard may take traffic now (`/readyz`).
+    pub fn ready(&self) -> bool {
+        let health = self.health.load();
+        (0..self.shards.len()).any(|i| health.takes_new_requests(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use breakwater_health::{ShardHealth, ShardState};
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    fn policy() -> Policy {
+        crate::policy::from_sources(&[(
+            "t.toml".into(),
+            r#"
+[gateway]
+home_region = "west"
+[[regions]]
+id = "east"
+[[regions]]
+id = "west"
+[[regions]]
+id = "south"
+[[pools]]
+id = "pe"
+region = "east"
+models = ["m"]
+[[pools]]
+id = "pw"
+region = "west"
+models = ["m", "only-west"]
+[[pools]]
+id = "ps"
+region = "south"
+models = ["m"]
+[[shards]]
+id = "e1"
+pool = "pe"
+url = "http://127.0.0.1:1"
+capacity_tps = 100
+[[shards]]
+id = "w1"
+pool = "pw"
+url = "http://127.0.0.1:2"
+capacity_tps = 100
+[[shards]]
+id = "w2"
+pool = "pw"
+url = "http://127.0.0.1:3"
+capacity_tps = 200
+[[shards]]
+id = "s1"
+pool = "ps"
+url = "http://127.0.0.1:4"
+capacity_tps = 100
+"#
+            .into(),
+        )])
+        .unwrap()
+    }
+
+    #[test]
+    fn tiers_put_home_first_then_policy_order() {
+        let r = Router::new(&policy());
+        let ids = |t: &Vec<usize>| {
+            t.iter()
+                .map(|i| r.shards()[*i].id.clone())
+                .collect::<Vec<_>>()
+        };
+        let route = r.route("m").unwrap();
+        let tiers: Vec<_> = route.tiers.iter().map(ids).collect();
+        assert_eq!(tiers, vec![vec!["w1", "w2"], vec!["e1"], vec!["s1"]]);
+        assert!(r.route("nope").is_none());
+        assert_eq!(r.model_names(), ["m", "only-west"]);
+    }
+
+    #[test]
+    fn picks_the_less_loaded_per_capacity_and_fails_over_when_home_is_tried_or_out() {
+        let r = Router::new(&policy());
+        let mut rng = SmallRng::seed_from_u64(7);
+        let route = r.route("m").unwrap();
+        // w1 (100 tok/s) holds 100 tokens = 1 s of work; w2 (200 tok/s) holds 150 = 0.75 s.
+        let _a = r.shards()[1].load.charge(100);
+        let _b = r.shards()[2].load.charge(150);
+        assert_eq!(r.pick(route, &[], &mut rng), Some(2));
+        assert_eq!(r.pick(route, &[2], &mut rng), Some(1));
+        assert_eq!(r.pick(route, &[1, 2], &mut rng), Some(0));
+        assert_eq!(r.pick(route, &[0, 1, 2], &mut rng), Some(3));
+        assert_eq!(r.pick(route, &[0, 1, 2, 3], &mut rng), None);
+        // Health that takes the home shards out moves traffic to the next region.
+        let mut entries = vec![ShardHealth::healthy(); 4];
+        entries[1].state = ShardState::Ejected;
+        entries[2].state = ShardState::Draining;
+        r.publish_health(HealthView::from_entries(entries));
+        assert_eq!(r.pick(route, &[], &mut rng), Some(0));
+        assert!(r.ready());
+    }
+}

@@ -1,0 +1,95 @@
+//! Assembles the gateway from a policy and runs it on Pingora: the traffic listener (the
+//! proxy) and the admin listener, each a Pingora service.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::proxy::upstream::HttpUpstream;
+use crate::proxy::{Gateway, State};
+use crate::routing::Router;
+
+/// How to run one gateway process.
+pub struct ServeOptions {
+    /// The validated policy.
+    pub policy: Policy,
+    /// Traffic listener (overrides the policy's).
+    pub listen: Option<SocketAddr>,
+    /// Admin listener (overrides the policy's).
+    pub admin_listen: Option<SocketAddr>,
+    /// Admin bearer token; empty turns the admin API's protected routes off.
+    pub admin_token: String,
+    /// Demo mode: the simulated shards' control addresses.
+    pub fault_controls: HashMap<String, SocketAddr>,
+    /// Worker threads (default: one per CPU).
+    pub threads: Option<usize>,
+}
+
+/// Errors building the gateway before it serves.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Metrics could not be registered.
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Builds the services and serves until the process is signalled (SIGINT: fast exit,
+/// SIGTERM: graceful). Does not return on success.
+pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
+    let policy = Arc::new(opts.policy);
+    let listen = opts.listen.unwrap_or(policy.listen);
+    let admin_listen = opts.admin_listen.unwrap_or(policy.admin_listen);
+    let router = Arc::new(Router::new(&policy));
+    let metrics = Arc::new(Metrics::try_new()?);
+    let state = Arc::new(State {
+        policy: Arc::clone(&policy),
+        router: Arc::clone(&router),
+        upstream: Box::new(HttpUpstream::new(policy.timeouts.connect)),
+        metrics: Arc::clone(&metrics),
+    });
+
+    let threads = opts.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let conf = ServerConf {
+        threads: threads.max(1),
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(state),
+        "breakwater traffic",
+    );
+    proxy.add_tcp(&listen.to_string());
+    if opts.admin_token.is_empty() {
+        tracing::warn!(
+            "BREAKWATER_ADMIN_TOKEN is unset: the admin API's /admin routes refuse every request"
+        );
+    }
+    let admin = Admin::new(
+        router,
+        metrics,
+        opts.admin_token,
+        policy.home_region.clone(),
+        opts.fault_controls,
+    );
+    let mut admin_service = Service::new("breakwater admin".to_string(), admin);
+    admin_service.add_tcp(&admin_listen.to_string());
+    server.add_service(proxy);
+    server.add_service(admin_service);
+    tracing::info!(%listen, %admin_listen, threads, "{}", policy.summary());
+    tracing::info!("breakwater listening on http://{listen} (admin http://{admin_listen})");
+    server.run_forever()
+}

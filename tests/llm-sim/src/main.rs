@@ -1,0 +1,72 @@
+//! `llm-sim` command line: one simulated engine on a serving and a control listener.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use llm_sim::{SimConfig, SimHandle};
+
+/// A simulated OpenAI-compatible inference engine (continuous batching, SSE, vLLM metrics,
+/// fault injection).
+#[derive(Parser, Debug)]
+#[command(name = "llm-sim", version)]
+struct Args {
+    /// Address of the OpenAI API, `/health` and `/metrics`.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Address of the control API (`POST /fault`, `GET /stats`).
+    #[arg(long, default_value = "127.0.0.1:8100")]
+    control_listen: SocketAddr,
+    /// The model served.
+    #[arg(long, default_value = "sim-llama")]
+    model: String,
+    /// Decode throughput of the whole engine, tokens per second.
+    #[arg(long, default_value_t = 1000.0)]
+    capacity_tps: f64,
+    /// Batch slots; requests beyond them queue.
+    #[arg(long, default_value_t = 8)]
+    slots: usize,
+    /// Base time to first token, milliseconds.
+    #[arg(long, default_value_t = 20)]
+    ttft_ms: u64,
+    /// Minimum gap between tokens of one request, milliseconds.
+    #[arg(long, default_value_t = 5)]
+    itl_ms: u64,
+    /// KV-cache size, tokens.
+    #[arg(long, default_value_t = 65_536)]
+    kv_capacity_tokens: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if !(args.capacity_tps.is_finite() && args.capacity_tps > 0.0) {
+        anyhow::bail!("--capacity-tps must be a positive number");
+    }
+    if args.slots == 0 {
+        anyhow::bail!("--slots must be at least 1");
+    }
+    let config = SimConfig {
+        model: args.model,
+        capacity_tps: args.capacity_tps,
+        slots: args.slots,
+        ttft: Duration::from_millis(args.ttft_ms),
+        itl: Duration::from_millis(args.itl_ms),
+        kv_capacity_tokens: args.kv_capacity_tokens.max(1),
+    };
+    let sim = SimHandle::bind(config, args.listen, args.control_listen)
+        .await
+        .with_context(|| format!("binding {} and {}", args.listen, args.control_listen))?;
+    tracing::info!(listen = %sim.addr(), control = %sim.control_addr(), "llm-sim ready");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    Ok(())
+}

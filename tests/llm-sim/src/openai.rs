@@ -1,0 +1,235 @@
+//! The OpenAI-compatible request and response shapes the simulator speaks.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The endpoints the engine serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`
+    Chat,
+    /// `POST /v1/completions`
+    Completions,
+    /// `POST /v1/embeddings`
+    Embeddings,
+}
+
+/// What the engine needs from a request body.
+#[derive(Debug, Deserialize)]
+pub struct InferenceRequest {
+    /// The model asked for.
+    pub model: String,
+    /// Whether to stream Server-Sent Events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Completion length limit (legacy name).
+    pub max_tokens: Option<u64>,
+    /// Completion length limit (current name, takes precedence).
+    pub max_completion_tokens: Option<u64>,
+    /// `include_usage` asks for a final usage chunk.
+    pub stream_options: Option<StreamOptions>,
+    /// Chat messages.
+    pub messages: Option<Value>,
+    /// Completion prompt.
+    pub prompt: Option<Value>,
+    /// Embedding input.
+    pub input: Option<Value>,
+}
+
+/// `stream_options` of a streamed request.
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    /// Send a final chunk with the `usage` block.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Completion length when the request sets none.
+pub const DEFAULT_COMPLETION_TOKENS: u64 = 32;
+/// Upper bound on a simulated completion.
+pub const MAX_COMPLETION_TOKENS: u64 = 8192;
+
+impl InferenceRequest {
+    /// The prompt's size in this engine's "tokenizer": about 3.6 bytes of text per token,
+    /// plus 4 tokens of framing per chat message — deliberately not the gateway's estimate,
+    /// so the gateway's calibration has something to learn.
+    pub fn prompt_tokens(&self) -> u64 {
+        let mut bytes = 0usize;
+        let mut messages = 0u64;
+        for v in [&self.messages, &self.prompt, &self.input]
+            .into_iter()
+            .flatten()
+        {
+            text_bytes(v, &mut bytes);
+            if let Value::Array(items) = v {
+                messages += items.len() as u64;
+            }
+        }
+        let framing = if self.messages.is_some() {
+            messages * 4
+        } else {
+            0
+        };
+        ((bytes as f64 / 3.6).ceil() as u64 + framing).max(1)
+    }
+
+    /// Tokens to generate.
+    pub fn completion_tokens(&self) -> u64 {
+        self.max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(DEFAULT_COMPLETION_TOKENS)
+            .min(MAX_COMPLETION_TOKENS)
+    }
+
+    /// Whether a streamed answer ends with a usage chunk.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+fn text_bytes(v: &Value, total: &mut usize) {
+    match v {
+        Value::String(s) => *total += s.len(),
+        Value::Array(items) => items.iter().for_each(|i| text_bytes(i, total)),
+        Value::Object(map) => map.values().for_each(|i| text_bytes(i, total)),
+        _ => {}
+    }
+}
+
+/// The word generated at position `i`.
+pub fn word(i: u64) -> &'static str {
+    const WORDS: [&str; 8] = [
+        "breakwater ",
+        "keeps ",
+        "the ",
+        "fleet ",
+        "serving ",
+        "through ",
+        "every ",
+        "surge ",
+    ];
+    WORDS[(i % WORDS.len() as u64) as usize]
+}
+
+/// The `usage` block.
+pub fn usage(prompt: u64, completion: u64) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// A complete (non-streamed) answer.
+pub fn full_response(
+    endpoint: Endpoint,
+    id: &str,
+    model: &str,
+    req: &InferenceRequest,
+    prompt: u64,
+    completion: u64,
+) -> Value {
+    let created = created();
+    match endpoint {
+        Endpoint::Chat => {
+            let text: String = (0..completion).map(word).collect();
+            json!({"id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                              "finish_reason": "length"}],
+                "usage": usage(prompt, completion)})
+        }
+        Endpoint::Completions => {
+            let text: String = (0..completion).map(word).collect();
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": "length", "logprobs": null}],
+                "usage": usage(prompt, completion)})
+        }
+        Endpoint::Embeddings => {
+            let inputs = match &req.input {
+                Some(Value::Array(items)) => items.len().max(1),
+                _ => 1,
+            };
+            let data: Vec<Value> = (0..inputs)
+                .map(|i| {
+                    let v: Vec<f64> = (0..8).map(|d| ((i * 8 + d) as f64).sin()).collect();
+                    json!({"object": "embedding", "index": i, "embedding": v})
+                })
+                .collect();
+            json!({"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
+        }
+    }
+}
+
+/// One SSE event carrying token `i` (the first also carries the assistant role).
+pub fn token_event(endpoint: Endpoint, id: &str, model: &str, i: u64, last: bool) -> Bytes {
+    let finish = if last { json!("length") } else { Value::Null };
+    let chunk = match endpoint {
+        Endpoint::Completions => json!({"id": id, "object": "text_completion",
+            "created": created(), "model": model,
+            "choices": [{"index": 0, "text": word(i), "finish_reason": finish}]}),
+        _ => {
+            let delta = if i == 0 {
+                json!({"role": "assistant", "content": word(i)})
+            } else {
+                json!({"content": word(i)})
+            };
+            json!({"id": id, "object": "chat.completion.chunk", "created": created(),
+                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        }
+    };
+    sse(&chunk)
+}
+
+/// The final usage chunk of a streamed answer (`stream_options.include_usage`).
+pub fn usage_event(id: &str, model: &str, prompt: u64, completion: u64) -> Bytes {
+    sse(
+        &json!({"id": id, "object": "chat.completion.chunk", "created": created(),
+        "model": model, "choices": [], "usage": usage(prompt, completion)}),
+    )
+}
+
+/// The stream terminator.
+pub fn done_event() -> Bytes {
+    Bytes::from_static(b"data: [DONE]\n\n")
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// An error body in the OpenAI format.
+pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
+    Bytes::from(
+        json!({"error": {"message": message, "type": kind, "code": code, "param": null}})
+            .to_string(),
+    )
+}
+
+fn created() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_prompt_and_completion() {
+        let r: InferenceRequest = serde_json::from_str(
+            r#"{"model":"m","messages":[{"role":"user","content":"hello world, how are you"}],"max_tokens":7}"#,
+        )
+        .unwrap();
+        // "user" (4) + content (24) = 28 bytes -> 8 tokens, + 4 framing.
+        assert_eq!(r.prompt_tokens(), 12);
+        assert_eq!(r.completion_tokens(), 7);
+        let r: InferenceRequest = serde_json::from_str(
+            r#"{"model":"m","prompt":"x","max_completion_tokens":3,"max_tokens":9}"#,
+        )
+        .unwrap();
+        assert_eq!(r.completion_tokens(), 3);
+        assert_eq!(r.prompt_tokens(), 1);
+    }
+}
