@@ -294,6 +294,9 @@ fn stream(
                 return;
             }
             if die_after == Some(i + 1) {
+                // Let the last token leave before the crash: hyper drops unwritten
+                // output when a body fails.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 let _ = tx.send(Err(simulated_crash())).await;
                 return;
             }

@@ -1,0 +1,255 @@
+//! Shared helpers for the end-to-end tests: simulated shards on loopback, a policy
+//! written for them, and the compiled `breakwater` binary started against it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use llm_sim::{Fault, FaultMode, SimConfig, SimHandle, SimStats};
+use serde_json::Value;
+
+pub const MODEL: &str = "test-model";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// A simulated shard and where it sits in the policy.
+pub struct Shard {
+    pub id: String,
+    pub region: String,
+    pub capacity_tps: f64,
+    pub sim: SimHandle,
+}
+
+impl Shard {
+    pub fn stats(&self) -> SimStats {
+        self.sim.engine().stats()
+    }
+    pub fn fault(&self, mode: FaultMode) {
+        self.sim.engine().set_fault(Fault::new(mode));
+    }
+    pub fn set_fault(&self, fault: Fault) {
+        self.sim.engine().set_fault(fault);
+    }
+}
+
+/// Describes one shard to start.
+pub struct ShardSpec {
+    pub id: &'static str,
+    pub region: &'static str,
+    pub capacity_tps: f64,
+    pub ttft_ms: u64,
+    pub itl_ms: u64,
+    pub slots: usize,
+}
+
+impl ShardSpec {
+    pub fn new(id: &'static str, region: &'static str) -> Self {
+        Self {
+            id,
+            region,
+            capacity_tps: 1000.0,
+            ttft_ms: 5,
+            itl_ms: 1,
+            slots: 64,
+        }
+    }
+    pub fn capacity(mut self, tps: f64) -> Self {
+        self.capacity_tps = tps;
+        self
+    }
+    pub fn itl_ms(mut self, ms: u64) -> Self {
+        self.itl_ms = ms;
+        self
+    }
+}
+
+pub async fn start_shard(spec: ShardSpec) -> Shard {
+    let serve = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = SimConfig {
+        model: MODEL.into(),
+        capacity_tps: spec.capacity_tps,
+        slots: spec.slots,
+        ttft: Duration::from_millis(spec.ttft_ms),
+        itl: Duration::from_millis(spec.itl_ms),
+        kv_capacity_tokens: 1 << 20,
+    };
+    Shard {
+        id: spec.id.into(),
+        region: spec.region.into(),
+        capacity_tps: spec.capacity_tps,
+        sim: SimHandle::spawn(config, serve, control).unwrap(),
+    }
+}
+
+/// Writes a policy for `shards`: home region is the first shard's region; regions in
+/// order of first appearance; one pool per region serving [`MODEL`]. `extra` is appended.
+pub fn policy_text(shards: &[&Shard], extra: &str) -> String {
+    let mut regions: Vec<&str> = Vec::new();
+    for s in shards {
+        if !regions.contains(&s.region.as_str()) {
+            regions.push(&s.region);
+        }
+    }
+    let mut t = String::new();
+    writeln!(t, "[gateway]\nhome_region = \"{}\"\n", regions[0]).unwrap();
+    for r in &regions {
+        writeln!(t, "[[regions]]\nid = \"{r}\"\n").unwrap();
+        writeln!(t, "[[pools]]\nid = \"pool-{r}\"\nregion = \"{r}\"\nengine = \"vllm\"\nmodels = [\"{MODEL}\"]\n").unwrap();
+    }
+    for s in shards {
+        writeln!(
+            t,
+            "[[shards]]\nid = \"{}\"\npool = \"pool-{}\"\nurl = \"{}\"\ncapacity_tps = {}\n",
+            s.id,
+            s.region,
+            s.sim.url(),
+            s.capacity_tps
+        )
+        .unwrap();
+    }
+    t.push_str(extra);
+    t
+}
+
+fn free_port() -> SocketAddr {
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A `breakwater serve` process; killed on drop.
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Gateway {
+    /// Writes `policy` to a temporary directory and starts the gateway on free ports.
+    pub async fn start(policy: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
+        let log = dir.path().join("gateway.log");
+        // A port picked this way can be taken by someone else before the gateway binds
+        // it; a few tries make that harmless.
+        for _ in 0..5 {
+            let (addr, admin) = (free_port(), free_port());
+            let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+                .arg("serve")
+                .arg("--policy")
+                .arg(dir.path())
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--admin-listen")
+                .arg(admin.to_string())
+                .arg("--threads")
+                .arg("2")
+                .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            if wait_ready(&mut child, addr).await {
+                return Gateway {
+                    child,
+                    addr,
+                    admin,
+                    _dir: dir,
+                    log,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "the gateway did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /admin/status` as JSON.
+    pub async fn status(&self) -> Value {
+        client()
+            .get(format!("http://{}/admin/status", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Sum of in-flight tokens over every shard, from the admin API.
+    pub async fn inflight_tokens(&self) -> u64 {
+        self.status().await["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["inflight_tokens"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// Waits (bounded) until the ledger is back to zero; returns the last total seen.
+    pub async fn wait_ledger_zero(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let t = self.inflight_tokens().await;
+            if t == 0 || Instant::now() > deadline {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn wait_ready(child: &mut Child, addr: SocketAddr) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if let Ok(r) = client().get(format!("http://{addr}/healthz")).send().await {
+            if r.status() == 200 {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// A chat body with `max_tokens`.
+pub fn chat(max_tokens: u64, stream: bool) -> Value {
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me about breakwaters."}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}

@@ -1,0 +1,246 @@
+//! Every bad input and every failure the gateway answers itself: the status, the OpenAI
+//! error body, that nothing reached a shard, and that the gateway keeps serving.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use llm_sim::FaultMode;
+use serde_json::{json, Value};
+
+/// Sends a raw body; returns status, headers and the parsed error object.
+async fn send(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let resp = client()
+        .request(method, gw.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body: Value = resp.json().await.unwrap();
+    (status, headers, body)
+}
+
+fn assert_openai_error(body: &Value, code: &str) {
+    let e = &body["error"];
+    assert_eq!(e["code"], code, "{body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(e["type"].as_str().is_some(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_openai_errors_and_never_reach_a_shard() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    // A second pool in the home region serves a model but has no shards.
+    let policy = policy_text(&[&a], "").replace(
+        "[[shards]]",
+        "[[pools]]\nid = \"nobody-home\"\nregion = \"home\"\nmodels = [\"lonely-model\"]\n\n[[shards]]",
+    ) + "\n[limits]\nmax_body_bytes = 65536\n";
+    let gw = Gateway::start(&policy).await;
+    let post = reqwest::Method::POST;
+
+    let (s, _, b) = send(
+        &gw,
+        post.clone(),
+        "/v1/chat/completions",
+        b"{not json".to_vec(),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_openai_error(&b, "invalid_request");
+
+    let (s, _, b) = send(
+        &gw,
+        post.clone(),
+        "/v1/chat/completions",
+        br#"{"messages":[]}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(b["error"]["message"].as_str().unwrap().contains("model"));
+
+    let unknown = serde_json::to_vec(&json!({"model": "gpt-9", "messages": []})).unwrap();
+    let (s, _, b) = send(&gw, post.clone(), "/v1/chat/completions", unknown).await;
+    assert_eq!(s, 404);
+    assert_openai_error(&b, "model_not_found");
+
+    let big = serde_json::to_vec(
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(70_000)}]}),
+    )
+    .unwrap();
+    let (s, _, b) = send(&gw, post.clone(), "/v1/chat/completions", big).await;
+    assert_eq!(s, 413);
+    assert_openai_error(&b, "request_too_large");
+
+    let lonely = serde_json::to_vec(&json!({"model": "lonely-model", "messages": []})).unwrap();
+    let (s, h, b) = send(&gw, post.clone(), "/v1/chat/completions", lonely).await;
+    assert_eq!(s, 503);
+    assert_eq!(h["retry-after"], "1");
+    assert_openai_error(&b, "no_shard_available");
+
+    let (s, _, b) = send(&gw, post.clone(), "/v1/assistants", b"{}".to_vec()).await;
+    assert_eq!(s, 404);
+    assert_openai_error(&b, "not_found");
+    let (s, _, b) = send(&gw, reqwest::Method::GET, "/v1/chat/completions", vec![]).await;
+    assert_eq!(s, 405);
+    assert_openai_error(&b, "method_not_allowed");
+
+    // Nothing above was forwarded; every response carried a request id; the gateway
+    // still serves.
+    assert_eq!(a.stats().requests_total, 0);
+    let ok = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(2, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(a.stats().requests_total, 1);
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_body_without_content_length_is_cut_at_the_limit() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let gw =
+        Gateway::start(&(policy_text(&[&a], "") + "\n[limits]\nmax_body_bytes = 65536\n")).await;
+    // Chunked upload: the gateway only learns the size while reading.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..20).map(|_| Ok(vec![b' '; 8192])).collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(a.stats().requests_total, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_failures_are_502s_that_list_every_attempt() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let b = start_shard(ShardSpec::new("b", "home")).await;
+    a.fault(FaultMode::Error);
+    b.fault(FaultMode::Error);
+    let gw = Gateway::start(&policy_text(&[&a, &b], "")).await;
+    let (s, h, body) = send(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        serde_json::to_vec(&chat(2, false)).unwrap(),
+    )
+    .await;
+    assert_eq!(s, 502);
+    assert!(h.contains_key("x-request-id"));
+    assert_openai_error(&body, "upstream_error");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("a (home): status 500") && msg.contains("b (home): status 500"),
+        "{msg}"
+    );
+    assert_eq!(a.stats().requests_total + b.stats().requests_total, 2);
+
+    // A refused connection is an upstream failure too.
+    a.fault(FaultMode::Down);
+    b.fault(FaultMode::Down);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (s, _, body) = send(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        serde_json::to_vec(&chat(2, false)).unwrap(),
+    )
+    .await;
+    assert_eq!(s, 502);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("connection failed"),
+        "{body}"
+    );
+    assert_eq!(gw.wait_ledger_zero().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_shard_times_out_at_the_first_byte_timeout() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    a.fault(FaultMode::Hang);
+    let gw = Gateway::start(&policy_text(&[&a], "\n[timeouts]\nfirst_byte_ms = 300\n")).await;
+    let started = Instant::now();
+    let (s, _, body) = send(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        serde_json::to_vec(&chat(2, false)).unwrap(),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(s, 502);
+    assert_openai_error(&body, "upstream_timeout");
+    // One shard, so one attempt: the client waits the timeout, not much more.
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
+    assert_eq!(gw.wait_ledger_zero().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_api_needs_its_token() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let gw = Gateway::start(&policy_text(&[&a], "")).await;
+    let url = format!("http://{}/admin/status", gw.admin);
+    assert_eq!(client().get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client()
+            .get(&url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let status = gw.status().await;
+    let shard = &status["shards"][0];
+    for key in [
+        "id",
+        "region",
+        "pool",
+        "url",
+        "state",
+        "inflight_tokens",
+        "capacity_tps",
+    ] {
+        assert!(!shard[key].is_null(), "missing {key}: {status}");
+    }
+    assert_eq!(shard["state"], "healthy");
+    // Outside demo mode there is no fault injection.
+    let fault = client()
+        .post(format!("http://{}/admin/shards/a/fault", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(r#"{"mode":"down"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fault.status(), 404);
+    assert_eq!(a.sim.engine().fault().mode, FaultMode::Ok);
+    // The token never shows in logs.
+    assert!(!gw.log().contains(ADMIN_TOKEN));
+}

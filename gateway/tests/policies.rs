@@ -1,0 +1,89 @@
+//! `breakwater validate` on every policy directory in the repository, and on broken ones.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+
+fn validate(dir: &Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .arg("validate")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_policy_directory_in_the_repository_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let (ok, stdout, stderr) = validate(&dir);
+        assert!(ok, "{}: {stderr}", dir.display());
+        assert!(stdout.starts_with("policy OK: "), "{stdout}");
+        assert_eq!(stdout.lines().count(), 1);
+        checked += 1;
+    }
+    assert!(checked >= 2, "expected policies/demo and policies/examples");
+}
+
+#[test]
+fn an_invalid_set_prints_one_line_per_problem_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        "[gateway]\nhome_region = \"east\"\n[[regions]]\nid = \"east\"\n[[pools]]\nid = \"p\"\nregion = \"east\"\nmodels = [\"m\"]\n[[shards]]\nid = \"s1\"\npool = \"p\"\nurl = \"http://10.0.0.1:8000\"\ncapacity_tps = -1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[[shards]]\nid = \"s2\"\npool = \"missing\"\nurl = \"http://10.0.0.2:8000\"\ncapacity_tps = 10\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[[regions]]\nid = \"west\"\ncolour = \"blue\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a policy").unwrap();
+    let (ok, _, stderr) = validate(dir.path());
+    assert!(!ok);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("c.toml: line 3, column 1: unknown field `colour`")),
+        "{stderr}"
+    );
+    // Parse errors stop before cross-file checks; fix c.toml and the others show.
+    std::fs::remove_file(dir.path().join("c.toml")).unwrap();
+    let (ok, _, stderr) = validate(dir.path());
+    assert!(!ok);
+    assert!(
+        stderr.contains("a.toml: shards[0].capacity_tps: -1 must be a positive number"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("b.toml: shards[0].pool: shard \"s2\" names pool \"missing\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .trim_end()
+            .ends_with("2 problem(s); the policy set is not valid"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = validate(Path::new("/nonexistent/policy/dir"));
+    assert!(!ok);
+    assert!(stderr.contains("/nonexistent/policy/dir"), "{stderr}");
+}
