@@ -1,0 +1,142 @@
+//! `breakwater demo` as a person runs it: it starts, prints the URLs, token and a curl
+//! example, serves, lets a shard be broken through the admin API, and stops on Ctrl-C.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::client;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_serves_and_a_shard_can_be_broken_and_mended() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (listen, admin) = (free(), free());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args([
+            "demo",
+            "--listen",
+            &listen.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .env_remove("BREAKWATER_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("Ctrl-C");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let text = printed.join("\n");
+    let token = printed
+        .iter()
+        .find_map(|l| l.strip_prefix("Admin token: "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    assert_eq!(token.len(), 32, "{text}");
+    assert!(text.contains(&format!("http://{listen}/v1")), "{text}");
+    assert!(text.contains("curl -s http://"), "{text}");
+
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c
+        .get(format!("http://{listen}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "demo not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = json!({"model": "demo-llama", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});
+    let r = c
+        .post(format!("http://{listen}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-breakwater-region"], "us-east");
+
+    // Break both home shards: the second region answers.
+    for shard in ["use-big", "use-small"] {
+        let r = c
+            .post(format!("http://{admin}/admin/shards/{shard}/fault"))
+            .bearer_auth(&token)
+            .body(r#"{"mode":"error"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let body_more = json!({"model": "demo-llama", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2});
+    let r = c
+        .post(format!("http://{listen}/v1/chat/completions"))
+        .json(&body_more)
+        .send()
+        .await
+        .unwrap();
+    // Both home shards fail; the demo allows 3 attempts, so the third goes abroad.
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-breakwater-region"], "eu-west");
+    let bad = c
+        .post(format!("http://{admin}/admin/shards/use-big/fault"))
+        .bearer_auth(&token)
+        .body(r#"{"mode":"sideways"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    for shard in ["use-big", "use-small"] {
+        c.post(format!("http://{admin}/admin/shards/{shard}/fault"))
+            .bearer_auth(&token)
+            .body(r#"{"mode":"ok"}"#)
+            .send()
+            .await
+            .unwrap();
+    }
+    let status: Value = c
+        .get(format!("http://{admin}/admin/status"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["shards"].as_array().unwrap().len(), 4);
+
+    // Ctrl-C stops it.
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success() || status.code().is_some(), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop on SIGINT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
