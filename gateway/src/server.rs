@@ -60,6 +60,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     });
     let conf = ServerConf {
         threads: threads.max(1),
+        // One single-threaded runtime per worker: see `proxy::upstream` for why.
+        work_stealing: false,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()

@@ -29,14 +29,34 @@ pub trait Upstream: Send + Sync {
     ) -> Result<http::Response<Incoming>, UpstreamFailure>;
 }
 
-/// The production upstream: hyper's pooled HTTP/1.1 client.
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+thread_local! {
+    // One client, and so one connection pool, per worker thread. The gateway runs Pingora's
+    // no-steal runtimes (one single-threaded runtime per worker), so a request, its
+    // upstream connection's task and the wake-ups between them all stay on one thread:
+    // no cross-thread hand-off per request.
+    static CLIENT: std::cell::OnceCell<HttpClient> = const { std::cell::OnceCell::new() };
+}
+
+/// The production upstream: hyper's pooled HTTP/1.1 client, one pool per worker thread.
 pub struct HttpUpstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    connect_timeout: Duration,
 }
 
 impl HttpUpstream {
     /// A client with the given connect timeout.
     pub fn new(connect_timeout: Duration) -> Self {
+        Self { connect_timeout }
+    }
+
+    fn client(&self) -> HttpClient {
+        CLIENT.with(|c| c.get_or_init(|| build_client(self.connect_timeout)).clone())
+    }
+}
+
+fn build_client(connect_timeout: Duration) -> HttpClient {
+    {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -47,7 +67,7 @@ impl HttpUpstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
             .build(connector);
-        Self { client }
+        client
     }
 }
 
@@ -57,7 +77,7 @@ impl Upstream for HttpUpstream {
         &self,
         request: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<Incoming>, UpstreamFailure> {
-        self.client.request(request).await.map_err(|e| {
+        self.client().request(request).await.map_err(|e| {
             use std::error::Error as _;
             let mut msg = e.to_string();
             let mut src = e.source();

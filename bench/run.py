@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Breakwater benchmark: the gateway versus going straight to the simulator and versus
+nginx, in the same run, on loopback.
+
+Usage:  python3 bench/run.py [--quick]
+
+It builds the release binaries, installs nginx if missing (Debian/Ubuntu), starts two
+llm-sim engines (an instant one for request overhead, a streaming one at 10 ms per token),
+then runs the same load against each target:
+
+  rate    fixed 1000 req/s for 10 s        -> added p50/p99 latency, proxy CPU per 10k requests
+  max     32 connections for 10 s          -> maximum requests/s, proxy CPU per 10k requests
+  stream  100 concurrent streams, 50 tokens -> time to first event, gaps between events
+          (and again with 10 concurrent streams, to separate hop latency from CPU contention)
+  pingora-stock: Pingora's stock proxy with nothing added (gateway/examples/stock_proxy.rs),
+          for what Pingora itself costs per request (no stream runs)
+
+CPU seconds come from /proc/PID/stat (utime + stime) of the proxy's processes (all nginx
+workers included); RSS from /proc/PID/status after the runs. Results go to
+bench/out/results.json and a Markdown table on stdout. Every run is bounded in time.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+OUT = os.path.join(ROOT, "bench", "out")
+QUICK = "--quick" in sys.argv
+DUR = 3 if QUICK else 10
+TICK = os.sysconf("SC_CLK_TCK")
+
+FAST = ("127.0.0.1", 18600)
+STREAM = ("127.0.0.1", 18610)
+GATEWAY = ("127.0.0.1", 18630)
+NGINX_FAST = ("127.0.0.1", 18620)
+NGINX_STREAM = ("127.0.0.1", 18621)
+STOCK = ("127.0.0.1", 18640)
+
+procs = []
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def start(cmd, **kw):
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    procs.append(p)
+    return p
+
+
+def wait_http(url, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit(f"not reachable: {url}")
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def nginx_pids(master):
+    out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout
+    return [master] + [int(x) for x in out.split()]
+
+
+def loadgen(url, mode, model, **kw):
+    cmd = [os.path.join(REL, "loadgen"), "--url", url, "--mode", mode, "--model", model,
+           "--duration-s", str(kw.pop("duration", DUR))]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
+    return json.loads(out)
+
+
+def run_target(name, fast_url, stream_url, pids):
+    res = {"target": name, "stream": None, "stream10": None}
+    # Warm-up: connections, pools, page cache.
+    loadgen(fast_url, "max", "bench-model", concurrency=8, requests=2000, duration=2)
+    for mode, kw in (("rate", dict(rate=1000)), ("max", dict(concurrency=32))):
+        before = cpu_ticks(pids) if pids else 0
+        r = loadgen(fast_url, mode, "bench-model", **kw)
+        used = (cpu_ticks(pids) - before) / TICK if pids else None
+        r["cpu_s_per_10k"] = used / r["ok"] * 10_000 if pids and r["ok"] else None
+        res[mode] = r
+    if stream_url:
+        res["stream"] = loadgen(stream_url, "stream", "bench-stream", concurrency=100,
+                                max_tokens=50, requests=100_000, duration=DUR)
+        # A light load isolates the per-hop latency from CPU contention on small machines.
+        res["stream10"] = loadgen(stream_url, "stream", "bench-stream", concurrency=10,
+                                  max_tokens=50, requests=100_000, duration=DUR)
+    res["rss_mib"] = rss_kib(pids) / 1024 if pids else None
+    return res
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
+        root = [] if os.geteuid() == 0 else ["sudo"]
+        sh(root + ["apt-get", "update", "-qq"])
+        sh(root + ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq", "nginx"])
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    sh(["cargo", "build", "--release", "-q", "-p", "breakwater", "-p", "llm-sim", "-p", "breakwater-loadgen"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "-q", "-p", "breakwater", "--example", "stock_proxy"], cwd=ROOT)
+    sim = os.path.join(REL, "llm-sim")
+    common = ["--capacity-tps", "1e9", "--slots", "100000"]
+    start([sim, "--listen", "%s:%d" % FAST, "--control-listen", "127.0.0.1:18601",
+           "--model", "bench-model", "--ttft-ms", "0", "--itl-ms", "0"] + common)
+    start([sim, "--listen", "%s:%d" % STREAM, "--control-listen", "127.0.0.1:18611",
+           "--model", "bench-stream", "--ttft-ms", "20", "--itl-ms", "10"] + common)
+    tmp = tempfile.mkdtemp(prefix="bw-bench-")
+    with open(os.path.join(tmp, "policy.toml"), "w") as f:
+        f.write(f"""
+[gateway]
+home_region = "local"
+[[regions]]
+id = "local"
+[[pools]]
+id = "fast"
+region = "local"
+engine = "vllm"
+models = ["bench-model"]
+[[pools]]
+id = "stream"
+region = "local"
+engine = "vllm"
+models = ["bench-stream"]
+[[shards]]
+id = "fast-1"
+pool = "fast"
+url = "http://{FAST[0]}:{FAST[1]}"
+capacity_tps = 1000000
+[[shards]]
+id = "stream-1"
+pool = "stream"
+url = "http://{STREAM[0]}:{STREAM[1]}"
+capacity_tps = 1000000
+""")
+    gw = start([os.path.join(REL, "breakwater"), "serve", "--policy", tmp, "--listen",
+                "%s:%d" % GATEWAY, "--admin-listen", "127.0.0.1:18631", "--threads", "2"],
+               env=dict(os.environ, RUST_LOG="warn"))
+    with open(os.path.join(tmp, "nginx.conf"), "w") as f:
+        f.write(f"""
+worker_processes 2;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream fast {{ least_conn; server {FAST[0]}:{FAST[1]}; keepalive 256; }}
+  upstream stream {{ least_conn; server {STREAM[0]}:{STREAM[1]}; keepalive 256; }}
+  server {{
+    listen {NGINX_FAST[0]}:{NGINX_FAST[1]};
+    location / {{ proxy_pass http://fast; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_buffering off; client_max_body_size 8m; }}
+  }}
+  server {{
+    listen {NGINX_STREAM[0]}:{NGINX_STREAM[1]};
+    location / {{ proxy_pass http://stream; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_buffering off; }}
+  }}
+}}
+""")
+    ng = start([nginx, "-c", os.path.join(tmp, "nginx.conf"), "-g", "daemon off;"])
+    stock = start([os.path.join(REL, "examples", "stock_proxy"), "%s:%d" % STOCK, "%s:%d" % FAST])
+    for host, port in (FAST, STREAM, NGINX_FAST, GATEWAY, STOCK):
+        wait_http(f"http://{host}:{port}/v1/models")
+    time.sleep(0.5)
+    results = [
+        run_target("direct", "http://%s:%d" % FAST, "http://%s:%d" % STREAM, []),
+        run_target("breakwater", "http://%s:%d" % GATEWAY, "http://%s:%d" % GATEWAY, [gw.pid]),
+        run_target("nginx", "http://%s:%d" % NGINX_FAST, "http://%s:%d" % NGINX_STREAM, nginx_pids(ng.pid)),
+        run_target("pingora-stock", "http://%s:%d" % STOCK, None, [stock.pid]),
+    ]
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results)
+
+
+def fmt(v, digits=2):
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def print_table(results):
+    d = results[0]
+    print("| | " + " | ".join(r["target"] for r in results) + " |")
+    print("|---" * (len(results) + 1) + "|")
+    rows = [
+        ("rate 1000/s: p50 ms", lambda r: r["rate"]["p50_ms"]),
+        ("rate 1000/s: p99 ms", lambda r: r["rate"]["p99_ms"]),
+        ("rate: added p50 ms vs direct", lambda r: r["rate"]["p50_ms"] - d["rate"]["p50_ms"]),
+        ("rate: added p99 ms vs direct", lambda r: r["rate"]["p99_ms"] - d["rate"]["p99_ms"]),
+        ("rate: proxy CPU s / 10k req", lambda r: r["rate"]["cpu_s_per_10k"]),
+        ("max: requests/s (32 conns)", lambda r: r["max"]["rps"]),
+        ("max: proxy CPU s / 10k req", lambda r: r["max"]["cpu_s_per_10k"]),
+        ("stream: TTFT p50 ms", lambda r: r["stream"]["ttft_p50_ms"]),
+        ("stream: TTFT p99 ms", lambda r: r["stream"]["ttft_p99_ms"]),
+        ("stream: added TTFT p50 ms vs direct", lambda r: r["stream"]["ttft_p50_ms"] - d["stream"]["ttft_p50_ms"]),
+        ("stream x10: TTFT p50 ms", lambda r: r["stream10"]["ttft_p50_ms"]),
+        ("stream x10: added TTFT p50 ms vs direct", lambda r: r["stream10"]["ttft_p50_ms"] - d["stream10"]["ttft_p50_ms"]),
+        ("stream x10: added TTFT p99 ms vs direct", lambda r: r["stream10"]["ttft_p99_ms"] - d["stream10"]["ttft_p99_ms"]),
+        ("stream: gap p50 ms", lambda r: r["stream"]["gap_p50_ms"]),
+        ("stream: gap p99 ms", lambda r: r["stream"]["gap_p99_ms"]),
+        ("stream: streams completed", lambda r: r["stream"]["ok"]),
+        ("errors (all runs)", lambda r: r["rate"]["errors"] + r["max"]["errors"] + (r["stream"] or {}).get("errors", 0)),
+        ("proxy RSS MiB after", lambda r: r["rss_mib"]),
+    ]
+    for label, f in rows:
+        cells = []
+        for r in results:
+            try:
+                cells.append(fmt(f(r)))
+            except (TypeError, KeyError):
+                cells.append("—")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    bw, ng = results[1], results[2]
+    for mode in ("rate", "max"):
+        a, b = bw[mode]["cpu_s_per_10k"], ng[mode]["cpu_s_per_10k"]
+        if a and b:
+            print(f"\nCPU per request, {mode}: breakwater / nginx = {a / b:.2f}")
+
+
+try:
+    main()
+finally:
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGINT if p.args and "nginx" not in p.args[0] else signal.SIGQUIT)
+        except Exception:
+            pass
+    time.sleep(0.3)
+    for p in procs:
+        try:
+            p.kill()
+        except Exception:
+            pass
