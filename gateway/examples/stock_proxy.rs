@@ -16,7 +16,11 @@ impl ProxyHttp for OneUpstream {
     type CTX = ();
     fn new_ctx(&self) {}
     async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.0.as_str(), false, String::new())))
+        Ok(Box::new(HttpPeer::new(
+            self.0.as_str(),
+            false,
+            String::new(),
+        )))
     }
 }
 
@@ -34,7 +38,8 @@ fn main() {
     };
     let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, OneUpstream(upstream.clone()));
+    let mut svc =
+        pingora::proxy::http_proxy_service(&server.configuration, OneUpstream(upstream.clone()));
     svc.add_tcp(listen);
     server.add_service(svc);
     server.run_forever();

@@ -1,12 +1,32 @@
-//! `gpu-probe`: the report a GPU node agent publishes about its devices, and the verdict
-//! the gateway's health model consumes.
+//! `gpu-probe`: the GPU health agent that runs on every GPU node, and the report it
+//! publishes.
 //!
-//! This crate owns the report types only; it has no GPU code and never links CUDA.
+//! Always built (what the gateway links): the report types ([`GpuReport`], [`NodeReport`],
+//! [`Verdict`]) and the pure [`classify`] rules that turn a reading into a verdict.
+//!
+//! With the `agent` feature (default): the readers ([`source`]: NVIDIA through cudarc and
+//! NVML, both loaded at run time; and a simulated one), the HTTP server ([`server`]:
+//! `/v1/gpus`, `/metrics`, `/healthz`) and the Prometheus text ([`metrics`]).
+//!
+//! # Layout
+//! - [`classify`]: thresholds and verdict rules.
+//! - [`source`]: where readings come from.
+//! - [`server`], [`metrics`]: what the agent serves.
+
+pub mod classify;
+#[cfg(feature = "agent")]
+pub mod metrics;
+#[cfg(feature = "agent")]
+pub mod server;
+#[cfg(feature = "agent")]
+pub mod source;
 
 use serde::{Deserialize, Serialize};
 
 /// A device's (or a node's) fitness to serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Serving normally.
@@ -18,25 +38,128 @@ pub enum Verdict {
     Failing,
 }
 
-/// What the agent read from one device.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+impl Verdict {
+    /// The verdict's name in JSON, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Healthy => "healthy",
+            Verdict::Degraded => "degraded",
+            Verdict::Failing => "failing",
+        }
+    }
+}
+
+/// ECC error counts (`None`: not supported or ECC off).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EccCounts {
+    /// Corrected (single-bit) errors since the driver loaded.
+    pub corrected_volatile: Option<u64>,
+    /// Uncorrected (double-bit) errors since the driver loaded.
+    pub uncorrected_volatile: Option<u64>,
+    /// Corrected errors over the device's life.
+    pub corrected_aggregate: Option<u64>,
+    /// Uncorrected errors over the device's life.
+    pub uncorrected_aggregate: Option<u64>,
+}
+
+/// Row remapping state (Ampere and newer).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemappedRows {
+    /// Rows remapped for correctable errors.
+    pub correctable: Option<u64>,
+    /// Rows remapped for uncorrectable errors.
+    pub uncorrectable: Option<u64>,
+    /// A remap waits for a GPU reset to take effect.
+    pub pending: Option<bool>,
+    /// A remap failed: the GPU needs replacing.
+    pub failure: Option<bool>,
+}
+
+/// The CUDA liveness round-trip: a small allocation, copy and synchronize on the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LivenessState {
+    /// Finished within the deadline.
+    Ok,
+    /// Did not finish within the deadline (or an earlier one never finished).
+    Hung,
+    /// A CUDA call failed.
+    Failed,
+    /// Not measured (no CUDA context).
+    #[default]
+    Unknown,
+}
+
+/// The last liveness round-trip.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Liveness {
+    /// Outcome.
+    pub state: LivenessState,
+    /// Round-trip time, milliseconds (when it finished).
+    pub round_trip_ms: Option<f64>,
+    /// The CUDA error, when it failed.
+    pub error: Option<String>,
+}
+
+/// One Xid event the driver reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XidEvent {
+    /// The Xid number (e.g. 48: double-bit ECC; 79: fallen off the bus).
+    pub xid: u64,
+    /// When the agent received it, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+}
+
+/// What the agent read from one device, with its verdict.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GpuReport {
-    /// Device index as the driver numbers it.
+    /// Device index (NVML's, which follows PCI bus order).
     pub index: u32,
     /// Marketing name, e.g. "NVIDIA H200".
     pub name: String,
+    /// Device UUID.
+    pub uuid: Option<String>,
+    /// CUDA compute capability, e.g. "9.0".
+    pub compute_capability: Option<String>,
     /// Total device memory, bytes.
     pub memory_total_bytes: u64,
     /// Free device memory, bytes.
     pub memory_free_bytes: u64,
-    /// GPU utilisation, percent (time-slice activity, not a load signal on its own).
+    /// Share of time a kernel ran over the last sample period, percent. Not a load signal
+    /// on its own (an engine holding the GPU busy at low throughput still reads 100).
     pub utilization_gpu_pct: Option<u32>,
-    /// Temperature, degrees Celsius.
+    /// Share of time device memory was read or written, percent.
+    pub utilization_memory_pct: Option<u32>,
+    /// GPU temperature, °C.
     pub temperature_c: Option<u32>,
-    /// Uncorrectable ECC errors since the driver loaded.
-    pub ecc_uncorrected_volatile: Option<u64>,
+    /// Temperature at which the GPU starts hardware slowdown, °C.
+    pub temperature_slowdown_c: Option<u32>,
+    /// Power draw, watts.
+    pub power_w: Option<f64>,
+    /// Enforced power limit, watts.
+    pub power_limit_w: Option<f64>,
+    /// ECC error counts.
+    #[serde(default)]
+    pub ecc: EccCounts,
+    /// Row remapping.
+    #[serde(default)]
+    pub remapped_rows: RemappedRows,
+    /// Active clock throttle reasons, e.g. `sw_power_cap`, `hw_slowdown`.
+    #[serde(default)]
+    pub throttle_reasons: Vec<String>,
+    /// Xid events received recently (bounded).
+    #[serde(default)]
+    pub xid_events: Vec<XidEvent>,
+    /// The CUDA liveness round-trip.
+    #[serde(default)]
+    pub liveness: Liveness,
     /// The device's verdict.
+    #[serde(default)]
     pub verdict: Verdict,
     /// Why the verdict is not `healthy`.
     #[serde(default)]
@@ -44,15 +167,21 @@ pub struct GpuReport {
 }
 
 /// What the agent serves on `GET /v1/gpus`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeReport {
+    /// `nvidia` or `simulated`.
+    pub source: String,
+    /// NVIDIA driver version.
+    pub driver_version: Option<String>,
     /// One report per device.
     pub devices: Vec<GpuReport>,
     /// The worst device verdict.
     pub verdict: Verdict,
-    /// Age of the newest reading, milliseconds.
+    /// Age of the reading, milliseconds, at the time it was served.
     pub age_ms: u64,
+    /// How long the reading took, milliseconds.
+    pub read_ms: f64,
 }
 
 impl NodeReport {
@@ -68,15 +197,11 @@ mod tests {
 
     fn device(verdict: Verdict) -> GpuReport {
         GpuReport {
-            index: 0,
             name: "sim".into(),
             memory_total_bytes: 80 << 30,
             memory_free_bytes: 10 << 30,
-            utilization_gpu_pct: Some(50),
-            temperature_c: Some(60),
-            ecc_uncorrected_volatile: Some(0),
             verdict,
-            reasons: vec![],
+            ..GpuReport::default()
         }
     }
 
@@ -94,9 +219,11 @@ mod tests {
     #[test]
     fn report_round_trips_as_json() {
         let node = NodeReport {
+            source: "simulated".into(),
             devices: vec![device(Verdict::Degraded)],
             verdict: Verdict::Degraded,
             age_ms: 12,
+            ..NodeReport::default()
         };
         let json = serde_json::to_string(&node).unwrap();
         assert!(json.contains("\"verdict\":\"degraded\""));

@@ -120,7 +120,9 @@ impl Shared {
         let mut done = false;
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { return false };
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             let now = Instant::now();
             match last {
                 None => record(&self.ttft, now - started),
@@ -144,7 +146,8 @@ impl Shared {
 }
 
 fn pct(h: &Mutex<Histogram<u64>>, q: f64) -> f64 {
-    h.lock().map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
+    h.lock()
+        .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
 }
 
 #[tokio::main]
@@ -207,9 +210,14 @@ async fn main() -> anyhow::Result<()> {
                 let s = Arc::clone(&shared);
                 let limit = args.requests;
                 tasks.push(tokio::spawn(async move {
-                    while Instant::now() < stop && s.issued.fetch_add(1, Ordering::Relaxed) < limit {
+                    while Instant::now() < stop && s.issued.fetch_add(1, Ordering::Relaxed) < limit
+                    {
                         let t = Instant::now();
-                        let ok = if stream { s.one_stream().await } else { s.one().await };
+                        let ok = if stream {
+                            s.one_stream().await
+                        } else {
+                            s.one().await
+                        };
                         record(&s.latency, t.elapsed());
                         s.count(ok);
                     }
