@@ -12,6 +12,7 @@ use pingora::services::listening::Service;
 use crate::admin::Admin;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::proxy::budget::BodyBudget;
 use crate::proxy::upstream::HttpUpstream;
 use crate::proxy::{Gateway, State};
 use crate::routing::Router;
@@ -53,6 +54,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         router: Arc::clone(&router),
         upstream: Box::new(HttpUpstream::new(policy.timeouts.connect)),
         metrics: Arc::clone(&metrics),
+        body_budget: BodyBudget::new(policy.limits.max_buffered_bytes),
     });
 
     let threads = opts.threads.unwrap_or_else(|| {

@@ -244,3 +244,63 @@ async fn the_admin_api_needs_its_token() {
     // The token never shows in logs.
     assert!(!gw.log().contains(ADMIN_TOKEN));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bodies_beyond_the_global_buffer_budget_get_503_with_retry_after() {
+    let a = start_shard(ShardSpec::new("a", "home").capacity(1e6)).await;
+    a.fault(FaultMode::Hang);
+    let limits = "\n[limits]\nmax_body_bytes = 1048576\nmax_buffered_bytes = 1572864\n[timeouts]\nfirst_byte_ms = 1500\n";
+    let gw = Gateway::start(&policy_text(&[&a], limits)).await;
+    let body = |n: usize| {
+        serde_json::to_vec(&json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(n)}], "max_tokens": 1})).unwrap()
+    };
+    // The first request holds ~1 MiB while the shard hangs.
+    let url = gw.url("/v1/chat/completions");
+    let first_body = body(1_000_000);
+    let first = tokio::spawn(async move {
+        client()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(first_body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.stats().requests_total == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A second one would take the total past 1.5 MiB: refused, not forwarded.
+    let (s, h, b) = send(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        body(1_000_000),
+    )
+    .await;
+    assert_eq!(s, 503);
+    assert_eq!(h["retry-after"], "1");
+    assert_openai_error(&b, "gateway_overloaded");
+    assert_eq!(a.stats().requests_total, 1);
+    // A small one still fits.
+    a.fault(FaultMode::Ok);
+    let (s, _, _) = send(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        body(1000),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(first.await.unwrap(), 502);
+    // Once the first is answered its bytes are released.
+    let (s, _, _) = send(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        body(1_000_000),
+    )
+    .await;
+    assert_eq!(s, 200);
+}

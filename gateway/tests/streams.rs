@@ -140,3 +140,67 @@ async fn the_ledger_returns_to_zero_after_successes_failures_and_aborts_under_lo
     }
     assert_eq!(gw.wait_ledger_zero().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_that_goes_silent_ends_at_the_idle_timeout_with_an_error_event() {
+    // 10 ms between tokens, slowed 40x once the stream has started: 400 ms of silence
+    // against a 150 ms idle timeout.
+    let a = start_shard(ShardSpec::new("a", "home").itl_ms(10)).await;
+    let gw = Gateway::start(&policy_text(&[&a], "\n[timeouts]\nidle_ms = 150\n")).await;
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(50, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    a.set_fault(Fault {
+        factor: 40.0,
+        ..Fault::new(FaultMode::Slow)
+    });
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("data: {\"error\":") && text.contains("upstream_timeout"),
+        "{text}"
+    );
+    assert!(text.contains("idle for more than 150 ms"), "{text}");
+    assert!(!text.contains("[DONE]"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(gw.wait_ledger_zero().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_longer_than_the_total_timeout_is_ended_at_the_deadline() {
+    let a = start_shard(ShardSpec::new("a", "home").itl_ms(20)).await;
+    let gw = Gateway::start(&policy_text(
+        &[&a],
+        "\n[timeouts]\ntotal_ms = 400\nfirst_byte_ms = 400\nidle_ms = 400\nconnect_ms = 400\n",
+    ))
+    .await;
+    let started = Instant::now();
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(200, true))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    let took = started.elapsed();
+    assert!(text.contains("deadline exceeded"), "{text}");
+    assert!(!text.contains("[DONE]"));
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+}

@@ -225,6 +225,20 @@ impl Compiler {
                 lim.max_body_bytes =
                     self.bounded(f, "limits.max_body_bytes", v, 1024, 1 << 30) as usize;
             }
+            if let Some(v) = l.max_buffered_bytes {
+                lim.max_buffered_bytes =
+                    self.bounded(f, "limits.max_buffered_bytes", v, 1 << 20, 1 << 36) as usize;
+            }
+            if lim.max_buffered_bytes < lim.max_body_bytes {
+                self.issue(
+                    f,
+                    "limits.max_buffered_bytes",
+                    format!(
+                        "{} is smaller than max_body_bytes ({}): no body could ever be read",
+                        lim.max_buffered_bytes, lim.max_body_bytes
+                    ),
+                );
+            }
             if let Some(v) = l.max_response_bytes {
                 lim.max_response_bytes =
                     self.bounded(f, "limits.max_response_bytes", v, 1024, 1 << 32) as usize;

@@ -151,6 +151,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest non-streamed response body, bytes (default 64 MiB).
     pub max_response_bytes: usize,
+    /// Request bodies held by all in-flight requests together, bytes (default 1 GiB).
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for Limits {
@@ -158,6 +160,7 @@ impl Default for Limits {
         Self {
             max_body_bytes: 8 << 20,
             max_response_bytes: 64 << 20,
+            max_buffered_bytes: 1 << 30,
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct RawLimits {
     pub max_body_bytes: Option<u64>,
     /// Largest non-streamed response body relayed, bytes. Default 64 MiB.
     pub max_response_bytes: Option<u64>,
+    /// Request bodies all in-flight requests may hold together, bytes. Default 1 GiB.
+    pub max_buffered_bytes: Option<u64>,
 }
 
 /// `[timeouts]`

@@ -98,6 +98,12 @@ pub enum GatewayError {
     /// Every attempt met an overloaded shard (429 + Retry-After).
     #[error("the shards for this model are overloaded: {}", join(.0))]
     Overloaded(Vec<AttemptFailure>),
+    /// The gateway holds as many request bodies as its budget allows (503 + Retry-After).
+    #[error("the gateway is buffering {limit} bytes of request bodies, its limit; retry shortly")]
+    BufferFull {
+        /// The budget.
+        limit: usize,
+    },
     /// Missing or wrong admin token (401).
     #[error("a valid bearer token is required")]
     Unauthorized,
@@ -119,7 +125,7 @@ impl GatewayError {
             Self::MethodNotAllowed { .. } => 405,
             Self::BadRequest(_) => 400,
             Self::BodyTooLarge { .. } => 413,
-            Self::NoShard(_) => 503,
+            Self::NoShard(_) | Self::BufferFull { .. } => 503,
             Self::Upstream(_) => 502,
             Self::Overloaded(_) => 429,
             Self::Unauthorized => 401,
@@ -136,7 +142,7 @@ impl GatewayError {
             | Self::BodyTooLarge { .. } => "invalid_request_error",
             Self::Unauthorized => "authentication_error",
             Self::Overloaded(_) => "rate_limit_error",
-            Self::NoShard(_) | Self::Upstream(_) => "server_error",
+            Self::NoShard(_) | Self::Upstream(_) | Self::BufferFull { .. } => "server_error",
         }
     }
 
@@ -149,6 +155,7 @@ impl GatewayError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::NoShard(_) => "no_shard_available",
+            Self::BufferFull { .. } => "gateway_overloaded",
             Self::Upstream(a) if a.last().is_some_and(|f| f.cause.is_timeout()) => {
                 "upstream_timeout"
             }
@@ -161,7 +168,7 @@ impl GatewayError {
     /// Seconds a client should wait before retrying, for statuses that say "later".
     pub fn retry_after_s(&self) -> Option<u32> {
         match self {
-            Self::NoShard(_) | Self::Overloaded(_) => Some(1),
+            Self::NoShard(_) | Self::Overloaded(_) | Self::BufferFull { .. } => Some(1),
             _ => None,
         }
     }

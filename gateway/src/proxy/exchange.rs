@@ -15,6 +15,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use tokio::time::{timeout_at, Instant};
 
+use super::budget::Reservation;
 use super::error::{AttemptFailure, GatewayError, UpstreamFailure};
 use super::request::{self, Endpoint, InferenceRequest};
 use super::{sse, RequestCtx, State};
@@ -53,7 +54,15 @@ enum Attempt {
 /// Serves one inference request end to end. Always leaves a response written (or the
 /// client gone); never panics on bad input.
 pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, endpoint: Endpoint) {
-    let body = match read_body(session, state.policy.limits.max_body_bytes).await {
+    // Held until the exchange ends: the body stays in memory for retries until then.
+    let mut reservation = state.body_budget.reservation();
+    let body = match read_body(
+        session,
+        state.policy.limits.max_body_bytes,
+        &mut reservation,
+    )
+    .await
+    {
         Ok(Some(b)) => b,
         Ok(None) => return, // the client went away while sending
         Err(e) => return super::respond_error(session, ctx, &e).await,
@@ -130,8 +139,15 @@ fn outcome_label(a: &Attempt) -> String {
 }
 
 /// Reads the request body whole, bounded by `limit`. `Ok(None)`: the client went away.
-async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>, GatewayError> {
+async fn read_body(
+    session: &mut Session,
+    limit: usize,
+    reservation: &mut Reservation,
+) -> Result<Option<Bytes>, GatewayError> {
     let too_large = GatewayError::BodyTooLarge { limit };
+    let full = |r: &Reservation| GatewayError::BufferFull {
+        limit: r.budget_limit(),
+    };
     let declared = session
         .req_header()
         .headers
@@ -158,6 +174,10 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>,
                 if buf.len() + chunk.len() > limit {
                     session.set_keepalive(None);
                     return Err(too_large);
+                }
+                if !reservation.grow(chunk.len()) {
+                    session.set_keepalive(None);
+                    return Err(full(reservation));
                 }
                 buf.extend_from_slice(&chunk);
             }

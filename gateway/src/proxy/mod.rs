@@ -9,6 +9,7 @@
 //! - [`sse`]: event framing.
 //! - [`error`]: OpenAI-format errors.
 
+pub mod budget;
 pub mod error;
 pub mod exchange;
 pub mod request;
@@ -41,6 +42,8 @@ pub struct State {
     pub upstream: Box<dyn Upstream>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// The global budget for buffered request bodies.
+    pub body_budget: Arc<budget::BodyBudget>,
 }
 
 /// Per-request state, for the access log and metrics.
