@@ -12,7 +12,11 @@ use pingora::services::listening::Service;
 use crate::admin::Admin;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use breakwater_health::check::{spawn_checks, CheckTarget};
+use breakwater_health::{HealthMonitor, ShardInfo};
+
 use crate::proxy::budget::BodyBudget;
+use crate::proxy::retry::RetryBudget;
 use crate::proxy::upstream::HttpUpstream;
 use crate::proxy::{Gateway, State};
 use crate::routing::Router;
@@ -39,6 +43,59 @@ pub enum ServeError {
     /// Metrics could not be registered.
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The health monitor's thread or runtime could not start.
+    #[error("starting the health monitor: {0}")]
+    Health(#[source] std::io::Error),
+}
+
+/// Starts the health monitor and the active checks on their own thread and runtime (they
+/// must not depend on the traffic runtimes' load), publishing into `router`.
+fn start_health(policy: &Policy, router: Arc<Router>) -> Result<HealthMonitor, ServeError> {
+    let shards: Vec<ShardInfo> = policy
+        .shards
+        .iter()
+        .map(|s| ShardInfo {
+            id: s.id.clone(),
+            pool: s.pool.clone(),
+        })
+        .collect();
+    let targets: Vec<CheckTarget> = policy
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let path = policy
+                .pools
+                .iter()
+                .find(|p| p.id == s.pool)
+                .map_or("/health", |p| p.health_path.as_str());
+            CheckTarget {
+                shard: i,
+                url: format!("{}{}", s.url.as_str().trim_end_matches('/'), path),
+            }
+        })
+        .collect();
+    let cfg = policy.health.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Health)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("health".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let monitor = HealthMonitor::spawn(shards, cfg.clone(), move |view| {
+                    router.publish_health(view)
+                });
+                spawn_checks(targets, &cfg, monitor.clone());
+                let _ = tx.send(monitor);
+                std::future::pending::<()>().await
+            })
+        })
+        .map_err(ServeError::Health)?;
+    rx.recv()
+        .map_err(|_| ServeError::Health(std::io::Error::other("the health thread exited")))
 }
 
 /// Builds the services and serves until the process is signalled (SIGINT: fast exit,
@@ -49,12 +106,15 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let admin_listen = opts.admin_listen.unwrap_or(policy.admin_listen);
     let router = Arc::new(Router::new(&policy));
     let metrics = Arc::new(Metrics::try_new()?);
+    let health = start_health(&policy, Arc::clone(&router))?;
     let state = Arc::new(State {
         policy: Arc::clone(&policy),
         router: Arc::clone(&router),
         upstream: Box::new(HttpUpstream::new(policy.timeouts.connect)),
         metrics: Arc::clone(&metrics),
         body_budget: BodyBudget::new(policy.limits.max_buffered_bytes),
+        retry_budget: RetryBudget::new(policy.retries.clone()),
+        health: health.clone(),
     });
 
     let threads = opts.threads.unwrap_or_else(|| {
@@ -85,6 +145,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let admin = Admin::new(
         router,
         metrics,
+        health,
         opts.admin_token,
         policy.home_region.clone(),
         opts.fault_controls,

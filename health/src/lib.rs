@@ -1,124 +1,25 @@
 //! `breakwater-health`: the health model of every shard behind a Breakwater gateway.
 //!
-//! This crate owns the vocabulary of shard health ([`ShardState`], [`ShardHealth`]) and the
-//! published snapshot that routing reads ([`HealthView`]). It does not route and never
-//! imports the gateway. Active checks, engine-metrics scrapers, passive outlier detection
-//! and GPU-probe consumption publish into this model.
+//! It owns each shard's state — `healthy`, `degraded`, `ejected`, `draining` — with the
+//! reason for it, decides transitions from what it is told (request outcomes from the data
+//! path, active health checks), keeps the recent transitions, and publishes a whole
+//! [`HealthView`] that routing reads lock-free. It never routes and never imports the
+//! gateway.
+//!
+//! # Layout
+//! - [`view`]: the published snapshot.
+//! - [`tracker`]: one shard's state machine (pure; time is passed in).
+//! - [`monitor`]: the single owner of every tracker: a task fed by a bounded channel.
+//! - [`check`]: active HTTP health checks.
+//! - [`config`]: thresholds and timings, with their defaults.
 
-use serde::Serialize;
+pub mod check;
+pub mod config;
+pub mod monitor;
+pub mod tracker;
+pub mod view;
 
-/// What a shard may do with new traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ShardState {
-    /// Takes its full share.
-    #[default]
-    Healthy,
-    /// Takes a reduced share.
-    Degraded,
-    /// Takes nothing until its ejection time has passed and a check passes.
-    Ejected,
-    /// Takes no new requests; in-flight ones finish.
-    Draining,
-}
-
-impl ShardState {
-    /// Whether routing may send a new request to a shard in this state.
-    pub fn takes_new_requests(self) -> bool {
-        matches!(self, ShardState::Healthy | ShardState::Degraded)
-    }
-
-    /// The state's name as it appears in the admin API, metrics and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ShardState::Healthy => "healthy",
-            ShardState::Degraded => "degraded",
-            ShardState::Ejected => "ejected",
-            ShardState::Draining => "draining",
-        }
-    }
-}
-
-/// One shard's state and why it is in it.
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
-pub struct ShardHealth {
-    /// The state.
-    pub state: ShardState,
-    /// Why, in a few words (empty when healthy).
-    pub reason: String,
-    /// Share of traffic this shard takes relative to a healthy one, 0..=1.
-    pub weight_factor: f64,
-}
-
-impl ShardHealth {
-    /// A healthy shard at full weight.
-    pub fn healthy() -> Self {
-        Self {
-            state: ShardState::Healthy,
-            reason: String::new(),
-            weight_factor: 1.0,
-        }
-    }
-}
-
-/// A snapshot of every shard's health, indexed like the routing table's shards. Built whole
-/// and swapped whole; readers never see half an update.
-#[derive(Debug, Clone, Default)]
-pub struct HealthView {
-    shards: Vec<ShardHealth>,
-}
-
-impl HealthView {
-    /// Every one of `shards` shards healthy.
-    pub fn all_healthy(shards: usize) -> Self {
-        Self {
-            shards: vec![ShardHealth::healthy(); shards],
-        }
-    }
-
-    /// A view from explicit entries (index = shard index).
-    pub fn from_entries(shards: Vec<ShardHealth>) -> Self {
-        Self { shards }
-    }
-
-    /// The health of shard `index`; a shard the view does not know is treated as healthy,
-    /// so a view one generation behind a policy reload never takes a new shard out.
-    pub fn get(&self, index: usize) -> ShardHealth {
-        self.shards
-            .get(index)
-            .cloned()
-            .unwrap_or_else(ShardHealth::healthy)
-    }
-
-    /// Whether shard `index` may take new requests.
-    pub fn takes_new_requests(&self, index: usize) -> bool {
-        self.shards
-            .get(index)
-            .is_none_or(|h| h.state.takes_new_requests())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_healthy_and_degraded_take_new_requests() {
-        assert!(ShardState::Healthy.takes_new_requests());
-        assert!(ShardState::Degraded.takes_new_requests());
-        assert!(!ShardState::Ejected.takes_new_requests());
-        assert!(!ShardState::Draining.takes_new_requests());
-    }
-
-    #[test]
-    fn unknown_shards_read_as_healthy() {
-        let view = HealthView::from_entries(vec![ShardHealth {
-            state: ShardState::Draining,
-            reason: "gpu failing".into(),
-            weight_factor: 0.0,
-        }]);
-        assert!(!view.takes_new_requests(0));
-        assert!(view.takes_new_requests(7));
-        assert_eq!(view.get(7).state, ShardState::Healthy);
-    }
-}
+pub use config::HealthConfig;
+pub use monitor::{HealthMonitor, ShardInfo, Transition};
+pub use tracker::Signal;
+pub use view::{HealthView, ShardHealth, ShardState};

@@ -1,4 +1,5 @@
-//! The admin listener, separate from traffic: `GET /admin/status` (bearer token),
+//! The admin listener, separate from traffic: `GET /admin/status` and `GET /admin/events`
+//! (bearer token),
 //! `POST /admin/shards/{id}/fault` (demo mode only) and `GET /metrics` (Prometheus).
 //!
 //! The token comes from `BREAKWATER_ADMIN_TOKEN`; it is compared in constant time and
@@ -19,6 +20,8 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use breakwater_health::HealthMonitor;
+
 use crate::metrics::Metrics;
 use crate::proxy::error::{error_json, GatewayError};
 use crate::routing::Router;
@@ -30,6 +33,7 @@ const MAX_ADMIN_BODY_BYTES: usize = 64 << 10;
 pub struct Admin {
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    health: HealthMonitor,
     token: String,
     home_region: String,
     /// Demo mode: each simulated shard's control address, for the fault endpoint.
@@ -42,6 +46,7 @@ impl Admin {
     pub fn new(
         router: Arc<Router>,
         metrics: Arc<Metrics>,
+        health: HealthMonitor,
         token: String,
         home_region: String,
         fault_controls: HashMap<String, SocketAddr>,
@@ -49,6 +54,7 @@ impl Admin {
         Self {
             router,
             metrics,
+            health,
             token,
             home_region,
             fault_controls,
@@ -82,6 +88,8 @@ impl Admin {
                     "url": s.url.as_str(),
                     "state": h.state.as_str(),
                     "reason": h.reason,
+                    "ejection_count": h.ejection_count,
+                    "last_transition": h.last_transition,
                     "inflight_tokens": s.load.inflight_tokens(),
                     "inflight_requests": s.load.inflight_requests(),
                     "capacity_tps": s.capacity_tps,
@@ -223,6 +231,10 @@ impl ServeHttp for Admin {
         match (&method, path.as_str(), fault_target) {
             (&http::Method::GET, "/admin/status", _) => {
                 reply(StatusCode::OK, self.status().to_string().into_bytes())
+            }
+            (&http::Method::GET, "/admin/events", _) => {
+                let events = json!({"events": self.health.events(), "dropped_signals": self.health.dropped_signals()});
+                reply(StatusCode::OK, events.to_string().into_bytes())
             }
             (&http::Method::POST, _, Some(shard)) => self.fault(&shard, session).await,
             _ => error(

@@ -9,7 +9,8 @@ use url::Url;
 
 use super::raw::{RawFile, RawShard};
 use super::{
-    EngineKind, Limits, Policy, PolicyIssue, Pool, Region, RoutingSettings, Shard, Timeouts,
+    EngineKind, Limits, Policy, PolicyIssue, Pool, Region, RetrySettings, RoutingSettings, Shard,
+    Timeouts,
 };
 
 /// Compiles parsed files (name, contents) into one policy, or every problem found.
@@ -85,6 +86,8 @@ impl Compiler {
         let limits = self.singleton(files, "limits", |f| f.limits.as_ref());
         let timeouts = self.singleton(files, "timeouts", |f| f.timeouts.as_ref());
         let routing = self.singleton(files, "routing", |f| f.routing.as_ref());
+        let health = self.singleton(files, "health", |f| f.health.as_ref());
+        let retries = self.singleton(files, "retries", |f| f.retries.as_ref());
 
         // Regions, in failover order (file name order, then position in the file).
         let mut regions: Vec<Region> = Vec::new();
@@ -172,11 +175,26 @@ impl Compiler {
                         served.insert(k, p.id.clone());
                     }
                 }
+                let health_path = match &p.health_path {
+                    Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+                        path.clone()
+                    }
+                    Some(path) => {
+                        self.issue(
+                            name,
+                            at("health_path"),
+                            format!("{path:?} must be a path starting with '/'"),
+                        );
+                        String::new()
+                    }
+                    None => engine.default_health_path().to_string(),
+                };
                 pools.push(Pool {
                     id: p.id.clone(),
                     region: p.region.clone(),
                     engine,
                     models: p.models.clone(),
+                    health_path,
                 });
             }
         }
@@ -299,6 +317,120 @@ impl Compiler {
             }
         }
 
+        let mut h = breakwater_health::HealthConfig::default();
+        if let Some((f, raw)) = health {
+            let count = |c: &mut Self, key: &str, v: Option<u32>, d: u32| {
+                v.map(|v| c.bounded(f, key, v.into(), 1, 1000) as u32)
+                    .unwrap_or(d)
+            };
+            h.consecutive_failures = count(
+                self,
+                "health.consecutive_failures",
+                raw.consecutive_failures,
+                h.consecutive_failures,
+            );
+            h.consecutive_local_failures = count(
+                self,
+                "health.consecutive_local_failures",
+                raw.consecutive_local_failures,
+                h.consecutive_local_failures,
+            );
+            h.unhealthy_threshold = count(
+                self,
+                "health.unhealthy_threshold",
+                raw.unhealthy_threshold,
+                h.unhealthy_threshold,
+            );
+            h.healthy_threshold = count(
+                self,
+                "health.healthy_threshold",
+                raw.healthy_threshold,
+                h.healthy_threshold,
+            );
+            let ms = |c: &mut Self, key: &str, v: Option<u64>, min: u64, d: Duration| {
+                v.map(|v| Duration::from_millis(c.bounded(f, key, v, min, 86_400_000)))
+                    .unwrap_or(d)
+            };
+            h.base_ejection = ms(
+                self,
+                "health.base_ejection_ms",
+                raw.base_ejection_ms,
+                1,
+                h.base_ejection,
+            );
+            h.max_ejection = ms(
+                self,
+                "health.max_ejection_ms",
+                raw.max_ejection_ms,
+                1,
+                h.max_ejection,
+            );
+            h.ejection_jitter = ms(
+                self,
+                "health.ejection_jitter_ms",
+                raw.ejection_jitter_ms,
+                0,
+                h.ejection_jitter,
+            );
+            h.check_interval = ms(
+                self,
+                "health.check_interval_ms",
+                raw.check_interval_ms,
+                0,
+                h.check_interval,
+            );
+            h.check_timeout = ms(
+                self,
+                "health.check_timeout_ms",
+                raw.check_timeout_ms,
+                1,
+                h.check_timeout,
+            );
+            if let Some(v) = raw.max_ejection_percent {
+                h.max_ejection_percent =
+                    self.bounded(f, "health.max_ejection_percent", v.into(), 0, 100) as u32;
+            }
+            if h.max_ejection < h.base_ejection {
+                self.issue(
+                    f,
+                    "health.max_ejection_ms",
+                    "max_ejection_ms is shorter than base_ejection_ms",
+                );
+            }
+            if h.checks_enabled() && h.check_timeout > h.check_interval {
+                self.issue(
+                    f,
+                    "health.check_timeout_ms",
+                    "a check's timeout exceeds the interval between checks",
+                );
+            }
+        }
+        let mut rt = RetrySettings::default();
+        if let Some((f, raw)) = retries {
+            if let Some(v) = raw.budget_percent {
+                rt.budget_ratio =
+                    self.bounded(f, "retries.budget_percent", v.into(), 0, 100) as f64 / 100.0;
+            }
+            if let Some(v) = raw.min_concurrent {
+                rt.min_concurrent = self.bounded(f, "retries.min_concurrent", v.into(), 0, 100_000);
+            }
+            if let Some(v) = raw.backoff_base_ms {
+                rt.backoff_base =
+                    Duration::from_millis(self.bounded(f, "retries.backoff_base_ms", v, 0, 60_000));
+            }
+            if let Some(v) = raw.backoff_max_ms {
+                rt.backoff_max =
+                    Duration::from_millis(self.bounded(f, "retries.backoff_max_ms", v, 0, 600_000));
+            }
+            if rt.backoff_max < rt.backoff_base {
+                self.issue(
+                    f,
+                    "retries.backoff_max_ms",
+                    "backoff_max_ms is shorter than backoff_base_ms",
+                );
+            }
+        }
+
         self.policy = Some(Policy {
             home_region: gw.home_region.clone(),
             listen,
@@ -306,6 +438,8 @@ impl Compiler {
             limits: lim,
             timeouts: t,
             routing: r,
+            health: h,
+            retries: rt,
             regions,
             pools,
             shards,

@@ -87,6 +87,14 @@ impl EngineKind {
         "generic",
     ];
 
+    /// The health endpoint an engine of this kind serves.
+    pub fn default_health_path(self) -> &'static str {
+        match self {
+            Self::Triton => "/v2/health/ready",
+            _ => "/health",
+        }
+    }
+
     /// Parses a policy name.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -121,6 +129,8 @@ pub struct Pool {
     pub engine: EngineKind,
     /// Models it serves.
     pub models: Vec<String>,
+    /// Path the active checks `GET`.
+    pub health_path: String,
 }
 
 /// One inference endpoint.
@@ -196,8 +206,32 @@ pub struct RoutingSettings {
     pub default_completion_tokens: u64,
     /// Prompt bytes per token before calibration (default 4.0).
     pub bytes_per_token: f64,
-    /// Attempts per request, first included (default 2).
+    /// Attempts per request, first included (default 3).
     pub max_attempts: u32,
+}
+
+/// The retry budget and backoff.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrySettings {
+    /// Retries in flight may be at most this share of requests in flight (default 0.2).
+    pub budget_ratio: f64,
+    /// Retries always allowed in flight (default 3).
+    pub min_concurrent: u64,
+    /// Backoff before the first retry (default 25 ms); doubles, fully jittered.
+    pub backoff_base: Duration,
+    /// Longest backoff (default 250 ms).
+    pub backoff_max: Duration,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            budget_ratio: 0.2,
+            min_concurrent: 3,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+        }
+    }
 }
 
 impl Default for RoutingSettings {
@@ -205,7 +239,7 @@ impl Default for RoutingSettings {
         Self {
             default_completion_tokens: 256,
             bytes_per_token: 4.0,
-            max_attempts: 2,
+            max_attempts: 3,
         }
     }
 }
@@ -225,6 +259,10 @@ pub struct Policy {
     pub timeouts: Timeouts,
     /// Estimation and attempts.
     pub routing: RoutingSettings,
+    /// Outlier detection and active checks.
+    pub health: breakwater_health::HealthConfig,
+    /// Retry budget and backoff.
+    pub retries: RetrySettings,
     /// Regions in failover order.
     pub regions: Vec<Region>,
     /// Pools.

@@ -19,6 +19,10 @@ pub struct RawFile {
     pub timeouts: Option<RawTimeouts>,
     /// `[routing]`: token estimation and attempts.
     pub routing: Option<RawRouting>,
+    /// `[health]`: outlier detection and active checks.
+    pub health: Option<RawHealth>,
+    /// `[retries]`: the retry budget and backoff.
+    pub retries: Option<RawRetries>,
     /// `[[regions]]`, in failover order.
     #[serde(default)]
     pub regions: Vec<RawRegion>,
@@ -78,8 +82,49 @@ pub struct RawRouting {
     /// Bytes of prompt text per token before calibration. Default 4.0.
     pub bytes_per_token: Option<f64>,
     /// Attempts per request (first try included) before the client gets an error.
-    /// Default 2.
+    /// Default 3.
     pub max_attempts: Option<u32>,
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// Consecutive failed requests that eject a shard. Default 5.
+    pub consecutive_failures: Option<u32>,
+    /// Consecutive connect failures or first-byte timeouts that eject a shard. Default 3.
+    pub consecutive_local_failures: Option<u32>,
+    /// First ejection's length, milliseconds; the n-th lasts n times as long. Default 30000.
+    pub base_ejection_ms: Option<u64>,
+    /// Longest ejection, milliseconds. Default 300000.
+    pub max_ejection_ms: Option<u64>,
+    /// Random extra ejection time, up to this many milliseconds. Default 3000.
+    pub ejection_jitter_ms: Option<u64>,
+    /// Most of a pool passive detection may eject at once, percent. Default 50.
+    pub max_ejection_percent: Option<u32>,
+    /// Time between active checks, milliseconds; 0 turns them off. Default 5000.
+    pub check_interval_ms: Option<u64>,
+    /// Deadline of one active check, milliseconds. Default 1000.
+    pub check_timeout_ms: Option<u64>,
+    /// Failed checks in a row that mark a shard unhealthy. Default 2.
+    pub unhealthy_threshold: Option<u32>,
+    /// Passed checks in a row that mark it healthy again. Default 2.
+    pub healthy_threshold: Option<u32>,
+}
+
+/// `[retries]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetries {
+    /// Retries in flight may be at most this share of requests in flight, percent.
+    /// Default 20.
+    pub budget_percent: Option<u32>,
+    /// Retries always allowed in flight, whatever the share. Default 3.
+    pub min_concurrent: Option<u32>,
+    /// Backoff before the first retry, milliseconds (full jitter, doubling). Default 25.
+    pub backoff_base_ms: Option<u64>,
+    /// Longest backoff, milliseconds. Default 250.
+    pub backoff_max_ms: Option<u64>,
 }
 
 /// `[[regions]]`
@@ -103,6 +148,9 @@ pub struct RawPool {
     pub engine: Option<String>,
     /// Model names the pool serves (the request body's `model`).
     pub models: Vec<String>,
+    /// Path of the engine's health endpoint. Default `/health` (`/v2/health/ready` for
+    /// Triton).
+    pub health_path: Option<String>,
 }
 
 /// `[[shards]]`

@@ -15,6 +15,8 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use tokio::time::{timeout_at, Instant};
 
+use breakwater_health::Signal;
+
 use super::budget::Reservation;
 use super::error::{AttemptFailure, GatewayError, UpstreamFailure};
 use super::request::{self, Endpoint, InferenceRequest};
@@ -43,8 +45,9 @@ const MAX_HELD_BACK_BYTES: usize = 256 << 10;
 
 /// How one attempt ended.
 enum Attempt {
-    /// The client got a complete answer, or an answer that ended with an error event.
-    Finished,
+    /// The client got an answer: complete, or (`Some`) cut by a failure after output had
+    /// started and ended with an error event.
+    Finished(Option<UpstreamFailure>),
     /// The client went away; nothing more to do.
     ClientGone,
     /// Failed before the commit point; another shard may be tried.
@@ -81,7 +84,31 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
     let deadline = Instant::now() + state.policy.timeouts.total;
     let mut tried = Vec::with_capacity(2);
     let mut failures = Vec::new();
+    let mut in_flight = state.retry_budget.request();
     while tried.len() < state.policy.routing.max_attempts as usize {
+        // A refused connection cost the shard nothing, so retrying it is free; every other
+        // retry needs room in the budget.
+        let free_retry = matches!(
+            failures.last(),
+            Some(AttemptFailure {
+                cause: UpstreamFailure::Connect(_),
+                ..
+            })
+        );
+        if !tried.is_empty() && !free_retry {
+            if !in_flight.try_retry() {
+                tracing::debug!(request_id = %ctx.request_id, "retry budget spent");
+                break;
+            }
+            let pause = state.retry_budget.backoff(tried.len() as u32);
+            if Instant::now() + pause >= deadline {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = client_gone(session) => return,
+            }
+        }
         let Some(shard_idx) = state.router.pick(route, &tried, &mut rand::thread_rng()) else {
             break;
         };
@@ -99,8 +126,11 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
         };
         let outcome = call.attempt(session, ctx, &body).await;
         state.metrics.attempt(&shard.id, &outcome_label(&outcome));
+        if let Some(signal) = health_signal(&outcome) {
+            state.health.report(shard_idx, signal);
+        }
         match outcome {
-            Attempt::Finished | Attempt::ClientGone => return,
+            Attempt::Finished(_) | Attempt::ClientGone => return,
             Attempt::Retryable(cause) => {
                 tracing::debug!(request_id = %ctx.request_id, shard = %shard.id, %cause, "attempt failed");
                 failures.push(AttemptFailure {
@@ -127,9 +157,32 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
     super::respond_error(session, ctx, &error).await;
 }
 
+/// What an attempt says about the shard's health. Overload (429) and the request's own
+/// deadline say nothing about it; neither does a client that left.
+fn health_signal(a: &Attempt) -> Option<Signal> {
+    let failure = match a {
+        Attempt::ClientGone => return None,
+        Attempt::Finished(None) => return Some(Signal::Success),
+        Attempt::Finished(Some(f)) | Attempt::Retryable(f) => f,
+    };
+    let local = match failure {
+        UpstreamFailure::Status(429) | UpstreamFailure::Deadline => return None,
+        UpstreamFailure::Connect(_) | UpstreamFailure::FirstByteTimeout(_) => true,
+        UpstreamFailure::IdleTimeout(_)
+        | UpstreamFailure::Cut(_)
+        | UpstreamFailure::Status(_)
+        | UpstreamFailure::TooLarge(_) => false,
+    };
+    Some(Signal::Failure {
+        local,
+        detail: failure.to_string(),
+    })
+}
+
 fn outcome_label(a: &Attempt) -> String {
     match a {
-        Attempt::Finished => "ok".into(),
+        Attempt::Finished(None) => "ok".into(),
+        Attempt::Finished(Some(_)) => "failed_mid_stream".into(),
         Attempt::ClientGone => "client_gone".into(),
         Attempt::Retryable(UpstreamFailure::Status(s)) => format!("status_{s}"),
         Attempt::Retryable(f) if f.is_timeout() => "timeout".into(),
@@ -334,7 +387,7 @@ impl Call<'_> {
         {
             return Attempt::ClientGone;
         }
-        Attempt::Finished
+        Attempt::Finished(None)
     }
 
     fn learn_from_whole(&self, body: &[u8]) {
@@ -483,7 +536,7 @@ impl Call<'_> {
         if session.write_response_body(Some(tail), true).await.is_err() {
             return Attempt::ClientGone;
         }
-        Attempt::Finished
+        Attempt::Finished(failure)
     }
 
     fn learn_from_stream(&self, tally: &StreamTally) {

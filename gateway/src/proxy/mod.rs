@@ -13,6 +13,7 @@ pub mod budget;
 pub mod error;
 pub mod exchange;
 pub mod request;
+pub mod retry;
 pub mod sse;
 pub mod upstream;
 
@@ -44,6 +45,10 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// The global budget for buffered request bodies.
     pub body_budget: Arc<budget::BodyBudget>,
+    /// The retry budget.
+    pub retry_budget: Arc<retry::RetryBudget>,
+    /// Where attempt outcomes are reported.
+    pub health: breakwater_health::HealthMonitor,
 }
 
 /// Per-request state, for the access log and metrics.

@@ -179,7 +179,9 @@ impl Router {
 
     /// Picks a shard for the next attempt: the first tier (home region first) with a shard
     /// that health admits and this request has not tried yet, then power-of-two-choices
-    /// within it. `None`: nothing left to try.
+    /// within it. When health admits no shard of the model anywhere, it picks as if every
+    /// shard were healthy (Envoy's "panic" routing): an outage of the health signals must
+    /// not become an outage of serving. `None`: nothing left to try.
     pub fn pick<R: Rng + ?Sized>(
         &self,
         route: &ModelRoute,
@@ -187,13 +189,15 @@ impl Router {
         rng: &mut R,
     ) -> Option<usize> {
         let health = self.health.load();
+        let admitted = |i: usize| health.takes_new_requests(i);
+        let panic = !route.tiers.iter().flatten().any(|i| admitted(*i));
         let mut candidates = Vec::with_capacity(8);
         for tier in &route.tiers {
             candidates.clear();
             candidates.extend(
                 tier.iter()
                     .copied()
-                    .filter(|i| !tried.contains(i) && health.takes_new_requests(*i)),
+                    .filter(|i| !tried.contains(i) && (panic || admitted(*i))),
             );
             if let Some(i) = select::p2c(&candidates, |i| self.score(i, &health), rng) {
                 return Some(i);
@@ -298,8 +302,15 @@ capacity_tps = 100
         let mut entries = vec![ShardHealth::healthy(); 4];
         entries[1].state = ShardState::Ejected;
         entries[2].state = ShardState::Draining;
-        r.publish_health(HealthView::from_entries(entries));
+        r.publish_health(HealthView::from_entries(entries.clone()));
         assert_eq!(r.pick(route, &[], &mut rng), Some(0));
         assert!(r.ready());
+        // Nothing admitted anywhere: route as if all were healthy, home first.
+        for e in &mut entries {
+            e.state = ShardState::Ejected;
+        }
+        r.publish_health(HealthView::from_entries(entries));
+        assert_eq!(r.pick(route, &[2], &mut rng), Some(1));
+        assert!(!r.ready());
     }
 }

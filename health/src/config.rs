@@ -1,0 +1,58 @@
+//! Health thresholds and timings. The defaults follow Envoy's outlier detection and
+//! health checking, with hysteresis where Envoy's and Pingora's defaults would flap.
+
+use std::time::Duration;
+
+/// Everything the health model is tuned by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// Consecutive failed requests (5xx, reset, cut) that eject a shard. Default 5.
+    pub consecutive_failures: u32,
+    /// Consecutive locally-originated failures (connect refused or timed out, no first
+    /// byte in time) that eject a shard. Default 3: these mean "unreachable", not "a bad
+    /// answer", and each costs a client a retry.
+    pub consecutive_local_failures: u32,
+    /// First ejection's length; the n-th lasts n times as long. Default 30 s.
+    pub base_ejection: Duration,
+    /// Cap on an ejection's length. Default 300 s.
+    pub max_ejection: Duration,
+    /// Random extra ejection time, up to this, so gateway replicas do not all re-admit a
+    /// shard at once. Default 3 s.
+    pub ejection_jitter: Duration,
+    /// Most of a pool that passive detection may eject at once, percent; at least one
+    /// shard is always ejectable. Default 50.
+    pub max_ejection_percent: u32,
+    /// Time between active checks of a shard (±10 % jitter); zero turns them off.
+    /// Default 5 s.
+    pub check_interval: Duration,
+    /// Deadline of one active check. Default 1 s.
+    pub check_timeout: Duration,
+    /// Failed checks in a row that mark a shard unhealthy. Default 2.
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that mark it healthy again. Default 2.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            consecutive_local_failures: 3,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            ejection_jitter: Duration::from_secs(3),
+            max_ejection_percent: 50,
+            check_interval: Duration::from_secs(5),
+            check_timeout: Duration::from_secs(1),
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// Whether active checks run.
+    pub fn checks_enabled(&self) -> bool {
+        !self.check_interval.is_zero()
+    }
+}

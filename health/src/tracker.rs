@@ -1,0 +1,381 @@
+//! One shard's health state machine. Pure: it is told what happened and what time it is,
+//! and answers with the transition, if any. The [`crate::monitor`] owns one per shard.
+//!
+//! Two independent sources decide whether a shard takes traffic:
+//! - **passive** (outlier detection, Envoy's `consecutive_5xx` /
+//!   `consecutive_local_origin_failure`): N failed requests in a row eject the shard for
+//!   `base × ejections` (capped, plus jitter); it returns after that time *and* a passing
+//!   active check (or at once when checks are off);
+//! - **active** checks with hysteresis: `unhealthy_threshold` failures in a row mark it
+//!   unhealthy, `healthy_threshold` passes mark it healthy again; an engine that says it is
+//!   dead (503 from vLLM's `/health`) is unhealthy at once.
+
+use std::time::{Duration, Instant};
+
+use crate::config::HealthConfig;
+use crate::view::ShardState;
+
+/// Something the tracker is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// A request completed normally.
+    Success,
+    /// A request failed because of the shard. `local`: the failure originated here
+    /// (connect refused or timed out, no first byte in time) rather than in an answer.
+    Failure {
+        /// Locally originated.
+        local: bool,
+        /// What happened, for the reason.
+        detail: String,
+    },
+    /// An active check passed.
+    CheckPassed,
+    /// An active check failed.
+    CheckFailed {
+        /// What happened.
+        detail: String,
+    },
+    /// An active check got an answer that means "dead" (HTTP 503 from the engine).
+    CheckFailedHard {
+        /// What happened.
+        detail: String,
+    },
+}
+
+/// Whether the tracker may eject now (the pool's ejection cap is the monitor's to judge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EjectPermit {
+    /// Ejecting keeps the pool within its cap.
+    Allowed,
+    /// Too much of the pool is ejected already.
+    Denied,
+}
+
+/// One shard's state machine.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    consecutive_failures: u32,
+    consecutive_local_failures: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    ejection_reason: String,
+    returned_at: Option<Instant>,
+    check_healthy: bool,
+    check_failures: u32,
+    check_passes: u32,
+    check_reason: String,
+    state: ShardState,
+    reason: String,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tracker {
+    /// A healthy shard with a clean record. Shards start admitted: a gateway that has just
+    /// started must not refuse traffic until its first checks come back.
+    pub fn new() -> Self {
+        Self {
+            consecutive_failures: 0,
+            consecutive_local_failures: 0,
+            ejections: 0,
+            ejected_until: None,
+            ejection_reason: String::new(),
+            returned_at: None,
+            check_healthy: true,
+            check_failures: 0,
+            check_passes: 0,
+            check_reason: String::new(),
+            state: ShardState::Healthy,
+            reason: String::new(),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> ShardState {
+        self.state
+    }
+
+    /// Why it is in that state.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Ejections so far (reset after a healthy stretch as long as the maximum ejection).
+    pub fn ejections(&self) -> u32 {
+        self.ejections
+    }
+
+    /// Whether passive detection has the shard ejected now.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until.is_some()
+    }
+
+    /// Applies a signal. `permit` says whether an ejection may happen now; `jitter` is
+    /// the random extra ejection time (zero in tests). Returns the old state when the
+    /// state or its reason changed.
+    pub fn on(
+        &mut self,
+        signal: Signal,
+        now: Instant,
+        cfg: &HealthConfig,
+        permit: EjectPermit,
+        jitter: Duration,
+    ) -> Option<(ShardState, String)> {
+        match signal {
+            Signal::Success => {
+                self.consecutive_failures = 0;
+                self.consecutive_local_failures = 0;
+            }
+            Signal::Failure { local, detail } => {
+                self.consecutive_failures += 1;
+                if local {
+                    self.consecutive_local_failures += 1;
+                }
+                let tripped = self.consecutive_failures >= cfg.consecutive_failures
+                    || self.consecutive_local_failures >= cfg.consecutive_local_failures;
+                if tripped && !self.is_ejected() && permit == EjectPermit::Allowed {
+                    self.eject(now, cfg, jitter, detail);
+                }
+            }
+            Signal::CheckPassed => {
+                self.check_failures = 0;
+                self.check_passes += 1;
+                if !self.check_healthy && self.check_passes >= cfg.healthy_threshold {
+                    self.check_healthy = true;
+                }
+                if self.ejected_until.is_some_and(|until| now >= until) {
+                    self.ejected_until = None;
+                    self.returned_at = Some(now);
+                }
+            }
+            Signal::CheckFailed { detail } => {
+                self.check_passes = 0;
+                self.check_failures += 1;
+                if self.check_failures >= cfg.unhealthy_threshold {
+                    self.check_healthy = false;
+                    self.check_reason = format!("health check failing: {detail}");
+                }
+            }
+            Signal::CheckFailedHard { detail } => {
+                self.check_passes = 0;
+                self.check_failures += 1;
+                self.check_healthy = false;
+                self.check_reason = format!("engine reports itself dead: {detail}");
+            }
+        }
+        self.settle()
+    }
+
+    /// Time passing: with active checks off, an ejection ends when its time is up.
+    pub fn tick(&mut self, now: Instant, cfg: &HealthConfig) -> Option<(ShardState, String)> {
+        if !cfg.checks_enabled() && self.ejected_until.is_some_and(|until| now >= until) {
+            self.ejected_until = None;
+            self.returned_at = Some(now);
+        }
+        self.settle()
+    }
+
+    fn eject(&mut self, now: Instant, cfg: &HealthConfig, jitter: Duration, detail: String) {
+        // A shard that stayed healthy for a whole maximum ejection starts over.
+        if self
+            .returned_at
+            .is_some_and(|t| now.saturating_duration_since(t) >= cfg.max_ejection)
+        {
+            self.ejections = 0;
+        }
+        self.ejections += 1;
+        let length =
+            (cfg.base_ejection * self.ejections).min(cfg.max_ejection.max(cfg.base_ejection));
+        self.ejected_until = Some(now + length + jitter);
+        self.ejection_reason = format!(
+            "ejected for {} ms after {} consecutive failures (last: {detail})",
+            (length + jitter).as_millis(),
+            self.consecutive_failures
+        );
+        self.consecutive_failures = 0;
+        self.consecutive_local_failures = 0;
+    }
+
+    fn settle(&mut self) -> Option<(ShardState, String)> {
+        let (state, reason) = if self.ejected_until.is_some() {
+            (ShardState::Ejected, self.ejection_reason.clone())
+        } else if !self.check_healthy {
+            (ShardState::Ejected, self.check_reason.clone())
+        } else {
+            (ShardState::Healthy, String::new())
+        };
+        if state == self.state && reason == self.reason {
+            return None;
+        }
+        let old = (self.state, std::mem::replace(&mut self.reason, reason));
+        self.state = state;
+        Some(old)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> HealthConfig {
+        HealthConfig {
+            base_ejection: Duration::from_secs(3),
+            max_ejection: Duration::from_secs(10),
+            ..HealthConfig::default()
+        }
+    }
+
+    fn fail(local: bool) -> Signal {
+        Signal::Failure {
+            local,
+            detail: "status 500".into(),
+        }
+    }
+
+    const NO_JITTER: Duration = Duration::ZERO;
+
+    #[test]
+    fn consecutive_failures_eject_and_a_success_resets_the_count() {
+        let (c, t0) = (cfg(), Instant::now());
+        let mut t = Tracker::new();
+        for _ in 0..4 {
+            assert_eq!(
+                t.on(fail(false), t0, &c, EjectPermit::Allowed, NO_JITTER),
+                None
+            );
+        }
+        t.on(Signal::Success, t0, &c, EjectPermit::Allowed, NO_JITTER);
+        for _ in 0..4 {
+            t.on(fail(false), t0, &c, EjectPermit::Allowed, NO_JITTER);
+        }
+        assert_eq!(t.state(), ShardState::Healthy);
+        let changed = t.on(fail(false), t0, &c, EjectPermit::Allowed, NO_JITTER);
+        assert_eq!(changed, Some((ShardState::Healthy, String::new())));
+        assert_eq!(t.state(), ShardState::Ejected);
+        assert!(
+            t.reason().contains("5 consecutive failures"),
+            "{}",
+            t.reason()
+        );
+    }
+
+    #[test]
+    fn local_failures_eject_sooner() {
+        let (c, t0) = (cfg(), Instant::now());
+        let mut t = Tracker::new();
+        for _ in 0..3 {
+            t.on(fail(true), t0, &c, EjectPermit::Allowed, NO_JITTER);
+        }
+        assert_eq!(t.state(), ShardState::Ejected);
+    }
+
+    #[test]
+    fn the_pool_cap_can_deny_an_ejection() {
+        let (c, t0) = (cfg(), Instant::now());
+        let mut t = Tracker::new();
+        for _ in 0..10 {
+            t.on(fail(true), t0, &c, EjectPermit::Denied, NO_JITTER);
+        }
+        assert_eq!(t.state(), ShardState::Healthy);
+    }
+
+    #[test]
+    fn return_needs_the_time_and_a_passing_check_and_ejections_grow() {
+        let (c, t0) = (cfg(), Instant::now());
+        let mut t = Tracker::new();
+        for _ in 0..3 {
+            t.on(fail(true), t0, &c, EjectPermit::Allowed, NO_JITTER);
+        }
+        // A check before the time is up does not bring it back.
+        t.on(
+            Signal::CheckPassed,
+            t0 + Duration::from_secs(2),
+            &c,
+            EjectPermit::Allowed,
+            NO_JITTER,
+        );
+        assert_eq!(t.state(), ShardState::Ejected);
+        // Time alone does not either (checks are on).
+        assert_eq!(t.tick(t0 + Duration::from_secs(4), &c), None);
+        t.on(
+            Signal::CheckPassed,
+            t0 + Duration::from_secs(4),
+            &c,
+            EjectPermit::Allowed,
+            NO_JITTER,
+        );
+        assert_eq!(t.state(), ShardState::Healthy);
+        // Second ejection: twice as long (6 s); third: 9 s; fourth: capped at 10 s.
+        let t1 = t0 + Duration::from_secs(5);
+        for _ in 0..3 {
+            t.on(fail(true), t1, &c, EjectPermit::Allowed, NO_JITTER);
+        }
+        assert_eq!(t.ejections(), 2);
+        assert!(t.reason().contains("ejected for 6000 ms"), "{}", t.reason());
+        t.on(
+            Signal::CheckPassed,
+            t1 + Duration::from_secs(5),
+            &c,
+            EjectPermit::Allowed,
+            NO_JITTER,
+        );
+        assert_eq!(t.state(), ShardState::Ejected);
+        t.on(
+            Signal::CheckPassed,
+            t1 + Duration::from_secs(6),
+            &c,
+            EjectPermit::Allowed,
+            NO_JITTER,
+        );
+        assert_eq!(t.state(), ShardState::Healthy);
+    }
+
+    #[test]
+    fn without_checks_an_ejection_ends_with_its_time() {
+        let c = HealthConfig {
+            check_interval: Duration::ZERO,
+            ..cfg()
+        };
+        let t0 = Instant::now();
+        let mut t = Tracker::new();
+        for _ in 0..3 {
+            t.on(fail(true), t0, &c, EjectPermit::Allowed, NO_JITTER);
+        }
+        assert_eq!(t.tick(t0 + Duration::from_secs(2), &c), None);
+        assert!(t.tick(t0 + Duration::from_secs(3), &c).is_some());
+        assert_eq!(t.state(), ShardState::Healthy);
+    }
+
+    #[test]
+    fn active_checks_have_hysteresis_and_a_dead_engine_fails_at_once() {
+        let (c, t0) = (cfg(), Instant::now());
+        let mut t = Tracker::new();
+        let failed = || Signal::CheckFailed {
+            detail: "connection refused".into(),
+        };
+        t.on(failed(), t0, &c, EjectPermit::Allowed, NO_JITTER);
+        assert_eq!(t.state(), ShardState::Healthy);
+        t.on(failed(), t0, &c, EjectPermit::Allowed, NO_JITTER);
+        assert_eq!(t.state(), ShardState::Ejected);
+        assert!(t.reason().starts_with("health check failing"));
+        t.on(Signal::CheckPassed, t0, &c, EjectPermit::Allowed, NO_JITTER);
+        assert_eq!(t.state(), ShardState::Ejected);
+        t.on(Signal::CheckPassed, t0, &c, EjectPermit::Allowed, NO_JITTER);
+        assert_eq!(t.state(), ShardState::Healthy);
+        t.on(
+            Signal::CheckFailedHard {
+                detail: "503".into(),
+            },
+            t0,
+            &c,
+            EjectPermit::Allowed,
+            NO_JITTER,
+        );
+        assert_eq!(t.state(), ShardState::Ejected);
+        assert!(t.reason().contains("dead"));
+    }
+}

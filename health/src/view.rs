@@ -1,0 +1,136 @@
+//! The published side of the health model: shard states and the snapshot routing reads.
+
+use serde::Serialize;
+
+/// What a shard may do with new traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardState {
+    /// Takes its full share.
+    #[default]
+    Healthy,
+    /// Takes a reduced share.
+    Degraded,
+    /// Takes nothing until its ejection time has passed and a check passes.
+    Ejected,
+    /// Takes no new requests; in-flight ones finish.
+    Draining,
+}
+
+impl ShardState {
+    /// Whether routing may send a new request to a shard in this state.
+    pub fn takes_new_requests(self) -> bool {
+        matches!(self, ShardState::Healthy | ShardState::Degraded)
+    }
+
+    /// The state's name as it appears in the admin API, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardState::Healthy => "healthy",
+            ShardState::Degraded => "degraded",
+            ShardState::Ejected => "ejected",
+            ShardState::Draining => "draining",
+        }
+    }
+}
+
+/// One shard's state and why it is in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct ShardHealth {
+    /// The state.
+    pub state: ShardState,
+    /// Why, in a few words (empty when healthy).
+    pub reason: String,
+    /// Share of traffic this shard takes relative to a healthy one, 0..=1.
+    pub weight_factor: f64,
+    /// Times the shard has been ejected (decays after a long healthy stretch).
+    pub ejection_count: u32,
+    /// The shard's most recent transition.
+    pub last_transition: Option<crate::Transition>,
+}
+
+impl ShardHealth {
+    /// A healthy shard at full weight.
+    pub fn healthy() -> Self {
+        Self {
+            state: ShardState::Healthy,
+            reason: String::new(),
+            weight_factor: 1.0,
+            ejection_count: 0,
+            last_transition: None,
+        }
+    }
+}
+
+/// A snapshot of every shard's health, indexed like the routing table's shards. Built whole
+/// and swapped whole; readers never see half an update.
+#[derive(Debug, Clone, Default)]
+pub struct HealthView {
+    shards: Vec<ShardHealth>,
+}
+
+impl HealthView {
+    /// Every one of `shards` shards healthy.
+    pub fn all_healthy(shards: usize) -> Self {
+        Self {
+            shards: vec![ShardHealth::healthy(); shards],
+        }
+    }
+
+    /// A view from explicit entries (index = shard index).
+    pub fn from_entries(shards: Vec<ShardHealth>) -> Self {
+        Self { shards }
+    }
+
+    /// The health of shard `index`; a shard the view does not know is treated as healthy,
+    /// so a view one generation behind a policy reload never takes a new shard out.
+    pub fn get(&self, index: usize) -> ShardHealth {
+        self.shards
+            .get(index)
+            .cloned()
+            .unwrap_or_else(ShardHealth::healthy)
+    }
+
+    /// Number of shards in the view.
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether the view covers no shard.
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// Whether shard `index` may take new requests.
+    pub fn takes_new_requests(&self, index: usize) -> bool {
+        self.shards
+            .get(index)
+            .is_none_or(|h| h.state.takes_new_requests())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_healthy_and_degraded_take_new_requests() {
+        assert!(ShardState::Healthy.takes_new_requests());
+        assert!(ShardState::Degraded.takes_new_requests());
+        assert!(!ShardState::Ejected.takes_new_requests());
+        assert!(!ShardState::Draining.takes_new_requests());
+    }
+
+    #[test]
+    fn unknown_shards_read_as_healthy() {
+        let view = HealthView::from_entries(vec![ShardHealth {
+            state: ShardState::Draining,
+            reason: "gpu failing".into(),
+            weight_factor: 0.0,
+            ..ShardHealth::healthy()
+        }]);
+        assert!(!view.takes_new_requests(0));
+        assert!(view.takes_new_requests(7));
+        assert_eq!(view.get(7).state, ShardState::Healthy);
+    }
+}
