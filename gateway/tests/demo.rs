@@ -12,6 +12,16 @@ use std::time::{Duration, Instant};
 use common::client;
 use serde_json::{json, Value};
 
+/// Kills the demo if the test fails half-way, so its fixed ports are free for the next run.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_serves_and_a_shard_can_be_broken_and_mended() {
     let free = || {
@@ -21,20 +31,23 @@ async fn the_demo_serves_and_a_shard_can_be_broken_and_mended() {
             .unwrap()
     };
     let (listen, admin) = (free(), free());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
-        .args([
-            "demo",
-            "--listen",
-            &listen.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-        ])
-        .env_remove("BREAKWATER_ADMIN_TOKEN")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut guard = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_breakwater"))
+            .args([
+                "demo",
+                "--listen",
+                &listen.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ])
+            .env_remove("BREAKWATER_ADMIN_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut guard.0;
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let mut printed = Vec::new();
@@ -126,6 +139,92 @@ async fn the_demo_serves_and_a_shard_can_be_broken_and_mended() {
         .await
         .unwrap();
     assert_eq!(status["shards"].as_array().unwrap().len(), 4);
+
+    // A shard taken down through the admin API is ejected by the health checks, then
+    // re-admitted when it comes back; /admin/status shows both, with the reason.
+    let state_of = |status: &Value, id: &str| {
+        let s = status["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap()
+            .clone();
+        (
+            s["state"].as_str().unwrap().to_string(),
+            s["reason"].as_str().unwrap().to_string(),
+        )
+    };
+    let wait_for = |want: &'static str| {
+        let (c, token) = (c.clone(), token.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let status: Value = c
+                    .get(format!("http://{admin}/admin/status"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let (state, reason) = state_of(&status, "use-small");
+                if state == want {
+                    return (reason, status);
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "use-small never became {want}: {status}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    c.post(format!("http://{admin}/admin/shards/use-small/fault"))
+        .bearer_auth(&token)
+        .body(r#"{"mode":"down"}"#)
+        .send()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let (reason, _) = wait_for("ejected").await;
+    eprintln!("ejected after {:?}: {reason}", t.elapsed());
+    assert!(reason.contains("health check failing"), "{reason}");
+    c.post(format!("http://{admin}/admin/shards/use-small/fault"))
+        .bearer_auth(&token)
+        .body(r#"{"mode":"ok"}"#)
+        .send()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let (_, status) = wait_for("healthy").await;
+    eprintln!("healthy again after {:?}", t.elapsed());
+    let shard = status["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "use-small")
+        .unwrap()
+        .clone();
+    assert_eq!(shard["last_transition"]["to"], "healthy", "{shard}");
+    let events: Value = c
+        .get(format!("http://{admin}/admin/events"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["shard"] == "use-small" && e["to"] == "ejected"),
+        "{events}"
+    );
 
     // Ctrl-C stops it.
     let pid = child.id().to_string();

@@ -46,16 +46,16 @@ pub fn spawn_checks(targets: Vec<CheckTarget>, cfg: &HealthConfig, monitor: Heal
             loop {
                 let signal = check_once(&client, &target.url, timeout).await;
                 monitor.report(target.shard, signal);
-                let jitter = interval.mul_f64(rand::thread_rng().gen_range(-0.1..=0.1));
-                tokio::time::sleep(if jitter.is_zero() {
-                    interval
-                } else {
-                    interval.saturating_add(jitter)
-                })
-                .await;
+                let unit: f64 = rand::thread_rng().gen_range(0.0..=1.0);
+                tokio::time::sleep(jittered(interval, unit)).await;
             }
         });
     }
+}
+
+/// `interval` ±10 %, for `unit` in 0..=1.
+fn jittered(interval: Duration, unit: f64) -> Duration {
+    interval.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0))
 }
 
 async fn check_once(
@@ -89,5 +89,54 @@ async fn check_once(
         Err(_) => Signal::CheckFailed {
             detail: format!("GET {url}: no answer within {} ms", timeout.as_millis()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let i = Duration::from_millis(1000);
+        assert_eq!(jittered(i, 0.0), Duration::from_millis(900));
+        assert_eq!(jittered(i, 1.0), Duration::from_millis(1100));
+        assert_eq!(jittered(i, 7.0), Duration::from_millis(1100));
+    }
+
+    #[tokio::test]
+    async fn checks_report_pass_dead_and_unreachable() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A tiny server answering 200, then 503.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for status in ["200 OK", "503 Service Unavailable"] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let resp =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                s.write_all(resp.as_bytes()).await.unwrap();
+            }
+        });
+        let client: Client<_, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let url = format!("http://{addr}/health");
+        let t = Duration::from_secs(2);
+        assert_eq!(check_once(&client, &url, t).await, Signal::CheckPassed);
+        assert!(matches!(
+            check_once(&client, &url, t).await,
+            Signal::CheckFailedHard { .. }
+        ));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let url = format!("http://{closed}/health");
+        assert!(matches!(
+            check_once(&client, &url, t).await,
+            Signal::CheckFailed { .. }
+        ));
     }
 }

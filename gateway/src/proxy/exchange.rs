@@ -127,6 +127,9 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
         let outcome = call.attempt(session, ctx, &body).await;
         state.metrics.attempt(&shard.id, &outcome_label(&outcome));
         if let Some(signal) = health_signal(&outcome) {
+            if signal == Signal::Success {
+                state.retry_budget.deposit();
+            }
             state.health.report(shard_idx, signal);
         }
         match outcome {

@@ -1,7 +1,14 @@
-//! The retry budget: retries in flight may be at most a share of requests in flight (with
-//! a floor), so that when a dependency is failing, retries stop adding load instead of
-//! multiplying it. Envoy's `retry_budget` and tower's `retry::budget` are the models; the
-//! defaults (20 %, at least 3) are Envoy's.
+//! The retry budget, so that when shards are failing, retries stop adding load instead of
+//! multiplying it. A retry may go ahead when either
+//! - retries in flight stay under a share of requests in flight, with a floor (Envoy's
+//!   `retry_budget`: 20 %, at least 3), or
+//! - it can spend a token earned by recent successes (tower's `retry::budget` idea: each
+//!   success deposits the same 20 % of a retry, up to a reserve of 100 retries).
+//!
+//! The second rule is what lets a gateway retry every request that was in flight on a shard
+//! the moment it died — a burst far above 20 % of what is in flight — after a period of
+//! normal service, while under sustained failure no success refills the reserve and only the
+//! first rule applies, bounding amplification.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,8 +23,13 @@ use crate::policy::RetrySettings;
 pub struct RetryBudget {
     active: AtomicU64,
     retrying: AtomicU64,
+    /// Earned retries, in thousandths.
+    reserve_milli: AtomicU64,
     settings: RetrySettings,
 }
+
+/// Most retries the reserve holds.
+const MAX_RESERVE: u64 = 100;
 
 impl RetryBudget {
     /// An empty budget.
@@ -25,6 +37,7 @@ impl RetryBudget {
         Arc::new(Self {
             active: AtomicU64::new(0),
             retrying: AtomicU64::new(0),
+            reserve_milli: AtomicU64::new(0),
             settings,
         })
     }
@@ -36,6 +49,24 @@ impl RetryBudget {
             budget: Arc::clone(self),
             retrying: false,
         }
+    }
+
+    /// A request succeeded: it earns the reserve a share of a retry.
+    pub fn deposit(&self) {
+        let add = (self.settings.budget_ratio * 1000.0) as u64;
+        let _ = self
+            .reserve_milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                Some((r + add).min(MAX_RESERVE * 1000))
+            });
+    }
+
+    fn withdraw(&self) -> bool {
+        self.reserve_milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                r.checked_sub(1000)
+            })
+            .is_ok()
     }
 
     fn allowance(&self) -> u64 {
@@ -76,6 +107,11 @@ impl InFlight {
         let mut current = b.retrying.load(Ordering::Relaxed);
         loop {
             if current >= allowance {
+                if b.withdraw() {
+                    b.retrying.fetch_add(1, Ordering::Relaxed);
+                    self.retrying = true;
+                    return true;
+                }
                 return false;
             }
             match b.retrying.compare_exchange_weak(
@@ -125,6 +161,40 @@ mod tests {
         assert!(!fresh.try_retry());
         drop(requests);
         assert!(budget.request().try_retry());
+    }
+
+    #[test]
+    fn successes_earn_a_reserve_for_bursts_and_it_runs_dry() {
+        let budget = RetryBudget::new(RetrySettings::default());
+        for _ in 0..50 {
+            budget.deposit();
+        }
+        // 50 successes × 0.2 = 10 earned retries, beyond the floor of 3 concurrent.
+        let mut requests: Vec<InFlight> = (0..20).map(|_| budget.request()).collect();
+        let granted = requests
+            .iter_mut()
+            .map(|r| r.try_retry())
+            .filter(|ok| *ok)
+            .count();
+        assert_eq!(granted, 4 + 10);
+        drop(requests);
+        let mut requests: Vec<InFlight> = (0..20).map(|_| budget.request()).collect();
+        assert_eq!(
+            requests
+                .iter_mut()
+                .map(|r| r.try_retry())
+                .filter(|ok| *ok)
+                .count(),
+            4
+        );
+        // The reserve is capped.
+        for _ in 0..10_000 {
+            budget.deposit();
+        }
+        assert_eq!(
+            budget.reserve_milli.load(Ordering::Relaxed),
+            MAX_RESERVE * 1000
+        );
     }
 
     #[test]

@@ -1,0 +1,310 @@
+//! Fault injection under bounded concurrent load: what clients saw when a shard went
+//! down, hung or returned errors, when everything failed, and when the home region went
+//! down. Each scenario prints its figures (`cargo test --test faults -- --nocapture`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use llm_sim::FaultMode;
+
+/// Fast health settings so scenarios play out in seconds.
+const FAST_HEALTH: &str = "
+[health]
+check_interval_ms = 200
+check_timeout_ms = 150
+base_ejection_ms = 2000
+max_ejection_ms = 10000
+ejection_jitter_ms = 0
+";
+
+/// One client request's outcome.
+#[derive(Debug, Clone)]
+struct Record {
+    sent_at: Duration,
+    took: Duration,
+    status: u16,
+    shard: String,
+}
+
+/// `workers` clients sending non-streamed requests back to back for `length` (at most
+/// 2,000 each); `during` runs alongside (the fault script).
+async fn load<F: std::future::Future<Output = ()>>(
+    gw: &Gateway,
+    workers: usize,
+    length: Duration,
+    during: F,
+) -> (Vec<Record>, Instant) {
+    let start = Instant::now();
+    let records = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (url, records) = (gw.url("/v1/chat/completions"), Arc::clone(&records));
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..2000 {
+                if start.elapsed() >= length {
+                    break;
+                }
+                let sent = Instant::now();
+                let (status, shard) = match c.post(&url).json(&chat(4, false)).send().await {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let shard = r
+                            .headers()
+                            .get("x-breakwater-shard")
+                            .map(|v| v.to_str().unwrap().to_string())
+                            .unwrap_or_default();
+                        let _ = r.bytes().await;
+                        (status, shard)
+                    }
+                    Err(_) => (0, String::new()),
+                };
+                records.lock().unwrap().push(Record {
+                    sent_at: sent - start,
+                    took: sent.elapsed(),
+                    status,
+                    shard,
+                });
+            }
+        }));
+    }
+    during.await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let records = records.lock().unwrap().clone();
+    (records, start)
+}
+
+fn failed(records: &[Record]) -> usize {
+    records.iter().filter(|r| r.status != 200).count()
+}
+
+/// Upstream attempts the gateway made on `shard`, from its metrics.
+async fn attempts(gw: &Gateway, shard: &str) -> u64 {
+    let text = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("breakwater_upstream_attempts_total")
+                && l.contains(&format!("shard=\"{shard}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn state_of(gw: &Gateway, shard: &str) -> String {
+    let status = gw.status().await;
+    let s = status["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == shard)
+        .unwrap()
+        .clone();
+    s["state"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_that_goes_down_under_load_costs_no_request_and_stops_getting_traffic_within_1s() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let b = start_shard(ShardSpec::new("b", "home")).await;
+    let gw = Gateway::start(&policy_text(&[&a, &b], FAST_HEALTH)).await;
+    let mut at_1s = 0;
+    let (records, _) = load(&gw, 8, Duration::from_secs(3), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        a.fault(FaultMode::Down);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        at_1s = attempts(&gw, "a").await;
+    })
+    .await;
+    let at_end = attempts(&gw, "a").await;
+    let after: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.sent_at > Duration::from_secs(1))
+        .collect();
+    eprintln!(
+        "down: {} requests, {} failed; attempts on the dead shard between 1 s after the fault and the end: {}",
+        records.len(),
+        failed(&records),
+        at_end - at_1s
+    );
+    assert_eq!(failed(&records), 0);
+    assert!(after.len() > 50);
+    assert_eq!(
+        at_end, at_1s,
+        "the dead shard was still tried more than 1 s after it went down"
+    );
+    assert_eq!(state_of(&gw, "a").await, "ejected");
+    assert_eq!(gw.wait_ledger_zero().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_returning_500s_is_ejected_and_clients_see_no_error() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let b = start_shard(ShardSpec::new("b", "home")).await;
+    // Checks off: this scenario is about passive detection alone.
+    let health = FAST_HEALTH
+        .replace("check_interval_ms = 200", "check_interval_ms = 0")
+        .replace("check_timeout_ms = 150\n", "");
+    let gw = Gateway::start(&policy_text(&[&a, &b], &health)).await;
+    let mut before = 0;
+    let (records, _) = load(&gw, 6, Duration::from_secs(2), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        before = a.stats().requests_total;
+        a.fault(FaultMode::Error);
+    })
+    .await;
+    let to_a = a.stats().requests_total - before;
+    eprintln!(
+        "500s: {} requests, {} failed; the failing shard got {to_a} before ejection",
+        records.len(),
+        failed(&records)
+    );
+    assert_eq!(failed(&records), 0);
+    // 5 consecutive failures eject it; requests already in flight at that moment add at
+    // most one per client (a few successes before the fault may have been counted too).
+    assert!(to_a <= 5 + 6 + 6, "{to_a}");
+    assert_eq!(state_of(&gw, "a").await, "ejected");
+    let events: serde_json::Value = client()
+        .get(format!("http://{}/admin/events", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let e = &events["events"][0];
+    assert_eq!(
+        (e["shard"].as_str(), e["from"].as_str(), e["to"].as_str()),
+        (Some("a"), Some("healthy"), Some("ejected"))
+    );
+    assert!(e["reason"].as_str().unwrap().contains("status 500"), "{e}");
+    // Without checks, it comes back when its ejection time (2 s) is up.
+    a.fault(FaultMode::Ok);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state_of(&gw, "a").await != "healthy" {
+        assert!(Instant::now() < deadline, "not re-admitted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_shard_costs_clients_one_first_byte_timeout_at_most_and_is_ejected() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let b = start_shard(ShardSpec::new("b", "home")).await;
+    let gw = Gateway::start(&policy_text(
+        &[&a, &b],
+        &format!("{FAST_HEALTH}\n[timeouts]\nfirst_byte_ms = 500\n"),
+    ))
+    .await;
+    a.fault(FaultMode::Hang);
+    let (records, _) = load(&gw, 4, Duration::from_secs(2), async {}).await;
+    let slowest = records.iter().map(|r| r.took).max().unwrap();
+    let slow = records
+        .iter()
+        .filter(|r| r.took > Duration::from_millis(400))
+        .count();
+    eprintln!(
+        "hang: {} requests, {} failed, {slow} waited out the timeout, slowest {slowest:?}",
+        records.len(),
+        failed(&records)
+    );
+    assert_eq!(failed(&records), 0);
+    // The first-byte timeout (500 ms), one backoff (≤ 25 ms) and a normal answer.
+    assert!(slowest < Duration::from_millis(900), "{slowest:?}");
+    // 3 timeouts eject it (more may be in flight at that moment).
+    assert!(slow <= 3 + 4, "{slow}");
+    assert_eq!(state_of(&gw, "a").await, "ejected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_everything_fails_retries_stay_within_the_budget_and_errors_are_fast() {
+    let shards = [
+        start_shard(ShardSpec::new("a", "home")).await,
+        start_shard(ShardSpec::new("b", "home")).await,
+        start_shard(ShardSpec::new("c", "away")).await,
+    ];
+    for s in &shards {
+        s.fault(FaultMode::Error);
+    }
+    let gw = Gateway::start(&policy_text(
+        &shards.iter().collect::<Vec<_>>(),
+        FAST_HEALTH,
+    ))
+    .await;
+    let workers = 20;
+    let (records, _) = load(&gw, workers, Duration::from_secs(2), async {}).await;
+    let upstream: u64 = shards.iter().map(|s| s.stats().requests_total).sum();
+    let amplification = upstream as f64 / records.len() as f64;
+    let mut took: Vec<Duration> = records.iter().map(|r| r.took).collect();
+    took.sort();
+    let p99 = took[took.len() * 99 / 100];
+    eprintln!("all failing: {} requests, {upstream} upstream attempts, amplification {amplification:.2}, p99 {p99:?}", records.len());
+    assert!(
+        records.iter().all(|r| r.status == 502 || r.status == 503),
+        "{:?}",
+        records.iter().find(|r| r.status != 502)
+    );
+    // Budget: retries in flight ≤ max(3, 20 % of 20 requests) = 4, so at most ~4 in 20
+    // requests carry extra attempts (each at most 2 more): amplification ≤ 1 + 2 × 4/20.
+    assert!(
+        amplification <= 1.4 + 0.05,
+        "amplification {amplification:.2}"
+    );
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_home_region_goes_down_the_other_serves_everything_within_3s_and_none_fail() {
+    let h1 = start_shard(ShardSpec::new("h1", "home")).await;
+    let h2 = start_shard(ShardSpec::new("h2", "home")).await;
+    let w1 = start_shard(ShardSpec::new("w1", "away")).await;
+    let w2 = start_shard(ShardSpec::new("w2", "away")).await;
+    let gw = Gateway::start(&policy_text(&[&h1, &h2, &w1, &w2], FAST_HEALTH)).await;
+    let (records, _) = load(&gw, 8, Duration::from_secs(6), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        h1.fault(FaultMode::Down);
+        h2.fault(FaultMode::Down);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        h1.fault(FaultMode::Ok);
+        h2.fault(FaultMode::Ok);
+    })
+    .await;
+    let home = |r: &&Record| r.shard.starts_with('h');
+    let window = |from: u64, to: u64| {
+        records.iter().filter(move |r| {
+            r.sent_at >= Duration::from_millis(from) && r.sent_at < Duration::from_millis(to)
+        })
+    };
+    let first_away_only = window(1000, 4000).filter(home).map(|r| r.sent_at).max();
+    let back_home = window(4000, 6000).filter(home).count();
+    eprintln!(
+        "region down: {} requests, {} failed; last home answer after the fault at {:?}; {back_home} home answers after recovery",
+        records.len(),
+        failed(&records),
+        first_away_only
+    );
+    for r in records.iter().filter(|r| r.status != 200) {
+        eprintln!("  failed: {r:?}");
+    }
+    assert_eq!(failed(&records), 0);
+    // From the fault on, every answer came from the other region (refused connections
+    // are retried at once, so no client saw the dead region).
+    assert!(first_away_only.is_none());
+    assert!(window(1000, 4000).count() > 100);
+    // When the home region comes back, traffic returns to it.
+    assert!(back_home > 0, "no traffic returned home");
+}
