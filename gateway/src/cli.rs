@@ -198,6 +198,7 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
     println!("    -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}],\"max_tokens\":16}}'");
     println!("  curl -s -H 'authorization: Bearer {token}' http://{admin_listen}/admin/status");
     println!("  curl -s -X POST -H 'authorization: Bearer {token}' http://{admin_listen}/admin/shards/use-big/fault -d '{{\"mode\":\"down\"}}'");
+    println!("  (fault modes: down, error, slow, hang, midstream, ok, and for the simulated GPU: gpu_degraded, gpu_failing, gpu_hung, gpu_ok)");
     println!();
     println!("Ctrl-C stops everything.");
     serve(ServeOptions {

@@ -3,7 +3,8 @@
 //!
 //! The fleet is `policies/demo/`, compiled into the binary so the demo runs from any
 //! directory. One `llm-sim` engine is started at every shard URL, with its control
-//! listener 1000 ports above; the admin API's fault endpoint reaches it there.
+//! listener 1000 ports above, and a simulated gpu-probe at every `gpu_probe` URL; the admin
+//! API's fault endpoint reaches both.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -66,8 +67,27 @@ pub enum DemoError {
     Runtime(#[source] std::io::Error),
 }
 
-/// The fleet's control addresses, by shard id.
-pub type FaultControls = HashMap<String, SocketAddr>;
+/// Where the admin API's fault endpoint sends a shard's faults.
+#[derive(Debug, Clone, Default)]
+pub struct FaultControls {
+    /// Each simulated engine's control listener, by shard id.
+    pub engines: HashMap<String, SocketAddr>,
+    /// Each simulated gpu-probe, by shard id.
+    pub probes: HashMap<String, SocketAddr>,
+}
+
+impl FaultControls {
+    /// Whether fault injection is on (demo mode).
+    pub fn is_empty(&self) -> bool {
+        self.engines.is_empty()
+    }
+}
+
+fn loopback(url: &url::Url) -> Option<SocketAddr> {
+    let host: std::net::IpAddr = url.host_str()?.parse().ok()?;
+    host.is_loopback()
+        .then_some(SocketAddr::new(host, url.port()?))
+}
 
 /// Starts one simulated engine per shard of `policy` on a background thread with its own
 /// runtime, and returns their control addresses once every listener is bound. The engines
@@ -105,7 +125,14 @@ pub fn start_fleet(policy: &Policy) -> Result<FaultControls, DemoError> {
             itl: Duration::from_millis(12),
             kv_capacity_tokens: 131_072,
         };
-        plan.push((shard.id.clone(), addr, control, config));
+        let probe = match &shard.gpu_probe {
+            Some(url) => Some(loopback(url).ok_or_else(|| DemoError::NotLoopback {
+                shard: shard.id.clone(),
+                url: url.to_string(),
+            })?),
+            None => None,
+        };
+        plan.push((shard.id.clone(), addr, control, probe, config));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -119,11 +146,11 @@ pub fn start_fleet(policy: &Policy) -> Result<FaultControls, DemoError> {
         .spawn(move || {
             runtime.block_on(async move {
                 let mut sims = Vec::new();
-                let mut controls = FaultControls::new();
-                for (id, addr, control, config) in plan {
+                let mut controls = FaultControls::default();
+                for (id, addr, control, probe, config) in plan {
                     match SimHandle::bind(config, addr, control).await {
                         Ok(sim) => {
-                            controls.insert(id, sim.control_addr());
+                            controls.engines.insert(id.clone(), sim.control_addr());
                             sims.push(sim);
                         }
                         Err(source) => {
@@ -134,6 +161,17 @@ pub fn start_fleet(policy: &Policy) -> Result<FaultControls, DemoError> {
                             }));
                             return;
                         }
+                    }
+                    if let Some(probe) = probe {
+                        if let Err(source) = start_probe(probe).await {
+                            let _ = tx.send(Err(DemoError::Bind {
+                                shard: id,
+                                addr: probe,
+                                source,
+                            }));
+                            return;
+                        }
+                        controls.probes.insert(id, probe);
                     }
                 }
                 let _ = tx.send(Ok(controls));
@@ -148,6 +186,25 @@ pub fn start_fleet(policy: &Policy) -> Result<FaultControls, DemoError> {
             "the fleet thread exited",
         )))
     })
+}
+
+/// A simulated gpu-probe (one healthy device) serving on `addr`, reading every 500 ms.
+async fn start_probe(addr: SocketAddr) -> std::io::Result<()> {
+    use gpu_probe::classify::Thresholds;
+    use gpu_probe::server::{self, Agent};
+    use gpu_probe::source::simulated::SimulatedNode;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let node = SimulatedNode::new(1);
+    let agent = Agent::new(
+        Box::new(node.clone()),
+        Thresholds::default(),
+        Duration::from_millis(500),
+        Some(node),
+    );
+    let _ = agent.refresh();
+    agent.spawn_poller();
+    tokio::spawn(server::serve(agent, listener));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! Assembles the gateway from a policy and runs it on Pingora: the traffic listener (the
 //! proxy) and the admin listener, each a Pingora service.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -10,9 +9,11 @@ use pingora::server::Server;
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
+use crate::demo::FaultControls;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use breakwater_health::check::{spawn_checks, CheckTarget};
+use breakwater_health::gpu::{spawn_gpu_polls, GpuTarget};
 use breakwater_health::{HealthMonitor, ShardInfo};
 
 use crate::proxy::budget::BodyBudget;
@@ -31,8 +32,8 @@ pub struct ServeOptions {
     pub admin_listen: Option<SocketAddr>,
     /// Admin bearer token; empty turns the admin API's protected routes off.
     pub admin_token: String,
-    /// Demo mode: the simulated shards' control addresses.
-    pub fault_controls: HashMap<String, SocketAddr>,
+    /// Demo mode: where the simulated shards and probes take faults.
+    pub fault_controls: FaultControls,
     /// Worker threads (default: one per CPU).
     pub threads: Option<usize>,
 }
@@ -75,6 +76,18 @@ fn start_health(policy: &Policy, router: Arc<Router>) -> Result<HealthMonitor, S
             }
         })
         .collect();
+    let gpu_targets: Vec<GpuTarget> = policy
+        .shards
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            s.gpu_probe.as_ref().map(|probe| GpuTarget {
+                shard: i,
+                probe: probe.as_str().trim_end_matches('/').to_string(),
+                devices: s.gpu_devices.clone(),
+            })
+        })
+        .collect();
     let cfg = policy.health.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -89,6 +102,7 @@ fn start_health(policy: &Policy, router: Arc<Router>) -> Result<HealthMonitor, S
                     router.publish_health(view)
                 });
                 spawn_checks(targets, &cfg, monitor.clone());
+                spawn_gpu_polls(gpu_targets, &cfg, monitor.clone());
                 let _ = tx.send(monitor);
                 std::future::pending::<()>().await
             })

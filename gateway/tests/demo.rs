@@ -208,6 +208,55 @@ async fn the_demo_serves_and_a_shard_can_be_broken_and_mended() {
         .unwrap()
         .clone();
     assert_eq!(shard["last_transition"]["to"], "healthy", "{shard}");
+    // A GPU fault through the same API drains the shard; /admin/status shows its GPU.
+    let r = c
+        .post(format!("http://{admin}/admin/shards/use-big/fault"))
+        .bearer_auth(&token)
+        .body(r#"{"mode":"gpu_failing"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let big = loop {
+        let status: Value = c
+            .get(format!("http://{admin}/admin/status"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let big = status["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == "use-big")
+            .unwrap()
+            .clone();
+        if big["state"] == "draining" {
+            break big;
+        }
+        assert!(Instant::now() < deadline, "use-big never drained: {big}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(big["gpu"]["verdict"], "failing", "{big}");
+    assert!(big["gpu"]["memory_total_bytes"].as_u64().unwrap() > 0);
+    let bad = c
+        .post(format!("http://{admin}/admin/shards/use-big/fault"))
+        .bearer_auth(&token)
+        .body(r#"{"mode":"gpu_melted"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    c.post(format!("http://{admin}/admin/shards/use-big/fault"))
+        .bearer_auth(&token)
+        .body(r#"{"mode":"ok"}"#)
+        .send()
+        .await
+        .unwrap();
     let events: Value = c
         .get(format!("http://{admin}/admin/events"))
         .bearer_auth(&token)

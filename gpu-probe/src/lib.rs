@@ -4,9 +4,10 @@
 //! Always built (what the gateway links): the report types ([`GpuReport`], [`NodeReport`],
 //! [`Verdict`]) and the pure [`classify`] rules that turn a reading into a verdict.
 //!
-//! With the `agent` feature (default): the readers ([`source`]: NVIDIA through cudarc and
-//! NVML, both loaded at run time; and a simulated one), the HTTP server ([`server`]:
-//! `/v1/gpus`, `/metrics`, `/healthz`) and the Prometheus text ([`metrics`]).
+//! With the `agent` feature: the HTTP server ([`server`]: `/v1/gpus`, `/metrics`,
+//! `/healthz`), the Prometheus text ([`metrics`]) and the simulated source. With `nvidia`
+//! (default; implies `agent`): the NVIDIA source through cudarc and NVML, both loaded at run
+//! time, and the `gpu-probe` and `gpu-load` binaries.
 //!
 //! # Layout
 //! - [`classify`]: thresholds and verdict rules.

@@ -31,6 +31,17 @@ pub struct HealthConfig {
     pub unhealthy_threshold: u32,
     /// Passed checks in a row that mark it healthy again. Default 2.
     pub healthy_threshold: u32,
+    /// Time between readings of a shard's gpu-probe. Default 1 s.
+    pub gpu_interval: Duration,
+    /// Deadline of one gpu-probe reading. Default 500 ms.
+    pub gpu_timeout: Duration,
+    /// A probe reading older than this is "unknown". Default 5 s.
+    pub gpu_stale: Duration,
+    /// Healthy GPU readings in a row before a drained or degraded shard is restored.
+    /// Default 3.
+    pub gpu_healthy_readings: u32,
+    /// Share of traffic a shard with a degraded GPU takes, 0..=1. Default 0.5.
+    pub gpu_degraded_weight: f64,
 }
 
 impl Default for HealthConfig {
@@ -46,6 +57,11 @@ impl Default for HealthConfig {
             check_timeout: Duration::from_secs(1),
             unhealthy_threshold: 2,
             healthy_threshold: 2,
+            gpu_interval: Duration::from_secs(1),
+            gpu_timeout: Duration::from_millis(500),
+            gpu_stale: Duration::from_secs(5),
+            gpu_healthy_readings: 3,
+            gpu_degraded_weight: 0.5,
         }
     }
 }

@@ -11,10 +11,12 @@
 //! - [`tracker`]: one shard's state machine (pure; time is passed in).
 //! - [`monitor`]: the single owner of every tracker: a task fed by a bounded channel.
 //! - [`check`]: active HTTP health checks.
+//! - [`gpu`]: reading each shard's gpu-probe.
 //! - [`config`]: thresholds and timings, with their defaults.
 
 pub mod check;
 pub mod config;
+pub mod gpu;
 pub mod monitor;
 pub mod tracker;
 pub mod view;
@@ -22,4 +24,4 @@ pub mod view;
 pub use config::HealthConfig;
 pub use monitor::{HealthMonitor, ShardInfo, Transition};
 pub use tracker::Signal;
-pub use view::{HealthView, ShardHealth, ShardState};
+pub use view::{GpuSummary, HealthView, ShardHealth, ShardState};

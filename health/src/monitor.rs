@@ -6,7 +6,7 @@
 //! the channel is full is counted, and harmless — the next one carries the same news.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -55,6 +55,8 @@ pub struct HealthMonitor {
     tx: mpsc::Sender<(usize, Signal)>,
     events: Arc<Mutex<VecDeque<Transition>>>,
     dropped: Arc<AtomicU64>,
+    /// Per shard: a failure was reported since the last success that was passed on.
+    unsettled: Arc<Vec<AtomicBool>>,
 }
 
 impl HealthMonitor {
@@ -74,16 +76,37 @@ impl HealthMonitor {
             cfg,
             events: Arc::clone(&events),
         };
+        let unsettled = Arc::new(
+            (0..owner.shards.len())
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+        );
         tokio::spawn(owner.run(rx, publish));
         Self {
             tx,
             events,
             dropped: Arc::new(AtomicU64::new(0)),
+            unsettled,
         }
     }
 
     /// Tells the monitor something about shard `shard`. Never waits.
+    ///
+    /// A success only matters to reset a run of failures, so it is passed on only when a
+    /// failure came before it: a healthy fleet costs the data path no message (and the
+    /// health thread no wake-up) per request.
+    // Racing: a success that reads the flag just before a concurrent failure sets it is
+    // not passed on; the run of failures then looks one longer than it is until the next
+    // success, which is harmless.
     pub fn report(&self, shard: usize, signal: Signal) {
+        let Some(flag) = self.unsettled.get(shard) else {
+            return;
+        };
+        match &signal {
+            Signal::Success if !flag.swap(false, Ordering::Relaxed) => return,
+            Signal::Failure { .. } => flag.store(true, Ordering::Relaxed),
+            _ => {}
+        }
         if self.tx.try_send((shard, signal)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -167,12 +190,14 @@ impl Owner {
             rand::thread_rng().gen_range(Duration::ZERO..=self.cfg.ejection_jitter)
         };
         let now = tokio::time::Instant::now().into_std();
+        // A GPU reading is news for the admin API even when the state stays.
+        let is_reading = matches!(signal, Signal::Gpu(_));
         match self.trackers[shard].on(signal, now, &self.cfg, permit, jitter) {
             Some((from, _)) => {
                 self.record(shard, from);
                 true
             }
-            None => false,
+            None => is_reading,
         }
     }
 
@@ -222,13 +247,14 @@ impl Owner {
                 .map(|(t, last)| ShardHealth {
                     state: t.state(),
                     reason: t.reason().to_string(),
-                    weight_factor: if t.state().takes_new_requests() {
-                        1.0
-                    } else {
-                        0.0
+                    weight_factor: match t.state() {
+                        ShardState::Healthy => 1.0,
+                        ShardState::Degraded => self.cfg.gpu_degraded_weight,
+                        ShardState::Ejected | ShardState::Draining => 0.0,
                     },
                     ejection_count: t.ejections(),
                     last_transition: last.clone(),
+                    gpu: t.gpu().cloned(),
                 })
                 .collect(),
         )

@@ -12,8 +12,10 @@
 
 use std::time::{Duration, Instant};
 
+use gpu_probe::Verdict;
+
 use crate::config::HealthConfig;
-use crate::view::ShardState;
+use crate::view::{GpuSummary, ShardState};
 
 /// Something the tracker is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +42,9 @@ pub enum Signal {
         /// What happened.
         detail: String,
     },
+    /// The shard's gpu-probe was read; `summary.verdict` is `None` when it could not be
+    /// read or was stale.
+    Gpu(GpuSummary),
 }
 
 /// Whether the tracker may eject now (the pool's ejection cap is the monitor's to judge).
@@ -64,6 +69,10 @@ pub struct Tracker {
     check_failures: u32,
     check_passes: u32,
     check_reason: String,
+    gpu_verdict: Verdict,
+    gpu_healthy_streak: u32,
+    gpu_reason: String,
+    gpu: Option<GpuSummary>,
     state: ShardState,
     reason: String,
 }
@@ -89,9 +98,18 @@ impl Tracker {
             check_failures: 0,
             check_passes: 0,
             check_reason: String::new(),
+            gpu_verdict: Verdict::Healthy,
+            gpu_healthy_streak: 0,
+            gpu_reason: String::new(),
+            gpu: None,
             state: ShardState::Healthy,
             reason: String::new(),
         }
+    }
+
+    /// The last GPU reading, if the shard has a probe.
+    pub fn gpu(&self) -> Option<&GpuSummary> {
+        self.gpu.as_ref()
     }
 
     /// The current state.
@@ -166,6 +184,7 @@ impl Tracker {
                 self.check_healthy = false;
                 self.check_reason = format!("engine reports itself dead: {detail}");
             }
+            Signal::Gpu(summary) => self.on_gpu(summary, cfg),
         }
         self.settle()
     }
@@ -177,6 +196,38 @@ impl Tracker {
             self.returned_at = Some(now);
         }
         self.settle()
+    }
+
+    /// A GPU verdict moves the shard only one way on its own: `failing` drains it at once,
+    /// `degraded` cuts its weight; it is restored only after `gpu_healthy_readings` healthy
+    /// readings in a row while its health check passes. "Unknown" (probe unreachable or
+    /// stale) changes nothing: a monitoring outage must not become a serving outage.
+    fn on_gpu(&mut self, summary: GpuSummary, cfg: &HealthConfig) {
+        let verdict = summary.verdict;
+        let reasons = summary.reasons.join("; ");
+        self.gpu = Some(summary);
+        match verdict {
+            None => {}
+            Some(Verdict::Failing) => {
+                self.gpu_verdict = Verdict::Failing;
+                self.gpu_healthy_streak = 0;
+                self.gpu_reason = format!("GPU failing: {reasons}");
+            }
+            Some(Verdict::Degraded) => {
+                self.gpu_healthy_streak = 0;
+                if self.gpu_verdict != Verdict::Failing {
+                    self.gpu_verdict = Verdict::Degraded;
+                    self.gpu_reason = format!("GPU degraded: {reasons}");
+                }
+            }
+            Some(Verdict::Healthy) => {
+                self.gpu_healthy_streak += 1;
+                if self.gpu_healthy_streak >= cfg.gpu_healthy_readings && self.check_healthy {
+                    self.gpu_verdict = Verdict::Healthy;
+                    self.gpu_reason.clear();
+                }
+            }
+        }
     }
 
     fn eject(&mut self, now: Instant, cfg: &HealthConfig, jitter: Duration, detail: String) {
@@ -205,6 +256,10 @@ impl Tracker {
             (ShardState::Ejected, self.ejection_reason.clone())
         } else if !self.check_healthy {
             (ShardState::Ejected, self.check_reason.clone())
+        } else if self.gpu_verdict == Verdict::Failing {
+            (ShardState::Draining, self.gpu_reason.clone())
+        } else if self.gpu_verdict == Verdict::Degraded {
+            (ShardState::Degraded, self.gpu_reason.clone())
         } else {
             (ShardState::Healthy, String::new())
         };
@@ -348,6 +403,65 @@ mod tests {
         assert_eq!(t.tick(t0 + Duration::from_secs(2), &c), None);
         assert!(t.tick(t0 + Duration::from_secs(3), &c).is_some());
         assert_eq!(t.state(), ShardState::Healthy);
+    }
+
+    fn gpu(verdict: Option<Verdict>) -> Signal {
+        Signal::Gpu(GpuSummary {
+            verdict,
+            reasons: vec!["1 uncorrectable ECC error(s)".into()],
+            ..GpuSummary::default()
+        })
+    }
+
+    #[test]
+    fn a_failing_gpu_drains_and_only_healthy_readings_restore() {
+        let (c, t0) = (cfg(), Instant::now());
+        let mut t = Tracker::new();
+        let on = |t: &mut Tracker, s| t.on(s, t0, &c, EjectPermit::Allowed, NO_JITTER);
+        on(&mut t, gpu(Some(Verdict::Failing)));
+        assert_eq!(t.state(), ShardState::Draining);
+        assert!(t.reason().starts_with("GPU failing"));
+        // Unknown readings and a degraded one do not restore it.
+        on(&mut t, gpu(None));
+        on(&mut t, gpu(Some(Verdict::Degraded)));
+        assert_eq!(t.state(), ShardState::Draining);
+        on(&mut t, gpu(Some(Verdict::Healthy)));
+        on(&mut t, gpu(Some(Verdict::Healthy)));
+        assert_eq!(t.state(), ShardState::Draining);
+        on(&mut t, gpu(Some(Verdict::Healthy)));
+        assert_eq!(t.state(), ShardState::Healthy);
+    }
+
+    #[test]
+    fn an_unknown_gpu_never_takes_a_healthy_shard_out_and_degraded_keeps_it_serving() {
+        let (c, t0) = (cfg(), Instant::now());
+        let mut t = Tracker::new();
+        for _ in 0..10 {
+            t.on(gpu(None), t0, &c, EjectPermit::Allowed, NO_JITTER);
+        }
+        assert_eq!(t.state(), ShardState::Healthy);
+        t.on(
+            gpu(Some(Verdict::Degraded)),
+            t0,
+            &c,
+            EjectPermit::Allowed,
+            NO_JITTER,
+        );
+        assert_eq!(t.state(), ShardState::Degraded);
+        assert!(t.state().takes_new_requests());
+        // A failing check still wins over the GPU's word.
+        for _ in 0..2 {
+            t.on(
+                Signal::CheckFailed {
+                    detail: "refused".into(),
+                },
+                t0,
+                &c,
+                EjectPermit::Allowed,
+                NO_JITTER,
+            );
+        }
+        assert_eq!(t.state(), ShardState::Ejected);
     }
 
     #[test]

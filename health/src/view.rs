@@ -47,6 +47,28 @@ pub struct ShardHealth {
     pub ejection_count: u32,
     /// The shard's most recent transition.
     pub last_transition: Option<crate::Transition>,
+    /// The last reading of the shard's GPUs, when it has a gpu-probe.
+    pub gpu: Option<GpuSummary>,
+}
+
+/// What the shard's gpu-probe said last, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct GpuSummary {
+    /// The worst verdict over the shard's devices; `None` when the probe could not be
+    /// read or its reading was stale ("unknown" — which never takes a shard out).
+    pub verdict: Option<gpu_probe::Verdict>,
+    /// Why the verdict is not healthy, or why it is unknown.
+    pub reasons: Vec<String>,
+    /// Free memory over the shard's devices, bytes.
+    pub memory_free_bytes: u64,
+    /// Total memory over the shard's devices, bytes.
+    pub memory_total_bytes: u64,
+    /// Highest utilisation among the devices, percent.
+    pub utilization_gpu_pct: Option<u32>,
+    /// Highest temperature among the devices, °C.
+    pub temperature_c: Option<u32>,
+    /// Age of the reading when it was taken by the gateway, milliseconds.
+    pub age_ms: u64,
 }
 
 impl ShardHealth {
@@ -58,6 +80,7 @@ impl ShardHealth {
             weight_factor: 1.0,
             ejection_count: 0,
             last_transition: None,
+            gpu: None,
         }
     }
 }

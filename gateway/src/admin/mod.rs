@@ -6,8 +6,6 @@
 //! never logged. `/metrics` carries no secrets and is left open for scrapers, as Envoy's
 //! admin `/stats` is; bind the admin listener to a private address.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -22,6 +20,7 @@ use serde_json::json;
 
 use breakwater_health::HealthMonitor;
 
+use crate::demo::FaultControls;
 use crate::metrics::Metrics;
 use crate::proxy::error::{error_json, GatewayError};
 use crate::routing::Router;
@@ -36,8 +35,8 @@ pub struct Admin {
     health: HealthMonitor,
     token: String,
     home_region: String,
-    /// Demo mode: each simulated shard's control address, for the fault endpoint.
-    fault_controls: HashMap<String, SocketAddr>,
+    /// Demo mode: where each simulated shard and probe takes faults.
+    fault_controls: FaultControls,
 }
 
 impl Admin {
@@ -49,7 +48,7 @@ impl Admin {
         health: HealthMonitor,
         token: String,
         home_region: String,
-        fault_controls: HashMap<String, SocketAddr>,
+        fault_controls: FaultControls,
     ) -> Self {
         Self {
             router,
@@ -89,6 +88,7 @@ impl Admin {
                     "state": h.state.as_str(),
                     "reason": h.reason,
                     "ejection_count": h.ejection_count,
+                    "gpu": h.gpu,
                     "last_transition": h.last_transition,
                     "inflight_tokens": s.load.inflight_tokens(),
                     "inflight_requests": s.load.inflight_requests(),
@@ -102,7 +102,7 @@ impl Admin {
     }
 
     async fn fault(&self, shard: &str, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let Some(control) = self.fault_controls.get(shard) else {
+        let Some(control) = self.fault_controls.engines.get(shard) else {
             let msg = if self.fault_controls.is_empty() {
                 "fault injection is only available in demo mode".to_string()
             } else {
@@ -133,8 +133,59 @@ impl Admin {
                 }
             }
         }
-        // The simulator validates the body; its answer (or its error) is relayed.
+        // GPU faults go to the shard's simulated probe; the rest to its simulated engine,
+        // which validates the body (its answer, or its error, is relayed).
+        let mode = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("mode").and_then(|m| m.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        let gpu_change = match mode.as_str() {
+            "gpu_degraded" => Some(json!({"reset": true, "throttle": ["hw_slowdown"]})),
+            "gpu_failing" => Some(json!({"reset": true, "ecc_uncorrected": 1})),
+            "gpu_hung" => Some(json!({"reset": true, "hung": true})),
+            "gpu_ok" | "ok" => Some(json!({"reset": true})),
+            _ => None,
+        };
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let probe = self.fault_controls.probes.get(shard);
+        if let (Some(change), Some(probe)) = (&gpu_change, probe) {
+            let request = http::Request::post(format!("http://{probe}/v1/simulate"))
+                .body(Full::new(Bytes::from(change.to_string())));
+            let Ok(request) = request else {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "could not build the request",
+                    "internal",
+                );
+            };
+            if let Err(e) = client.request(request).await {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("probe unreachable: {e}"),
+                    "upstream_error",
+                );
+            }
+        }
+        if mode.starts_with("gpu_") {
+            return match (gpu_change, probe) {
+                (Some(_), Some(_)) => reply(
+                    StatusCode::OK,
+                    json!({"mode": mode}).to_string().into_bytes(),
+                ),
+                (Some(_), None) => error(
+                    StatusCode::NOT_FOUND,
+                    &format!("shard {shard:?} has no simulated gpu-probe"),
+                    "not_found",
+                ),
+                (None, _) => error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "unknown GPU fault {mode:?}: gpu_degraded, gpu_failing, gpu_hung or gpu_ok"
+                    ),
+                    "invalid_fault",
+                ),
+            };
+        }
         let request = http::Request::post(format!("http://{control}/fault"))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)));

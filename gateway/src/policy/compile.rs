@@ -390,6 +390,45 @@ impl Compiler {
                 h.max_ejection_percent =
                     self.bounded(f, "health.max_ejection_percent", v.into(), 0, 100) as u32;
             }
+            h.gpu_healthy_readings = count(
+                self,
+                "health.gpu_healthy_readings",
+                raw.gpu_healthy_readings,
+                h.gpu_healthy_readings,
+            );
+            h.gpu_interval = ms(
+                self,
+                "health.gpu_interval_ms",
+                raw.gpu_interval_ms,
+                10,
+                h.gpu_interval,
+            );
+            h.gpu_timeout = ms(
+                self,
+                "health.gpu_timeout_ms",
+                raw.gpu_timeout_ms,
+                1,
+                h.gpu_timeout,
+            );
+            h.gpu_stale = ms(
+                self,
+                "health.gpu_stale_ms",
+                raw.gpu_stale_ms,
+                1,
+                h.gpu_stale,
+            );
+            if let Some(v) = raw.gpu_degraded_weight_percent {
+                h.gpu_degraded_weight =
+                    self.bounded(f, "health.gpu_degraded_weight_percent", v.into(), 1, 100) as f64
+                        / 100.0;
+            }
+            if h.gpu_timeout > h.gpu_interval {
+                self.issue(
+                    f,
+                    "health.gpu_timeout_ms",
+                    "a probe reading's timeout exceeds the interval between readings",
+                );
+            }
             if h.max_ejection < h.base_ejection {
                 self.issue(
                     f,

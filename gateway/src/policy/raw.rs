@@ -110,6 +110,17 @@ pub struct RawHealth {
     pub unhealthy_threshold: Option<u32>,
     /// Passed checks in a row that mark it healthy again. Default 2.
     pub healthy_threshold: Option<u32>,
+    /// Time between readings of each shard's gpu-probe, milliseconds. Default 1000.
+    pub gpu_interval_ms: Option<u64>,
+    /// Deadline of one gpu-probe reading, milliseconds. Default 500.
+    pub gpu_timeout_ms: Option<u64>,
+    /// A probe reading older than this is unknown, milliseconds. Default 5000.
+    pub gpu_stale_ms: Option<u64>,
+    /// Healthy GPU readings in a row before a drained or degraded shard is restored.
+    /// Default 3.
+    pub gpu_healthy_readings: Option<u32>,
+    /// Share of traffic a shard with a degraded GPU takes, percent. Default 50.
+    pub gpu_degraded_weight_percent: Option<u32>,
 }
 
 /// `[retries]`

@@ -1,6 +1,7 @@
 //! Where readings come from: the NVIDIA driver ([`nvidia`]) or a simulation whose state
 //! is set over HTTP ([`simulated`]). Both produce the same [`Reading`].
 
+#[cfg(feature = "nvidia")]
 pub mod nvidia;
 pub mod simulated;
 
