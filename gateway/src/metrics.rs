@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
+use breakwater_health::{HealthMonitor, ShardState};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::routing::Router;
@@ -17,6 +19,10 @@ pub struct Metrics {
     upstream_attempts_total: IntCounterVec,
     shard_inflight_tokens: IntGaugeVec,
     shard_inflight_requests: IntGaugeVec,
+    shard_state: IntGaugeVec,
+    shard_ejections: IntGaugeVec,
+    health_transitions_total: IntGauge,
+    health_dropped_signals_total: IntGauge,
 }
 
 impl Metrics {
@@ -58,6 +64,29 @@ impl Metrics {
             Opts::new("shard_inflight_requests", "Requests in flight per shard."),
             &["shard", "region", "pool"],
         )?;
+        let shard_state = IntGaugeVec::new(
+            Opts::new("shard_state", "1 for the shard's current health state."),
+            &["shard", "state"],
+        )?;
+        let shard_ejections = IntGaugeVec::new(
+            Opts::new(
+                "shard_ejections",
+                "Times the shard has been ejected (decays after a healthy stretch).",
+            ),
+            &["shard"],
+        )?;
+        let health_transitions_total = IntGauge::new(
+            "health_transitions_total",
+            "Shard state transitions since start.",
+        )?;
+        let health_dropped_signals_total = IntGauge::new(
+            "health_dropped_signals_total",
+            "Health signals dropped because the monitor's queue was full.",
+        )?;
+        registry.register(Box::new(shard_state.clone()))?;
+        registry.register(Box::new(shard_ejections.clone()))?;
+        registry.register(Box::new(health_transitions_total.clone()))?;
+        registry.register(Box::new(health_dropped_signals_total.clone()))?;
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(request_duration_seconds.clone()))?;
         registry.register(Box::new(time_to_first_byte_seconds.clone()))?;
@@ -72,6 +101,10 @@ impl Metrics {
             upstream_attempts_total,
             shard_inflight_tokens,
             shard_inflight_requests,
+            shard_state,
+            shard_ejections,
+            health_transitions_total,
+            health_dropped_signals_total,
         })
     }
 
@@ -104,8 +137,30 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with per-shard gauges read from the ledger now.
-    pub fn render(&self, router: &Router) -> String {
+    /// The text exposition, with per-shard gauges read from the ledger and the health
+    /// snapshot now.
+    pub fn render(&self, router: &Router, health: &HealthMonitor) -> String {
+        let view = router.health();
+        self.health_transitions_total
+            .set(health.transitions_total() as i64);
+        self.health_dropped_signals_total
+            .set(health.dropped_signals() as i64);
+        for (i, s) in router.shards().iter().enumerate() {
+            let h = view.get(i);
+            for state in [
+                ShardState::Healthy,
+                ShardState::Degraded,
+                ShardState::Ejected,
+                ShardState::Draining,
+            ] {
+                self.shard_state
+                    .with_label_values(&[s.id.as_str(), state.as_str()])
+                    .set(i64::from(h.state == state));
+            }
+            self.shard_ejections
+                .with_label_values(&[s.id.as_str()])
+                .set(i64::from(h.ejection_count));
+        }
         for s in router.shards() {
             let labels = [s.id.as_str(), s.region.as_str(), s.pool.as_str()];
             self.shard_inflight_tokens

@@ -148,6 +148,21 @@ async fn a_shard_that_goes_down_under_load_costs_no_request_and_stops_getting_tr
     );
     assert_eq!(state_of(&gw, "a").await, "ejected");
     assert_eq!(gw.wait_ledger_zero().await, 0);
+    // The same in Prometheus.
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("breakwater_shard_state{shard=\"a\",state=\"ejected\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("breakwater_shard_state{shard=\"b\",state=\"healthy\"} 1"));
+    assert!(!metrics.contains("breakwater_health_transitions_total 0"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -57,6 +57,7 @@ pub struct HealthMonitor {
     dropped: Arc<AtomicU64>,
     /// Per shard: a failure was reported since the last success that was passed on.
     unsettled: Arc<Vec<AtomicBool>>,
+    transitions: Arc<AtomicU64>,
 }
 
 impl HealthMonitor {
@@ -69,12 +70,14 @@ impl HealthMonitor {
     ) -> Self {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let events = Arc::new(Mutex::new(VecDeque::with_capacity(EVENTS_KEPT)));
+        let transitions = Arc::new(AtomicU64::new(0));
         let owner = Owner {
             trackers: vec![Tracker::new(); shards.len()],
             last: vec![None; shards.len()],
             shards,
             cfg,
             events: Arc::clone(&events),
+            transitions: Arc::clone(&transitions),
         };
         let unsettled = Arc::new(
             (0..owner.shards.len())
@@ -87,6 +90,7 @@ impl HealthMonitor {
             events,
             dropped: Arc::new(AtomicU64::new(0)),
             unsettled,
+            transitions,
         }
     }
 
@@ -120,6 +124,11 @@ impl HealthMonitor {
             .unwrap_or_default()
     }
 
+    /// State transitions since the monitor started.
+    pub fn transitions_total(&self) -> u64 {
+        self.transitions.load(Ordering::Relaxed)
+    }
+
     /// Signals dropped because the channel was full.
     pub fn dropped_signals(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -132,6 +141,7 @@ struct Owner {
     last: Vec<Option<Transition>>,
     cfg: HealthConfig,
     events: Arc<Mutex<VecDeque<Transition>>>,
+    transitions: Arc<AtomicU64>,
 }
 
 fn now_unix_ms() -> u64 {
@@ -230,6 +240,7 @@ impl Owner {
             reason = %event.reason,
             "shard state changed"
         );
+        self.transitions.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut events) = self.events.lock() {
             if events.len() == EVENTS_KEPT {
                 events.pop_front();

@@ -251,7 +251,7 @@ impl ServeHttp for Admin {
         if method == http::Method::GET && path == "/metrics" {
             let mut r = reply(
                 StatusCode::OK,
-                self.metrics.render(&self.router).into_bytes(),
+                self.metrics.render(&self.router, &self.health).into_bytes(),
             );
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
