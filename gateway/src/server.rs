@@ -13,6 +13,7 @@ use crate::demo::FaultControls;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use breakwater_health::check::{spawn_checks, CheckTarget};
+use breakwater_health::engine::{spawn_scrapes, EngineMetrics, ScrapeTarget};
 use breakwater_health::gpu::{spawn_gpu_polls, GpuTarget};
 use breakwater_health::{HealthMonitor, ShardInfo};
 
@@ -88,6 +89,24 @@ fn start_health(policy: &Policy, router: Arc<Router>) -> Result<HealthMonitor, S
             })
         })
         .collect();
+    let scrape_targets: Vec<ScrapeTarget> = policy
+        .shards
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let pool = policy.pools.iter().find(|p| p.id == s.pool)?;
+            let kind = serde_json::to_value(pool.engine).ok()?;
+            Some(ScrapeTarget {
+                shard: i,
+                url: format!(
+                    "{}{}",
+                    s.url.as_str().trim_end_matches('/'),
+                    pool.metrics_path
+                ),
+                engine: EngineMetrics::for_engine(kind.as_str()?),
+            })
+        })
+        .collect();
     let cfg = policy.health.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -103,6 +122,13 @@ fn start_health(policy: &Policy, router: Arc<Router>) -> Result<HealthMonitor, S
                 });
                 spawn_checks(targets, &cfg, monitor.clone());
                 spawn_gpu_polls(gpu_targets, &cfg, monitor.clone());
+                spawn_scrapes(
+                    scrape_targets,
+                    cfg.metrics_interval,
+                    cfg.metrics_timeout,
+                    cfg.silent_death,
+                    monitor.clone(),
+                );
                 let _ = tx.send(monitor);
                 std::future::pending::<()>().await
             })

@@ -323,3 +323,116 @@ async fn when_the_home_region_goes_down_the_other_serves_everything_within_3s_an
     // When the home region comes back, traffic returns to it.
     assert!(back_home > 0, "no traffic returned home");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_the_gateway_cannot_see_still_moves_traffic_through_engine_metrics() {
+    // Shard a is busy with 16 long requests sent straight to it (another gateway replica,
+    // or a client that bypasses this one); the gateway learns it from a's own /metrics.
+    let a = start_shard(ShardSpec::new("a", "home").itl_ms(20)).await;
+    let b = start_shard(ShardSpec::new("b", "home").itl_ms(20)).await;
+    let health = format!("{FAST_HEALTH}metrics_interval_ms = 100\n");
+    let gw = Gateway::start(&policy_text(&[&a, &b], &health)).await;
+    let mut direct = Vec::new();
+    for _ in 0..16 {
+        let url = format!("{}/v1/chat/completions", a.sim.url());
+        direct.push(tokio::spawn(async move {
+            let _ = client().post(url).json(&chat(200, false)).send().await;
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = gw.status().await;
+        let s = st["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == "a")
+            .unwrap()
+            .clone();
+        if s["running"].as_f64().unwrap_or(0.0) >= 16.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engine's load never showed: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut to_a = 0;
+    for _ in 0..20 {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat(2, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if r.headers()["x-breakwater-shard"] == "a" {
+            to_a += 1;
+        }
+        r.bytes().await.unwrap();
+    }
+    eprintln!("engine metrics: {to_a} of 20 requests went to the shard busy with direct traffic");
+    assert_eq!(to_a, 0);
+    for d in direct {
+        d.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_engine_that_stops_generating_while_its_health_says_ok_is_ejected() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let b = start_shard(ShardSpec::new("b", "home")).await;
+    let health = format!("{FAST_HEALTH}metrics_interval_ms = 100\nsilent_death_ms = 1000\n");
+    let gw = Gateway::start(&policy_text(
+        &[&a, &b],
+        &format!("{health}\n[timeouts]\nfirst_byte_ms = 4000\n"),
+    ))
+    .await;
+    // Requests are admitted and then nothing comes out (a stalled engine core); /health
+    // still answers 200, and no request has timed out yet when the detector fires.
+    a.set_fault(llm_sim::Fault {
+        factor: 1000.0,
+        ..llm_sim::Fault::new(FaultMode::Slow)
+    });
+    let started = Instant::now();
+    let mut ejected_after = None;
+    let (records, _) = load(&gw, 4, Duration::from_secs(3), async {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let events: serde_json::Value = client()
+                .get(format!("http://{}/admin/events", gw.admin))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if let Some(e) = events["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["shard"] == "a" && e["to"] == "ejected")
+            {
+                ejected_after =
+                    Some((started.elapsed(), e["reason"].as_str().unwrap().to_string()));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    eprintln!("silent death: {ejected_after:?}");
+    let (after, reason) = ejected_after.expect("never ejected");
+    assert!(
+        reason.contains("silent death") && reason.contains("no token generated"),
+        "{reason}"
+    );
+    // Detected within the 1 s limit plus a couple of 100 ms scrapes, before any first-byte
+    // timeout (4 s) could have ejected it.
+    assert!(after < Duration::from_millis(2500), "{after:?}");
+    // Requests already waiting on the stalled engine wait out their first-byte timeout and
+    // are retried elsewhere; none fails.
+    assert!(records.iter().all(|r| r.status == 200), "{records:?}");
+}

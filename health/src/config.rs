@@ -42,6 +42,13 @@ pub struct HealthConfig {
     pub gpu_healthy_readings: u32,
     /// Share of traffic a shard with a degraded GPU takes, 0..=1. Default 0.5.
     pub gpu_degraded_weight: f64,
+    /// Time between scrapes of each engine's `/metrics`; zero turns them off. Default 1 s.
+    pub metrics_interval: Duration,
+    /// Deadline of one scrape. Default 500 ms.
+    pub metrics_timeout: Duration,
+    /// Work queued or running with no token generated for this long ejects a shard; zero
+    /// turns the detector off. Default 10 s.
+    pub silent_death: Duration,
 }
 
 impl Default for HealthConfig {
@@ -62,11 +69,19 @@ impl Default for HealthConfig {
             gpu_stale: Duration::from_secs(5),
             gpu_healthy_readings: 3,
             gpu_degraded_weight: 0.5,
+            metrics_interval: Duration::from_secs(1),
+            metrics_timeout: Duration::from_millis(500),
+            silent_death: Duration::from_secs(10),
         }
     }
 }
 
 impl HealthConfig {
+    /// Engine metrics older than this are unknown: three scrape intervals.
+    pub fn metrics_stale_after(&self) -> Duration {
+        self.metrics_interval * 3
+    }
+
     /// Whether active checks run.
     pub fn checks_enabled(&self) -> bool {
         !self.check_interval.is_zero()

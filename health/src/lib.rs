@@ -11,17 +11,21 @@
 //! - [`tracker`]: one shard's state machine (pure; time is passed in).
 //! - [`monitor`]: the single owner of every tracker: a task fed by a bounded channel.
 //! - [`check`]: active HTTP health checks.
+//! - [`engine`]: scraping each engine's own metrics (queue depth, KV use) and the
+//!   silent-death detector.
 //! - [`gpu`]: reading each shard's gpu-probe.
 //! - [`config`]: thresholds and timings, with their defaults.
 
 pub mod check;
 pub mod config;
+pub mod engine;
 pub mod gpu;
 pub mod monitor;
 pub mod tracker;
 pub mod view;
 
 pub use config::HealthConfig;
+pub use engine::EngineLoad;
 pub use monitor::{HealthMonitor, ShardInfo, Transition};
 pub use tracker::Signal;
 pub use view::{GpuSummary, HealthView, ShardHealth, ShardState};

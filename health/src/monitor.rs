@@ -201,7 +201,7 @@ impl Owner {
         };
         let now = tokio::time::Instant::now().into_std();
         // A GPU reading is news for the admin API even when the state stays.
-        let is_reading = matches!(signal, Signal::Gpu(_));
+        let is_reading = matches!(signal, Signal::Gpu(_) | Signal::Engine(_));
         match self.trackers[shard].on(signal, now, &self.cfg, permit, jitter) {
             Some((from, _)) => {
                 self.record(shard, from);
@@ -266,6 +266,7 @@ impl Owner {
                     ejection_count: t.ejections(),
                     last_transition: last.clone(),
                     gpu: t.gpu().cloned(),
+                    engine: t.engine().copied(),
                 })
                 .collect(),
         )

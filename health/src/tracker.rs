@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use gpu_probe::Verdict;
 
 use crate::config::HealthConfig;
+use crate::engine::EngineLoad;
 use crate::view::{GpuSummary, ShardState};
 
 /// Something the tracker is told.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Signal {
     /// A request completed normally.
     Success,
@@ -45,6 +46,13 @@ pub enum Signal {
     /// The shard's gpu-probe was read; `summary.verdict` is `None` when it could not be
     /// read or was stale.
     Gpu(GpuSummary),
+    /// The engine's metrics were scraped.
+    Engine(EngineLoad),
+    /// The engine has work but has generated nothing for too long (silent death).
+    Stalled {
+        /// What was seen.
+        detail: String,
+    },
 }
 
 /// Whether the tracker may eject now (the pool's ejection cap is the monitor's to judge).
@@ -73,6 +81,7 @@ pub struct Tracker {
     gpu_healthy_streak: u32,
     gpu_reason: String,
     gpu: Option<GpuSummary>,
+    engine: Option<EngineLoad>,
     state: ShardState,
     reason: String,
 }
@@ -102,9 +111,15 @@ impl Tracker {
             gpu_healthy_streak: 0,
             gpu_reason: String::new(),
             gpu: None,
+            engine: None,
             state: ShardState::Healthy,
             reason: String::new(),
         }
+    }
+
+    /// The last engine reading, if its metrics are scraped.
+    pub fn engine(&self) -> Option<&EngineLoad> {
+        self.engine.as_ref()
     }
 
     /// The last GPU reading, if the shard has a probe.
@@ -185,6 +200,13 @@ impl Tracker {
                 self.check_reason = format!("engine reports itself dead: {detail}");
             }
             Signal::Gpu(summary) => self.on_gpu(summary, cfg),
+            Signal::Engine(load) => self.engine = Some(load),
+            Signal::Stalled { detail } => {
+                if !self.is_ejected() && permit == EjectPermit::Allowed {
+                    self.consecutive_failures = 0;
+                    self.eject(now, cfg, jitter, format!("silent death: {detail}"));
+                }
+            }
         }
         self.settle()
     }
@@ -242,11 +264,15 @@ impl Tracker {
         let length =
             (cfg.base_ejection * self.ejections).min(cfg.max_ejection.max(cfg.base_ejection));
         self.ejected_until = Some(now + length + jitter);
-        self.ejection_reason = format!(
-            "ejected for {} ms after {} consecutive failures (last: {detail})",
-            (length + jitter).as_millis(),
-            self.consecutive_failures
-        );
+        self.ejection_reason = if self.consecutive_failures == 0 {
+            format!("ejected for {} ms: {detail}", (length + jitter).as_millis())
+        } else {
+            format!(
+                "ejected for {} ms after {} consecutive failures (last: {detail})",
+                (length + jitter).as_millis(),
+                self.consecutive_failures
+            )
+        };
         self.consecutive_failures = 0;
         self.consecutive_local_failures = 0;
     }

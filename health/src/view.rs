@@ -49,6 +49,8 @@ pub struct ShardHealth {
     pub last_transition: Option<crate::Transition>,
     /// The last reading of the shard's GPUs, when it has a gpu-probe.
     pub gpu: Option<GpuSummary>,
+    /// The engine's own load signals from its last scrape.
+    pub engine: Option<crate::EngineLoad>,
 }
 
 /// What the shard's gpu-probe said last, for the admin API.
@@ -81,6 +83,7 @@ impl ShardHealth {
             ejection_count: 0,
             last_transition: None,
             gpu: None,
+            engine: None,
         }
     }
 }
@@ -112,6 +115,17 @@ impl HealthView {
             .get(index)
             .cloned()
             .unwrap_or_else(ShardHealth::healthy)
+    }
+
+    /// The share of traffic shard `index` takes relative to a healthy one (1.0 when the
+    /// view does not know it). Read on every routing decision: no copy.
+    pub fn weight_factor(&self, index: usize) -> f64 {
+        self.shards.get(index).map_or(1.0, |h| h.weight_factor)
+    }
+
+    /// Shard `index`'s last engine reading, if any.
+    pub fn engine(&self, index: usize) -> Option<&crate::EngineLoad> {
+        self.shards.get(index).and_then(|h| h.engine.as_ref())
     }
 
     /// Number of shards in the view.

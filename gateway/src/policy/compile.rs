@@ -189,12 +189,27 @@ impl Compiler {
                     }
                     None => engine.default_health_path().to_string(),
                 };
+                let metrics_path = match &p.metrics_path {
+                    Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+                        path.clone()
+                    }
+                    Some(path) => {
+                        self.issue(
+                            name,
+                            at("metrics_path"),
+                            format!("{path:?} must be a path starting with '/'"),
+                        );
+                        String::new()
+                    }
+                    None => "/metrics".to_string(),
+                };
                 pools.push(Pool {
                     id: p.id.clone(),
                     region: p.region.clone(),
                     engine,
                     models: p.models.clone(),
                     health_path,
+                    metrics_path,
                 });
             }
         }
@@ -422,6 +437,27 @@ impl Compiler {
                     self.bounded(f, "health.gpu_degraded_weight_percent", v.into(), 1, 100) as f64
                         / 100.0;
             }
+            h.metrics_interval = ms(
+                self,
+                "health.metrics_interval_ms",
+                raw.metrics_interval_ms,
+                0,
+                h.metrics_interval,
+            );
+            h.metrics_timeout = ms(
+                self,
+                "health.metrics_timeout_ms",
+                raw.metrics_timeout_ms,
+                1,
+                h.metrics_timeout,
+            );
+            h.silent_death = ms(
+                self,
+                "health.silent_death_ms",
+                raw.silent_death_ms,
+                0,
+                h.silent_death,
+            );
             if h.gpu_timeout > h.gpu_interval {
                 self.issue(
                     f,

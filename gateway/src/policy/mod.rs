@@ -131,6 +131,8 @@ pub struct Pool {
     pub models: Vec<String>,
     /// Path the active checks `GET`.
     pub health_path: String,
+    /// Path of the engine's metrics.
+    pub metrics_path: String,
 }
 
 /// One inference endpoint.

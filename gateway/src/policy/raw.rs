@@ -121,6 +121,14 @@ pub struct RawHealth {
     pub gpu_healthy_readings: Option<u32>,
     /// Share of traffic a shard with a degraded GPU takes, percent. Default 50.
     pub gpu_degraded_weight_percent: Option<u32>,
+    /// Time between scrapes of each engine's metrics, milliseconds; 0 turns them off.
+    /// Default 1000.
+    pub metrics_interval_ms: Option<u64>,
+    /// Deadline of one scrape, milliseconds. Default 500.
+    pub metrics_timeout_ms: Option<u64>,
+    /// Work queued with no token generated for this long ejects a shard, milliseconds;
+    /// 0 turns the detector off. Default 10000.
+    pub silent_death_ms: Option<u64>,
 }
 
 /// `[retries]`
@@ -162,6 +170,9 @@ pub struct RawPool {
     /// Path of the engine's health endpoint. Default `/health` (`/v2/health/ready` for
     /// Triton).
     pub health_path: Option<String>,
+    /// Path of the engine's Prometheus metrics. Default `/metrics` (Triton serves them on
+    /// another port: set the full path there).
+    pub metrics_path: Option<String>,
 }
 
 /// `[[shards]]`

@@ -64,7 +64,14 @@ pub struct Router {
     model_names: Vec<String>,
     estimator: Estimator,
     health: ArcSwap<HealthView>,
+    /// Engine readings older than this are ignored.
+    engine_stale_after: std::time::Duration,
+    /// Tokens assumed per engine-reported request when the ledger has none to average.
+    default_request_tokens: f64,
 }
+
+/// KV-cache use above which a shard's score grows: GIE's and vLLM's "near saturation".
+const KV_PRESSURE_FROM: f64 = 0.8;
 
 impl Router {
     /// Builds the table from a validated policy.
@@ -136,6 +143,8 @@ impl Router {
             models,
             model_names,
             estimator,
+            engine_stale_after: policy.health.metrics_stale_after(),
+            default_request_tokens: policy.routing.default_completion_tokens as f64,
         }
     }
 
@@ -169,12 +178,37 @@ impl Router {
         self.health.store(Arc::new(view));
     }
 
-    /// The load score of a shard: in-flight tokens per token/s of effective capacity
+    /// The load score of a shard: tokens of work on it per token/s of effective capacity
     /// (roughly, seconds of work queued), scaled up for a shard health has degraded.
+    ///
+    /// The work is the larger of this gateway's ledger and what the engine itself reports
+    /// (requests running and queued, at this shard's average request size): with one
+    /// gateway the two agree; with several replicas, or clients that bypass the gateway,
+    /// only the engine sees everything. KV-cache use past 80 % adds up to 100 % more, as
+    /// the engine is about to preempt. Engine readings older than three scrapes are ignored.
     pub fn score(&self, shard: usize, health: &HealthView) -> f64 {
         let s = &self.shards[shard];
-        let factor = health.get(shard).weight_factor.clamp(0.01, 1.0);
-        s.load.inflight_tokens() as f64 / (s.effective_capacity * factor)
+        let factor = health.weight_factor(shard).clamp(0.01, 1.0);
+        let ledger = s.load.inflight_tokens() as f64;
+        let mut work = ledger;
+        let mut pressure = 1.0;
+        if let Some(e) = health.engine(shard).filter(|e| {
+            e.taken
+                .is_some_and(|t| t.elapsed() <= self.engine_stale_after)
+        }) {
+            let requests = s.load.inflight_requests();
+            let per_request = if requests > 0 {
+                ledger / requests as f64
+            } else {
+                self.default_request_tokens
+            };
+            let engine_requests = e.queue_depth.unwrap_or(0.0) + e.running.unwrap_or(0.0);
+            work = work.max(engine_requests * per_request);
+            if let Some(kv) = e.kv_usage.filter(|kv| *kv > KV_PRESSURE_FROM) {
+                pressure += (kv - KV_PRESSURE_FROM) / (1.0 - KV_PRESSURE_FROM);
+            }
+        }
+        work * pressure / (s.effective_capacity * factor)
     }
 
     /// Picks a shard for the next attempt: the first tier (home region first) with a shard
@@ -268,6 +302,56 @@ capacity_tps = 100
             .into(),
         )])
         .unwrap()
+    }
+
+    #[test]
+    fn engine_reported_load_and_kv_pressure_raise_the_score_and_stale_readings_do_not() {
+        let r = Router::new(&policy());
+        let mut rng = SmallRng::seed_from_u64(9);
+        let route = r.route("m").unwrap();
+        let now = std::time::Instant::now();
+        let busy = breakwater_health::EngineLoad {
+            queue_depth: Some(10.0),
+            running: Some(4.0),
+            taken: Some(now),
+            ..Default::default()
+        };
+        // w2 (200 tok/s) is idle in our ledger but its engine reports 14 requests.
+        let mut entries = vec![ShardHealth::healthy(); 4];
+        entries[2].engine = Some(busy);
+        r.publish_health(HealthView::from_entries(entries.clone()));
+        let h = r.health();
+        assert!(r.score(2, &h) > r.score(1, &h));
+        for _ in 0..20 {
+            assert_eq!(r.pick(route, &[], &mut rng), Some(1));
+        }
+        // KV near full doubles the score at 100 %.
+        entries[2].engine = Some(breakwater_health::EngineLoad {
+            kv_usage: Some(1.0),
+            queue_depth: Some(1.0),
+            taken: Some(now),
+            ..Default::default()
+        });
+        r.publish_health(HealthView::from_entries(entries.clone()));
+        let with_kv = r.score(2, &r.health());
+        entries[2].engine = Some(breakwater_health::EngineLoad {
+            kv_usage: Some(0.5),
+            queue_depth: Some(1.0),
+            taken: Some(now),
+            ..Default::default()
+        });
+        r.publish_health(HealthView::from_entries(entries.clone()));
+        assert!((with_kv / r.score(2, &r.health()) - 2.0).abs() < 1e-9);
+        // A reading from long ago counts for nothing.
+        let old = now
+            .checked_sub(std::time::Duration::from_secs(60))
+            .unwrap_or(now);
+        entries[2].engine = Some(breakwater_health::EngineLoad {
+            taken: Some(old),
+            ..busy
+        });
+        r.publish_health(HealthView::from_entries(entries));
+        assert_eq!(r.score(2, &r.health()), 0.0);
     }
 
     #[test]

@@ -1,0 +1,368 @@
+//! Engine metrics: scrape each shard's Prometheus `/metrics` and read the engine's own load
+//! signals by their names — one adapter per engine kind. A scrape that fails or is older than
+//! three intervals is *unknown*, not bad: it never takes a shard out by itself.
+//!
+//! The scraper also watches for silent death: requests queued or running while the engine's
+//! generated-token counter stands still for `silent_death` (vLLM can die this way while its
+//! `/health` still answers 200).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+use crate::monitor::HealthMonitor;
+use crate::tracker::Signal;
+
+/// Which metric names a shard's engine exposes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineMetrics {
+    /// vLLM: `vllm:num_requests_waiting`, `vllm:num_requests_running`,
+    /// `vllm:kv_cache_usage_perc` (older: `vllm:gpu_cache_usage_perc`),
+    /// `vllm:num_preemptions_total`, `vllm:generation_tokens_total`.
+    Vllm,
+    /// SGLang: `sglang:num_queue_reqs`, `sglang:num_running_reqs`, `sglang:token_usage`,
+    /// `sglang:generation_tokens_total`.
+    Sglang,
+    /// TGI: `tgi_queue_size`, `tgi_batch_current_size`.
+    Tgi,
+    /// TensorRT-LLM through Triton: `nv_trt_llm_request_metrics{request_type=...}` and
+    /// `nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=...}`.
+    TrtLlm,
+    /// Anything else: nothing is read.
+    Generic,
+}
+
+/// One scrape's reading.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+pub struct EngineLoad {
+    /// Requests queued, not yet scheduled.
+    pub queue_depth: Option<f64>,
+    /// Requests in the running batch.
+    pub running: Option<f64>,
+    /// KV-cache use, 0..=1.
+    pub kv_usage: Option<f64>,
+    /// Preemptions since the engine started.
+    pub preemptions_total: Option<f64>,
+    /// Tokens generated since the engine started.
+    pub generation_tokens_total: Option<f64>,
+    /// Age of the reading when published, milliseconds (unknown when stale).
+    #[serde(skip)]
+    pub taken: Option<Instant>,
+}
+
+/// Sums a metric over every label set; `labels` must all be present on a line to count.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_part, value_part) = match rest.chars().next() {
+            Some('{') => match rest.find('}') {
+                Some(end) => (&rest[1..end], &rest[end + 1..]),
+                None => continue,
+            },
+            Some(' ') => ("", rest),
+            _ => continue,
+        };
+        if !labels
+            .iter()
+            .all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\"")))
+        {
+            continue;
+        }
+        let Some(value) = value_part
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        if value.is_finite() {
+            total = Some(total.unwrap_or(0.0) + value);
+        }
+    }
+    total
+}
+
+impl EngineMetrics {
+    /// The adapter for a policy engine name.
+    pub fn for_engine(kind: &str) -> Self {
+        match kind {
+            "vllm" => Self::Vllm,
+            "sglang" => Self::Sglang,
+            "tgi" => Self::Tgi,
+            "trtllm" | "triton" => Self::TrtLlm,
+            _ => Self::Generic,
+        }
+    }
+
+    /// Reads the engine's load from a `/metrics` text.
+    pub fn parse(self, text: &str) -> EngineLoad {
+        let m = |name: &str| metric(text, name, &[]);
+        let mut load = match self {
+            Self::Vllm => EngineLoad {
+                queue_depth: m("vllm:num_requests_waiting"),
+                running: m("vllm:num_requests_running"),
+                kv_usage: m("vllm:kv_cache_usage_perc").or_else(|| m("vllm:gpu_cache_usage_perc")),
+                preemptions_total: m("vllm:num_preemptions_total"),
+                generation_tokens_total: m("vllm:generation_tokens_total"),
+                taken: None,
+            },
+            Self::Sglang => EngineLoad {
+                queue_depth: m("sglang:num_queue_reqs"),
+                running: m("sglang:num_running_reqs"),
+                kv_usage: m("sglang:token_usage"),
+                preemptions_total: None,
+                generation_tokens_total: m("sglang:generation_tokens_total"),
+                taken: None,
+            },
+            Self::Tgi => EngineLoad {
+                queue_depth: m("tgi_queue_size"),
+                running: m("tgi_batch_current_size"),
+                ..EngineLoad::default()
+            },
+            Self::TrtLlm => {
+                let req = |t| metric(text, "nv_trt_llm_request_metrics", &[("request_type", t)]);
+                let kv = |t| {
+                    metric(
+                        text,
+                        "nv_trt_llm_kv_cache_block_metrics",
+                        &[("kv_cache_block_type", t)],
+                    )
+                };
+                EngineLoad {
+                    queue_depth: req("waiting"),
+                    running: req("active"),
+                    kv_usage: match (kv("used"), kv("max")) {
+                        (Some(used), Some(max)) if max > 0.0 => Some(used / max),
+                        _ => None,
+                    },
+                    ..EngineLoad::default()
+                }
+            }
+            Self::Generic => EngineLoad::default(),
+        };
+        load.kv_usage = load.kv_usage.map(|k| k.clamp(0.0, 1.0));
+        load
+    }
+}
+
+/// One shard to scrape.
+#[derive(Debug, Clone)]
+pub struct ScrapeTarget {
+    /// Shard index.
+    pub shard: usize,
+    /// The full `/metrics` URL.
+    pub url: String,
+    /// The adapter.
+    pub engine: EngineMetrics,
+}
+
+/// Starts one scraping task per target (generic engines are skipped) on the current
+/// Tokio runtime. `silent_death` zero turns the stall detector off.
+pub fn spawn_scrapes(
+    targets: Vec<ScrapeTarget>,
+    interval: Duration,
+    timeout: Duration,
+    silent_death: Duration,
+    monitor: HealthMonitor,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(timeout));
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    for target in targets
+        .into_iter()
+        .filter(|t| t.engine != EngineMetrics::Generic)
+    {
+        let (client, monitor) = (client.clone(), monitor.clone());
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut stall = StallWatch::default();
+            loop {
+                ticker.tick().await;
+                let Some(load) = scrape(&client, &target, timeout).await else {
+                    continue;
+                };
+                let now = tokio::time::Instant::now().into_std();
+                if let Some(detail) = stall.see(&load, now, silent_death) {
+                    monitor.report(target.shard, Signal::Stalled { detail });
+                }
+                monitor.report(
+                    target.shard,
+                    Signal::Engine(EngineLoad {
+                        taken: Some(now),
+                        ..load
+                    }),
+                );
+            }
+        });
+    }
+}
+
+async fn scrape(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    target: &ScrapeTarget,
+    timeout: Duration,
+) -> Option<EngineLoad> {
+    let uri = target.url.parse::<hyper::Uri>().ok()?;
+    let call = async {
+        let resp = client.get(uri).await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let body = Limited::new(resp.into_body(), 8 << 20)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        Some(target.engine.parse(std::str::from_utf8(&body).ok()?))
+    };
+    tokio::time::timeout(timeout, call).await.ok().flatten()
+}
+
+/// Detects "work waiting, nothing generated" across scrapes.
+#[derive(Debug, Default)]
+pub struct StallWatch {
+    last_tokens: Option<f64>,
+    stuck_since: Option<Instant>,
+    reported: bool,
+}
+
+impl StallWatch {
+    /// Returns a reason the first time the engine has had work but generated nothing for
+    /// `limit`; resets as soon as tokens move or the work is gone.
+    pub fn see(&mut self, load: &EngineLoad, now: Instant, limit: Duration) -> Option<String> {
+        if limit.is_zero() {
+            return None;
+        }
+        let busy = load.queue_depth.unwrap_or(0.0) + load.running.unwrap_or(0.0) > 0.0;
+        let tokens = load.generation_tokens_total?;
+        let moved = self.last_tokens.is_none_or(|t| tokens > t);
+        self.last_tokens = Some(tokens);
+        if !busy || moved {
+            self.stuck_since = None;
+            self.reported = false;
+            return None;
+        }
+        let since = *self.stuck_since.get_or_insert(now);
+        if !self.reported && now.saturating_duration_since(since) >= limit {
+            self.reported = true;
+            return Some(format!(
+                "no token generated for {} ms with {} request(s) queued or running",
+                limit.as_millis(),
+                load.queue_depth.unwrap_or(0.0) + load.running.unwrap_or(0.0)
+            ));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VLLM: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="a"} 3
+vllm:num_requests_running{model_name="b"} 1
+vllm:num_requests_waiting{model_name="a"} 7
+vllm:gpu_cache_usage_perc{model_name="a"} 0.82
+vllm:num_preemptions_total{model_name="a"} 2
+vllm:generation_tokens_total{model_name="a"} 1234
+"#;
+
+    #[test]
+    fn vllm_names_including_the_older_kv_name() {
+        let l = EngineMetrics::Vllm.parse(VLLM);
+        assert_eq!(l.running, Some(4.0));
+        assert_eq!(l.queue_depth, Some(7.0));
+        assert_eq!(l.kv_usage, Some(0.82));
+        assert_eq!(l.preemptions_total, Some(2.0));
+        assert_eq!(l.generation_tokens_total, Some(1234.0));
+        let newer = VLLM.replace("gpu_cache_usage_perc", "kv_cache_usage_perc");
+        assert_eq!(EngineMetrics::Vllm.parse(&newer).kv_usage, Some(0.82));
+    }
+
+    #[test]
+    fn other_engines_and_the_generic_one() {
+        let sg = "sglang:num_queue_reqs 2\nsglang:num_running_reqs 5\nsglang:token_usage 0.5\n";
+        let l = EngineMetrics::Sglang.parse(sg);
+        assert_eq!(
+            (l.queue_depth, l.running, l.kv_usage),
+            (Some(2.0), Some(5.0), Some(0.5))
+        );
+        let tgi = "tgi_queue_size 4\ntgi_batch_current_size 9\n";
+        assert_eq!(EngineMetrics::Tgi.parse(tgi).queue_depth, Some(4.0));
+        let trt = "nv_trt_llm_request_metrics{model=\"m\",request_type=\"waiting\"} 6\nnv_trt_llm_request_metrics{model=\"m\",request_type=\"active\"} 8\nnv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"used\",model=\"m\"} 30\nnv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\",model=\"m\"} 120\n";
+        let l = EngineMetrics::TrtLlm.parse(trt);
+        assert_eq!(
+            (l.queue_depth, l.running, l.kv_usage),
+            (Some(6.0), Some(8.0), Some(0.25))
+        );
+        assert_eq!(EngineMetrics::Generic.parse(VLLM), EngineLoad::default());
+        // Garbage is unknown, not zero.
+        assert_eq!(
+            EngineMetrics::Vllm
+                .parse("vllm:num_requests_waiting nan-ish\n")
+                .queue_depth,
+            None
+        );
+        assert_eq!(
+            EngineMetrics::for_engine("ray_serve"),
+            EngineMetrics::Generic
+        );
+    }
+
+    #[test]
+    fn a_stall_is_reported_once_after_the_limit_and_resets_when_tokens_move() {
+        let t0 = Instant::now();
+        let limit = Duration::from_secs(2);
+        let load = |tokens, waiting| EngineLoad {
+            queue_depth: Some(waiting),
+            running: Some(0.0),
+            generation_tokens_total: Some(tokens),
+            ..EngineLoad::default()
+        };
+        let mut w = StallWatch::default();
+        assert_eq!(w.see(&load(10.0, 3.0), t0, limit), None);
+        assert_eq!(
+            w.see(&load(10.0, 3.0), t0 + Duration::from_secs(1), limit),
+            None
+        );
+        assert!(w
+            .see(&load(10.0, 3.0), t0 + Duration::from_secs(3), limit)
+            .is_some());
+        assert_eq!(
+            w.see(&load(10.0, 3.0), t0 + Duration::from_secs(4), limit),
+            None
+        );
+        // Idle with no tokens is not a stall.
+        let mut w = StallWatch::default();
+        w.see(&load(10.0, 0.0), t0, limit);
+        assert_eq!(
+            w.see(&load(10.0, 0.0), t0 + Duration::from_secs(9), limit),
+            None
+        );
+        // Tokens moving reset it.
+        let mut w = StallWatch::default();
+        w.see(&load(10.0, 3.0), t0, limit);
+        w.see(&load(11.0, 3.0), t0 + Duration::from_secs(3), limit);
+        assert_eq!(
+            w.see(&load(11.0, 3.0), t0 + Duration::from_secs(4), limit),
+            None
+        );
+    }
+}
