@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,65 +20,6 @@ base_ejection_ms = 2000
 max_ejection_ms = 10000
 ejection_jitter_ms = 0
 ";
-
-/// One client request's outcome.
-#[derive(Debug, Clone)]
-struct Record {
-    sent_at: Duration,
-    took: Duration,
-    status: u16,
-    shard: String,
-}
-
-/// `workers` clients sending non-streamed requests back to back for `length` (at most
-/// 2,000 each); `during` runs alongside (the fault script).
-async fn load<F: std::future::Future<Output = ()>>(
-    gw: &Gateway,
-    workers: usize,
-    length: Duration,
-    during: F,
-) -> (Vec<Record>, Instant) {
-    let start = Instant::now();
-    let records = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let (url, records) = (gw.url("/v1/chat/completions"), Arc::clone(&records));
-        tasks.push(tokio::spawn(async move {
-            let c = client();
-            for _ in 0..2000 {
-                if start.elapsed() >= length {
-                    break;
-                }
-                let sent = Instant::now();
-                let (status, shard) = match c.post(&url).json(&chat(4, false)).send().await {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let shard = r
-                            .headers()
-                            .get("x-breakwater-shard")
-                            .map(|v| v.to_str().unwrap().to_string())
-                            .unwrap_or_default();
-                        let _ = r.bytes().await;
-                        (status, shard)
-                    }
-                    Err(_) => (0, String::new()),
-                };
-                records.lock().unwrap().push(Record {
-                    sent_at: sent - start,
-                    took: sent.elapsed(),
-                    status,
-                    shard,
-                });
-            }
-        }));
-    }
-    during.await;
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let records = records.lock().unwrap().clone();
-    (records, start)
-}
 
 fn failed(records: &[Record]) -> usize {
     records.iter().filter(|r| r.status != 200).count()
@@ -122,7 +62,7 @@ async fn a_shard_that_goes_down_under_load_costs_no_request_and_stops_getting_tr
     let b = start_shard(ShardSpec::new("b", "home")).await;
     let gw = Gateway::start(&policy_text(&[&a, &b], FAST_HEALTH)).await;
     let mut at_1s = 0;
-    let (records, _) = load(&gw, 8, Duration::from_secs(3), async {
+    let (records, _) = load(&gw, 8, Duration::from_secs(3), 4, async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         a.fault(FaultMode::Down);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -175,7 +115,7 @@ async fn a_shard_returning_500s_is_ejected_and_clients_see_no_error() {
         .replace("check_timeout_ms = 150\n", "");
     let gw = Gateway::start(&policy_text(&[&a, &b], &health)).await;
     let mut before = 0;
-    let (records, _) = load(&gw, 6, Duration::from_secs(2), async {
+    let (records, _) = load(&gw, 6, Duration::from_secs(2), 4, async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         before = a.stats().requests_total;
         a.fault(FaultMode::Error);
@@ -226,7 +166,7 @@ async fn a_hung_shard_costs_clients_one_first_byte_timeout_at_most_and_is_ejecte
     ))
     .await;
     a.fault(FaultMode::Hang);
-    let (records, _) = load(&gw, 4, Duration::from_secs(2), async {}).await;
+    let (records, _) = load(&gw, 4, Duration::from_secs(2), 4, async {}).await;
     let slowest = records.iter().map(|r| r.took).max().unwrap();
     let slow = records
         .iter()
@@ -261,7 +201,7 @@ async fn when_everything_fails_retries_stay_within_the_budget_and_errors_are_fas
     ))
     .await;
     let workers = 20;
-    let (records, _) = load(&gw, workers, Duration::from_secs(2), async {}).await;
+    let (records, _) = load(&gw, workers, Duration::from_secs(2), 4, async {}).await;
     let upstream: u64 = shards.iter().map(|s| s.stats().requests_total).sum();
     let amplification = upstream as f64 / records.len() as f64;
     let mut took: Vec<Duration> = records.iter().map(|r| r.took).collect();
@@ -289,7 +229,7 @@ async fn when_the_home_region_goes_down_the_other_serves_everything_within_3s_an
     let w1 = start_shard(ShardSpec::new("w1", "away")).await;
     let w2 = start_shard(ShardSpec::new("w2", "away")).await;
     let gw = Gateway::start(&policy_text(&[&h1, &h2, &w1, &w2], FAST_HEALTH)).await;
-    let (records, _) = load(&gw, 8, Duration::from_secs(6), async {
+    let (records, _) = load(&gw, 8, Duration::from_secs(6), 4, async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         h1.fault(FaultMode::Down);
         h2.fault(FaultMode::Down);
@@ -397,7 +337,7 @@ async fn an_engine_that_stops_generating_while_its_health_says_ok_is_ejected() {
     });
     let started = Instant::now();
     let mut ejected_after = None;
-    let (records, _) = load(&gw, 4, Duration::from_secs(3), async {
+    let (records, _) = load(&gw, 4, Duration::from_secs(3), 4, async {
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             let events: serde_json::Value = client()

@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -99,59 +98,6 @@ fn policy_with_probes(shards: &[(&Shard, &Probe)]) -> String {
     text
 }
 
-#[derive(Debug, Clone)]
-struct Record {
-    sent_at: Duration,
-    status: u16,
-    shard: String,
-}
-
-async fn load(
-    gw: &Gateway,
-    workers: usize,
-    length: Duration,
-    max_tokens: u64,
-    start: Instant,
-) -> Vec<Record> {
-    let records = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let (url, records) = (gw.url("/v1/chat/completions"), Arc::clone(&records));
-        tasks.push(tokio::spawn(async move {
-            let c = client();
-            for _ in 0..2000 {
-                if start.elapsed() >= length {
-                    break;
-                }
-                let sent_at = start.elapsed();
-                let r = c
-                    .post(&url)
-                    .json(&chat(max_tokens, false))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                let shard = r
-                    .headers()
-                    .get("x-breakwater-shard")
-                    .map(|v| v.to_str().unwrap().to_string())
-                    .unwrap_or_default();
-                let _ = r.bytes().await;
-                records.lock().unwrap().push(Record {
-                    sent_at,
-                    status,
-                    shard,
-                });
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let out = records.lock().unwrap().clone();
-    out
-}
-
 async fn shard_status(gw: &Gateway, id: &str) -> serde_json::Value {
     let status = gw.status().await;
     status["shards"]
@@ -170,12 +116,11 @@ async fn an_ecc_failure_drains_the_shard_within_two_probe_intervals_without_fail
     let b = start_shard(ShardSpec::new("b", "home").itl_ms(10)).await;
     let (pa, pb) = (Probe::start(), Probe::start());
     let gw = Gateway::start(&policy_with_probes(&[(&a, &pa), (&b, &pb)])).await;
-    let start = Instant::now();
     let fault = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         pa.set(r#"{"ecc_uncorrected": 1}"#);
     };
-    let (records, ()) = tokio::join!(load(&gw, 6, Duration::from_secs(3), 20, start), fault);
+    let (records, ()) = load(&gw, 6, Duration::from_secs(3), 20, fault).await;
     // Probe reads every 100 ms, the gateway every 200 ms: two intervals = 400 ms.
     let drained_by = Duration::from_millis(1400);
     let late_to_a = records
@@ -245,10 +190,7 @@ async fn low_free_memory_moves_traffic_away_in_proportion() {
         }
         sum_a as f64 / sum.max(1) as f64
     };
-    let (records, share) = tokio::join!(
-        load(&gw, 12, Duration::from_secs(3), 20, Instant::now()),
-        sampling
-    );
+    let (records, share) = load(&gw, 12, Duration::from_secs(3), 20, sampling).await;
     eprintln!("degraded (weight 0.5): its share of in-flight tokens {share:.2} (expected 1/3) over {} requests", records.len());
     assert!(records.iter().all(|r| r.status == 200));
     // Weight 0.5 against 1.0: a third of the load, ±0.1.
@@ -277,7 +219,7 @@ async fn a_probe_that_goes_away_does_not_change_routing() {
         st["gpu"]["reasons"][0].as_str().unwrap().contains("probe"),
         "{st}"
     );
-    let records = load(&gw, 8, Duration::from_secs(2), 10, Instant::now()).await;
+    let (records, ()) = load(&gw, 8, Duration::from_secs(2), 10, async {}).await;
     let to_a = records.iter().filter(|r| r.shard == "a").count() as f64 / records.len() as f64;
     eprintln!("probe gone: the shard still takes {to_a:.2} of requests");
     assert!(records.iter().all(|r| r.status == 200));

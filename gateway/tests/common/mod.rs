@@ -253,3 +253,71 @@ pub fn chat(max_tokens: u64, stream: bool) -> Value {
         "stream": stream,
     })
 }
+
+/// One client request's outcome under [`load`].
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// When it was sent, from the start of the load.
+    pub sent_at: Duration,
+    /// How long the client waited for the whole answer.
+    pub took: Duration,
+    /// Status (0: no HTTP answer at all).
+    pub status: u16,
+    /// `x-breakwater-shard` of the answer.
+    pub shard: String,
+}
+
+/// `workers` clients sending non-streamed `max_tokens` requests back to back for `length`
+/// (at most 2,000 each), while `during` (a fault script, a sampler) runs alongside.
+pub async fn load<F: std::future::Future>(
+    gw: &Gateway,
+    workers: usize,
+    length: Duration,
+    max_tokens: u64,
+    during: F,
+) -> (Vec<Record>, F::Output) {
+    let start = Instant::now();
+    let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (url, records) = (
+            gw.url("/v1/chat/completions"),
+            std::sync::Arc::clone(&records),
+        );
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..2000 {
+                if start.elapsed() >= length {
+                    break;
+                }
+                let sent = Instant::now();
+                let (status, shard) = match c.post(&url).json(&chat(max_tokens, false)).send().await
+                {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let shard = r
+                            .headers()
+                            .get("x-breakwater-shard")
+                            .map(|v| v.to_str().unwrap().to_string())
+                            .unwrap_or_default();
+                        let _ = r.bytes().await;
+                        (status, shard)
+                    }
+                    Err(_) => (0, String::new()),
+                };
+                records.lock().unwrap().push(Record {
+                    sent_at: sent - start,
+                    took: sent.elapsed(),
+                    status,
+                    shard,
+                });
+            }
+        }));
+    }
+    let out = during.await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let records = records.lock().unwrap().clone();
+    (records, out)
+}
