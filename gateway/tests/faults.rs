@@ -376,3 +376,57 @@ async fn an_engine_that_stops_generating_while_its_health_says_ok_is_ejected() {
     // are retried elsewhere; none fails.
     assert!(records.iter().all(|r| r.status == 200), "{records:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flapping_shard_is_ejected_for_longer_each_time_and_gets_a_small_share() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let b = start_shard(ShardSpec::new("b", "home")).await;
+    let health = format!("{FAST_HEALTH}slow_start_ms = 1000\n");
+    let gw = Gateway::start(&policy_text(&[&a, &b], &health)).await;
+    // Down and up every 2 s, four times.
+    let flap = async {
+        for _ in 0..4 {
+            a.fault(FaultMode::Down);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            a.fault(FaultMode::Ok);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let (records, ()) = load(&gw, 6, Duration::from_secs(8), 4, flap).await;
+    let share = records.iter().filter(|r| r.shard == "a").count() as f64 / records.len() as f64;
+    let status = gw.status().await;
+    let s = status["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "a")
+        .unwrap()
+        .clone();
+    let ejections = s["ejection_count"].as_u64().unwrap();
+    let events: serde_json::Value = client()
+        .get(format!("http://{}/admin/events", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let lengths: Vec<String> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .filter(|r| r.starts_with("ejected for"))
+        .map(|r| r.split_whitespace().nth(2).unwrap_or("").to_string())
+        .collect();
+    eprintln!("flapping: {} requests, {} failed; its share {share:.2}; {ejections} ejections, lengths (ms) {lengths:?}", records.len(), failed(&records));
+    assert_eq!(failed(&records), 0);
+    assert!(ejections >= 2, "{s}");
+    // Each ejection lasts longer than the one before (2 s, 4 s, ...).
+    let ms: Vec<u64> = lengths.iter().filter_map(|l| l.parse().ok()).collect();
+    assert!(ms.windows(2).all(|w| w[1] > w[0]), "{ms:?}");
+    // Half the time up, but ejected for growing stretches and ramped in slowly: well under
+    // the half it would get if healthy.
+    assert!(share < 0.25, "share {share:.2}");
+}

@@ -49,6 +49,9 @@ pub struct HealthConfig {
     /// Work queued or running with no token generated for this long ejects a shard; zero
     /// turns the detector off. Default 10 s.
     pub silent_death: Duration,
+    /// A shard returning from an ejection ramps from 10 % to its full share over this
+    /// window; zero turns slow start off. Default 30 s.
+    pub slow_start: Duration,
 }
 
 impl Default for HealthConfig {
@@ -72,6 +75,7 @@ impl Default for HealthConfig {
             metrics_interval: Duration::from_secs(1),
             metrics_timeout: Duration::from_millis(500),
             silent_death: Duration::from_secs(10),
+            slow_start: Duration::from_secs(30),
         }
     }
 }

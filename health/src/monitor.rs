@@ -213,7 +213,11 @@ impl Owner {
 
     fn tick(&mut self) -> bool {
         let now = tokio::time::Instant::now().into_std();
-        let mut changed = false;
+        // A shard in slow start needs its rising weight republished.
+        let mut changed = self
+            .trackers
+            .iter()
+            .any(|t| t.slow_start_factor(now, &self.cfg) < 1.0);
         for i in 0..self.trackers.len() {
             if let Some((from, _)) = self.trackers[i].tick(now, &self.cfg) {
                 self.record(i, from);
@@ -251,6 +255,7 @@ impl Owner {
     }
 
     fn view(&self) -> HealthView {
+        let now = tokio::time::Instant::now().into_std();
         HealthView::from_entries(
             self.trackers
                 .iter()
@@ -262,7 +267,7 @@ impl Owner {
                         ShardState::Healthy => 1.0,
                         ShardState::Degraded => self.cfg.gpu_degraded_weight,
                         ShardState::Ejected | ShardState::Draining => 0.0,
-                    },
+                    } * t.slow_start_factor(now, &self.cfg),
                     ejection_count: t.ejections(),
                     last_transition: last.clone(),
                     gpu: t.gpu().cloned(),

@@ -117,6 +117,20 @@ impl Tracker {
         }
     }
 
+    /// Slow start: the share of its full weight a shard that just returned takes, rising
+    /// linearly from 10 % to 100 % over `cfg.slow_start` (Envoy's slow start with
+    /// aggression 1 and a 10 % floor), so a recovering engine is not flooded with a cold
+    /// cache.
+    pub fn slow_start_factor(&self, now: Instant, cfg: &HealthConfig) -> f64 {
+        match self.returned_at {
+            Some(t) if !cfg.slow_start.is_zero() && self.state == ShardState::Healthy => {
+                let elapsed = now.saturating_duration_since(t).as_secs_f64();
+                (elapsed / cfg.slow_start.as_secs_f64()).clamp(0.1, 1.0)
+            }
+            _ => 1.0,
+        }
+    }
+
     /// The last engine reading, if its metrics are scraped.
     pub fn engine(&self) -> Option<&EngineLoad> {
         self.engine.as_ref()
@@ -179,6 +193,7 @@ impl Tracker {
                 self.check_passes += 1;
                 if !self.check_healthy && self.check_passes >= cfg.healthy_threshold {
                     self.check_healthy = true;
+                    self.returned_at = Some(now);
                 }
                 if self.ejected_until.is_some_and(|until| now >= until) {
                     self.ejected_until = None;
@@ -413,6 +428,37 @@ mod tests {
             NO_JITTER,
         );
         assert_eq!(t.state(), ShardState::Healthy);
+    }
+
+    #[test]
+    fn a_returning_shard_ramps_up_over_the_slow_start_window() {
+        let c = HealthConfig {
+            slow_start: Duration::from_secs(10),
+            ..cfg()
+        };
+        let t0 = Instant::now();
+        let mut t = Tracker::new();
+        assert_eq!(t.slow_start_factor(t0, &c), 1.0);
+        for _ in 0..3 {
+            t.on(fail(true), t0, &c, EjectPermit::Allowed, NO_JITTER);
+        }
+        let back = t0 + Duration::from_secs(3);
+        t.on(
+            Signal::CheckPassed,
+            back,
+            &c,
+            EjectPermit::Allowed,
+            NO_JITTER,
+        );
+        assert_eq!(t.state(), ShardState::Healthy);
+        assert_eq!(t.slow_start_factor(back, &c), 0.1);
+        assert!((t.slow_start_factor(back + Duration::from_secs(5), &c) - 0.5).abs() < 1e-9);
+        assert_eq!(t.slow_start_factor(back + Duration::from_secs(11), &c), 1.0);
+        let off = HealthConfig {
+            slow_start: Duration::ZERO,
+            ..c
+        };
+        assert_eq!(t.slow_start_factor(back, &off), 1.0);
     }
 
     #[test]

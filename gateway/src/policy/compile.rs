@@ -458,6 +458,13 @@ impl Compiler {
                 0,
                 h.silent_death,
             );
+            h.slow_start = ms(
+                self,
+                "health.slow_start_ms",
+                raw.slow_start_ms,
+                0,
+                h.slow_start,
+            );
             if h.gpu_timeout > h.gpu_interval {
                 self.issue(
                     f,

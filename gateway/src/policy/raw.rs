@@ -129,6 +129,9 @@ pub struct RawHealth {
     /// Work queued with no token generated for this long ejects a shard, milliseconds;
     /// 0 turns the detector off. Default 10000.
     pub silent_death_ms: Option<u64>,
+    /// A shard returning from an ejection ramps from 10 % to its full share over this
+    /// window, milliseconds; 0 turns slow start off. Default 30000.
+    pub slow_start_ms: Option<u64>,
 }
 
 /// `[retries]`
