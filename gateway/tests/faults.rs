@@ -430,3 +430,32 @@ async fn a_flapping_shard_is_ejected_for_longer_each_time_and_gets_a_small_share
     // the half it would get if healthy.
     assert!(share < 0.25, "share {share:.2}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_half_the_home_region_spills_the_surplus_by_the_overprovisioning_rule() {
+    let h1 = start_shard(ShardSpec::new("h1", "home")).await;
+    let h2 = start_shard(ShardSpec::new("h2", "home")).await;
+    let w1 = start_shard(ShardSpec::new("w1", "away")).await;
+    let w2 = start_shard(ShardSpec::new("w2", "away")).await;
+    let gw = Gateway::start(&policy_text(&[&h1, &h2, &w1, &w2], FAST_HEALTH)).await;
+    let (records, ()) = load(&gw, 8, Duration::from_secs(4), 4, async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        h1.fault(FaultMode::Down);
+    })
+    .await;
+    let share_away = |from: u64, to: u64| {
+        let window: Vec<&Record> = records
+            .iter()
+            .filter(|r| {
+                r.sent_at >= Duration::from_millis(from) && r.sent_at < Duration::from_millis(to)
+            })
+            .collect();
+        window.iter().filter(|r| r.shard.starts_with('w')).count() as f64 / window.len() as f64
+    };
+    let (before, after) = (share_away(0, 1000), share_away(1500, 4000));
+    eprintln!("partial region loss: away share {before:.2} before, {after:.2} after (rule: 1 - 0.5 x 1.4 = 0.30); {} failed", failed(&records));
+    assert_eq!(failed(&records), 0);
+    assert_eq!(before, 0.0);
+    // Half the home capacity healthy × 1.4 keeps 70 % home; 30 % spills, ±0.08.
+    assert!((0.22..=0.38).contains(&after), "{after:.2}");
+}

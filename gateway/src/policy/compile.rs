@@ -327,6 +327,17 @@ impl Compiler {
                     );
                 }
             }
+            if let Some(v) = raw.overprovisioning_factor {
+                if v.is_finite() && (1.0..=10.0).contains(&v) {
+                    r.overprovisioning_factor = v;
+                } else {
+                    self.issue(
+                        f,
+                        "routing.overprovisioning_factor",
+                        format!("{v} must be within 1..=10"),
+                    );
+                }
+            }
             if let Some(v) = raw.max_attempts {
                 r.max_attempts = self.bounded(f, "routing.max_attempts", v.into(), 1, 5) as u32;
             }

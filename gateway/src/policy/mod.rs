@@ -210,6 +210,8 @@ pub struct RoutingSettings {
     pub bytes_per_token: f64,
     /// Attempts per request, first included (default 3).
     pub max_attempts: u32,
+    /// Healthy capacity × this covers a region's traffic before it spills (default 1.4).
+    pub overprovisioning_factor: f64,
 }
 
 /// The retry budget and backoff.
@@ -242,6 +244,7 @@ impl Default for RoutingSettings {
             default_completion_tokens: 256,
             bytes_per_token: 4.0,
             max_attempts: 3,
+            overprovisioning_factor: 1.4,
         }
     }
 }

@@ -84,6 +84,9 @@ pub struct RawRouting {
     /// Attempts per request (first try included) before the client gets an error.
     /// Default 3.
     pub max_attempts: Option<u32>,
+    /// A region keeps its traffic while healthy capacity × this factor covers it; the
+    /// surplus spills to the next region. Default 1.4.
+    pub overprovisioning_factor: Option<f64>,
 }
 
 /// `[health]`

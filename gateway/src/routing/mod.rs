@@ -68,6 +68,8 @@ pub struct Router {
     engine_stale_after: std::time::Duration,
     /// Tokens assumed per engine-reported request when the ledger has none to average.
     default_request_tokens: f64,
+    /// How far a region's healthy capacity is stretched before traffic spills.
+    overprovisioning: f64,
 }
 
 /// KV-cache use above which a shard's score grows: GIE's and vLLM's "near saturation".
@@ -145,6 +147,7 @@ impl Router {
             estimator,
             engine_stale_after: policy.health.metrics_stale_after(),
             default_request_tokens: policy.routing.default_completion_tokens as f64,
+            overprovisioning: policy.routing.overprovisioning_factor,
         }
     }
 
@@ -226,7 +229,19 @@ impl Router {
         let admitted = |i: usize| health.takes_new_requests(i);
         let panic = !route.tiers.iter().flatten().any(|i| admitted(*i));
         let mut candidates = Vec::with_capacity(8);
-        for tier in &route.tiers {
+        // A first attempt may start in a later region: the share of traffic each region
+        // keeps follows its healthy capacity (see `region_shares`). Retries go in order.
+        let first_tier = if tried.is_empty() && !panic {
+            self.spill_tier(route, &health, rng.gen::<f64>())
+        } else {
+            0
+        };
+        for tier in route
+            .tiers
+            .iter()
+            .skip(first_tier)
+            .chain(route.tiers.iter().take(first_tier))
+        {
             candidates.clear();
             candidates.extend(
                 tier.iter()
@@ -238,6 +253,41 @@ impl Router {
             }
         }
         None
+    }
+
+    /// The tier a first attempt starts in, for a uniform draw `u` in [0, 1): Envoy's
+    /// priority load. Each region in order keeps `min(rest, health × overprovisioning)` of
+    /// the traffic, `health` being the share of its capacity that is admitted (weighted by
+    /// health: a degraded or slow-starting shard counts for less); the rest spills to the
+    /// next. With the default factor 1.4, a region keeps all its traffic until less than
+    /// about 71 % of its capacity is healthy, then sheds the surplus proportionally — and
+    /// takes it back as its shards return and ramp up (slow start), which makes failback
+    /// gradual.
+    fn spill_tier(&self, route: &ModelRoute, health: &HealthView, u: f64) -> usize {
+        let mut rest = 1.0;
+        let mut acc = 0.0;
+        for (t, tier) in route.tiers.iter().enumerate() {
+            let total: f64 = tier
+                .iter()
+                .map(|i| self.shards[*i].effective_capacity)
+                .sum();
+            let healthy: f64 = tier
+                .iter()
+                .filter(|i| health.takes_new_requests(**i))
+                .map(|i| self.shards[*i].effective_capacity * health.weight_factor(*i))
+                .sum();
+            let share = if total > 0.0 {
+                (healthy / total * self.overprovisioning).min(rest)
+            } else {
+                0.0
+            };
+            acc += share;
+            rest -= share;
+            if u < acc {
+                return t;
+            }
+        }
+        0
     }
 
     /// Whether any shard may take traffic now (`/readyz`).
@@ -302,6 +352,34 @@ capacity_tps = 100
             .into(),
         )])
         .unwrap()
+    }
+
+    #[test]
+    fn a_region_keeps_traffic_while_its_healthy_capacity_covers_it_then_spills_the_surplus() {
+        let r = Router::new(&policy());
+        let route = r.route("m").unwrap();
+        let mut rng = SmallRng::seed_from_u64(11);
+        let home_share = |r: &Router, rng: &mut SmallRng| {
+            let n = 10_000;
+            let home = (0..n)
+                .filter(|_| matches!(r.pick(route, &[], rng), Some(1 | 2)))
+                .count();
+            home as f64 / n as f64
+        };
+        assert_eq!(home_share(&r, &mut rng), 1.0);
+        // w1 (100 of the region's 300 tok/s) out: 2/3 healthy × 1.4 = 93 % stays home.
+        let mut entries = vec![ShardHealth::healthy(); 4];
+        entries[1].state = ShardState::Ejected;
+        r.publish_health(HealthView::from_entries(entries.clone()));
+        assert!((home_share(&r, &mut rng) - 0.933).abs() < 0.02);
+        // w2 (200 of 300) out instead: 1/3 × 1.4 = 47 % stays; the rest spills to east
+        // first (it keeps all it is offered: east is fully healthy).
+        entries[1].state = ShardState::Healthy;
+        entries[2].state = ShardState::Ejected;
+        r.publish_health(HealthView::from_entries(entries.clone()));
+        assert!((home_share(&r, &mut rng) - 0.467).abs() < 0.02);
+        // Retries still go home first while it has an untried shard.
+        assert_eq!(r.pick(route, &[0], &mut rng), Some(1));
     }
 
     #[test]
