@@ -26,6 +26,39 @@ fn failed(records: &[Record]) -> usize {
 }
 
 /// Upstream attempts the gateway made on `shard`, from its metrics.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Milliseconds from `since` (Unix ms) to the first transition of `shard` out of healthy.
+async fn detection_ms(gw: &Gateway, shard: &str, since: u64) -> Option<u64> {
+    let events: serde_json::Value = client()
+        .get(format!("http://{}/admin/events", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    events["events"]
+        .as_array()?
+        .iter()
+        .filter(|e| e["shard"] == shard && e["from"] == "healthy")
+        .filter_map(|e| e["at_unix_ms"].as_u64())
+        .find(|at| *at >= since)
+        .map(|at| at - since)
+}
+
+/// Upstream attempts per client request over the whole run, from the gateway's metrics.
+async fn amplification(gw: &Gateway, records: &[Record]) -> f64 {
+    attempts(gw, "").await as f64 / records.len().max(1) as f64
+}
+
+/// Upstream attempts the gateway made on `shard` (every shard for ""), from its metrics.
 async fn attempts(gw: &Gateway, shard: &str) -> u64 {
     let text = client()
         .get(format!("http://{}/metrics", gw.admin))
@@ -38,7 +71,7 @@ async fn attempts(gw: &Gateway, shard: &str) -> u64 {
     text.lines()
         .filter(|l| {
             l.starts_with("breakwater_upstream_attempts_total")
-                && l.contains(&format!("shard=\"{shard}\""))
+                && (shard.is_empty() || l.contains(&format!("shard=\"{shard}\"")))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
@@ -62,8 +95,10 @@ async fn a_shard_that_goes_down_under_load_costs_no_request_and_stops_getting_tr
     let b = start_shard(ShardSpec::new("b", "home")).await;
     let gw = Gateway::start(&policy_text(&[&a, &b], FAST_HEALTH)).await;
     let mut at_1s = 0;
+    let mut fault_at = 0;
     let (records, _) = load(&gw, 8, Duration::from_secs(3), 4, async {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        fault_at = unix_ms();
         a.fault(FaultMode::Down);
         tokio::time::sleep(Duration::from_secs(1)).await;
         at_1s = attempts(&gw, "a").await;
@@ -75,9 +110,11 @@ async fn a_shard_that_goes_down_under_load_costs_no_request_and_stops_getting_tr
         .filter(|r| r.sent_at > Duration::from_secs(1))
         .collect();
     eprintln!(
-        "down: {} requests, {} failed; attempts on the dead shard between 1 s after the fault and the end: {}",
+        "down: {} requests, {} failed; detected in {:?} ms; amplification {:.3}; attempts on the dead shard between 1 s after the fault and the end: {}",
         records.len(),
         failed(&records),
+        detection_ms(&gw, "a", fault_at).await,
+        amplification(&gw, &records).await,
         at_end - at_1s
     );
     assert_eq!(failed(&records), 0);
@@ -114,18 +151,21 @@ async fn a_shard_returning_500s_is_ejected_and_clients_see_no_error() {
         .replace("check_interval_ms = 200", "check_interval_ms = 0")
         .replace("check_timeout_ms = 150\n", "");
     let gw = Gateway::start(&policy_text(&[&a, &b], &health)).await;
-    let mut before = 0;
+    let (mut before, mut fault_at) = (0, 0);
     let (records, _) = load(&gw, 6, Duration::from_secs(2), 4, async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         before = a.stats().requests_total;
+        fault_at = unix_ms();
         a.fault(FaultMode::Error);
     })
     .await;
     let to_a = a.stats().requests_total - before;
     eprintln!(
-        "500s: {} requests, {} failed; the failing shard got {to_a} before ejection",
+        "500s: {} requests, {} failed; detected in {:?} ms; amplification {:.3}; the failing shard got {to_a} before ejection",
         records.len(),
-        failed(&records)
+        failed(&records),
+        detection_ms(&gw, "a", fault_at).await,
+        amplification(&gw, &records).await
     );
     assert_eq!(failed(&records), 0);
     // 5 consecutive failures eject it; requests already in flight at that moment add at
@@ -165,6 +205,7 @@ async fn a_hung_shard_costs_clients_one_first_byte_timeout_at_most_and_is_ejecte
         &format!("{FAST_HEALTH}\n[timeouts]\nfirst_byte_ms = 500\n"),
     ))
     .await;
+    let fault_at = unix_ms();
     a.fault(FaultMode::Hang);
     let (records, _) = load(&gw, 4, Duration::from_secs(2), 4, async {}).await;
     let slowest = records.iter().map(|r| r.took).max().unwrap();
@@ -173,9 +214,11 @@ async fn a_hung_shard_costs_clients_one_first_byte_timeout_at_most_and_is_ejecte
         .filter(|r| r.took > Duration::from_millis(400))
         .count();
     eprintln!(
-        "hang: {} requests, {} failed, {slow} waited out the timeout, slowest {slowest:?}",
+        "hang: {} requests, {} failed, {slow} waited out the timeout, slowest {slowest:?}; detected in {:?} ms; amplification {:.3}",
         records.len(),
-        failed(&records)
+        failed(&records),
+        detection_ms(&gw, "a", fault_at).await,
+        amplification(&gw, &records).await
     );
     assert_eq!(failed(&records), 0);
     // The first-byte timeout (500 ms), one backoff (≤ 25 ms) and a normal answer.
@@ -229,8 +272,10 @@ async fn when_the_home_region_goes_down_the_other_serves_everything_within_3s_an
     let w1 = start_shard(ShardSpec::new("w1", "away")).await;
     let w2 = start_shard(ShardSpec::new("w2", "away")).await;
     let gw = Gateway::start(&policy_text(&[&h1, &h2, &w1, &w2], FAST_HEALTH)).await;
+    let mut fault_at = 0;
     let (records, _) = load(&gw, 8, Duration::from_secs(6), 4, async {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        fault_at = unix_ms();
         h1.fault(FaultMode::Down);
         h2.fault(FaultMode::Down);
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -247,10 +292,13 @@ async fn when_the_home_region_goes_down_the_other_serves_everything_within_3s_an
     let first_away_only = window(1000, 4000).filter(home).map(|r| r.sent_at).max();
     let back_home = window(4000, 6000).filter(home).count();
     eprintln!(
-        "region down: {} requests, {} failed; last home answer after the fault at {:?}; {back_home} home answers after recovery",
+        "region down: {} requests, {} failed; last home answer after the fault at {:?}; {back_home} home answers after recovery; detected in {:?}/{:?} ms; amplification {:.3}",
         records.len(),
         failed(&records),
-        first_away_only
+        first_away_only,
+        detection_ms(&gw, "h1", fault_at).await,
+        detection_ms(&gw, "h2", fault_at).await,
+        amplification(&gw, &records).await
     );
     for r in records.iter().filter(|r| r.status != 200) {
         eprintln!("  failed: {r:?}");
@@ -420,7 +468,12 @@ async fn a_flapping_shard_is_ejected_for_longer_each_time_and_gets_a_small_share
         .filter(|r| r.starts_with("ejected for"))
         .map(|r| r.split_whitespace().nth(2).unwrap_or("").to_string())
         .collect();
-    eprintln!("flapping: {} requests, {} failed; its share {share:.2}; {ejections} ejections, lengths (ms) {lengths:?}", records.len(), failed(&records));
+    eprintln!(
+        "flapping: {} requests, {} failed; its share {share:.2}; {ejections} ejections, lengths (ms) {lengths:?}; amplification {:.3}",
+        records.len(),
+        failed(&records),
+        amplification(&gw, &records).await
+    );
     assert_eq!(failed(&records), 0);
     assert!(ejections >= 2, "{s}");
     // Each ejection lasts longer than the one before (2 s, 4 s, ...).
@@ -453,7 +506,11 @@ async fn losing_half_the_home_region_spills_the_surplus_by_the_overprovisioning_
         window.iter().filter(|r| r.shard.starts_with('w')).count() as f64 / window.len() as f64
     };
     let (before, after) = (share_away(0, 1000), share_away(1500, 4000));
-    eprintln!("partial region loss: away share {before:.2} before, {after:.2} after (rule: 1 - 0.5 x 1.4 = 0.30); {} failed", failed(&records));
+    eprintln!(
+        "partial region loss: away share {before:.2} before, {after:.2} after (rule: 1 - 0.5 x 1.4 = 0.30); {} failed; amplification {:.3}",
+        failed(&records),
+        amplification(&gw, &records).await
+    );
     assert_eq!(failed(&records), 0);
     assert_eq!(before, 0.0);
     // Half the home capacity healthy × 1.4 keeps 70 % home; 30 % spills, ±0.08.
