@@ -516,3 +516,101 @@ async fn losing_half_the_home_region_spills_the_surplus_by_the_overprovisioning_
     // Half the home capacity healthy × 1.4 keeps 70 % home; 30 % spills, ±0.08.
     assert!((0.22..=0.38).contains(&after), "{after:.2}");
 }
+
+/// Fills a one-slot engine: one long request holds the slot, six more queue behind it.
+fn saturate(shard: &Shard) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..7)
+        .map(|_| {
+            let url = format!("{}/v1/chat/completions", shard.sim.url());
+            tokio::spawn(async move {
+                let _ = client().post(url).json(&chat(400, false)).send().await;
+            })
+        })
+        .collect()
+}
+
+async fn wait_queue(gw: &Gateway, shard: &str, depth: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = gw.status().await;
+        let s = st["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == shard)
+            .unwrap()
+            .clone();
+        if s["queue_depth"].as_f64().unwrap_or(0.0) >= depth {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{shard} never showed a queue: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saturated_home_spills_and_a_429_from_a_saturated_pool_is_not_retried_into_it() {
+    let spec = |id, region| ShardSpec {
+        slots: 1,
+        ..ShardSpec::new(id, region).itl_ms(50)
+    };
+    let h1 = start_shard(spec("h1", "home")).await;
+    let h2 = start_shard(spec("h2", "home")).await;
+    let w1 = start_shard(ShardSpec::new("w1", "away")).await;
+    let health = format!("{FAST_HEALTH}metrics_interval_ms = 100\n");
+    let gw = Gateway::start(&policy_text(&[&h1, &h2, &w1], &health)).await;
+    let mut held = saturate(&h1);
+    held.extend(saturate(&h2));
+    wait_queue(&gw, "h1", 5.0).await;
+    wait_queue(&gw, "h2", 5.0).await;
+    // Spill on saturation: new requests go to the region with headroom.
+    let mut away = 0;
+    for _ in 0..10 {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat(2, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        away += usize::from(r.headers()["x-breakwater-region"] == "away");
+        r.bytes().await.unwrap();
+    }
+    eprintln!("saturation: {away} of 10 requests spilled to the region with headroom");
+    assert_eq!(away, 10);
+
+    // The same pool answering 429, and no other region to go to: the client gets a fast
+    // 429 after one attempt; the saturated pool's other shard is not tried.
+    let gw1 = Gateway::start(&policy_text(&[&h1, &h2], &health)).await;
+    wait_queue(&gw1, "h1", 5.0).await;
+    wait_queue(&gw1, "h2", 5.0).await;
+    h1.set_fault(llm_sim::Fault {
+        status: 429,
+        ..llm_sim::Fault::new(FaultMode::Error)
+    });
+    h2.set_fault(llm_sim::Fault {
+        status: 429,
+        ..llm_sim::Fault::new(FaultMode::Error)
+    });
+    let before = h1.stats().requests_total + h2.stats().requests_total;
+    let started = Instant::now();
+    let r = client()
+        .post(gw1.url("/v1/chat/completions"))
+        .json(&chat(2, false))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let attempts = h1.stats().requests_total + h2.stats().requests_total - before;
+    eprintln!("429 from a saturated pool: {attempts} attempt(s), answered in {took:?}");
+    assert_eq!(attempts, 1);
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    for h in held {
+        h.abort();
+    }
+}

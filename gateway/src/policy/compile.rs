@@ -338,6 +338,15 @@ impl Compiler {
                     );
                 }
             }
+            if let Some(v) = raw.saturation_queue_depth {
+                r.saturation_queue_depth =
+                    self.bounded(f, "routing.saturation_queue_depth", v.into(), 1, 100_000) as f64;
+            }
+            if let Some(v) = raw.saturation_kv_percent {
+                r.saturation_kv_usage =
+                    self.bounded(f, "routing.saturation_kv_percent", v.into(), 1, 100) as f64
+                        / 100.0;
+            }
             if let Some(v) = raw.max_attempts {
                 r.max_attempts = self.bounded(f, "routing.max_attempts", v.into(), 1, 5) as u32;
             }

@@ -212,6 +212,10 @@ pub struct RoutingSettings {
     pub max_attempts: u32,
     /// Healthy capacity × this covers a region's traffic before it spills (default 1.4).
     pub overprovisioning_factor: f64,
+    /// Queued requests at which an engine has no headroom (default 5).
+    pub saturation_queue_depth: f64,
+    /// KV-cache use, 0..=1, at which an engine has no headroom (default 0.8).
+    pub saturation_kv_usage: f64,
 }
 
 /// The retry budget and backoff.
@@ -245,6 +249,8 @@ impl Default for RoutingSettings {
             bytes_per_token: 4.0,
             max_attempts: 3,
             overprovisioning_factor: 1.4,
+            saturation_queue_depth: 5.0,
+            saturation_kv_usage: 0.8,
         }
     }
 }

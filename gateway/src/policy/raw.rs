@@ -87,6 +87,10 @@ pub struct RawRouting {
     /// A region keeps its traffic while healthy capacity × this factor covers it; the
     /// surplus spills to the next region. Default 1.4.
     pub overprovisioning_factor: Option<f64>,
+    /// An engine reporting this many queued requests has no headroom. Default 5.
+    pub saturation_queue_depth: Option<u32>,
+    /// An engine reporting this KV-cache use (percent) has no headroom. Default 80.
+    pub saturation_kv_percent: Option<u32>,
 }
 
 /// `[health]`

@@ -136,6 +136,12 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
             Attempt::Finished(_) | Attempt::ClientGone => return,
             Attempt::Retryable(cause) => {
                 tracing::debug!(request_id = %ctx.request_id, shard = %shard.id, %cause, "attempt failed");
+                // An overloaded answer from a pool that is saturated everywhere: trying its
+                // other shards would only add load; the retry goes to another region, or
+                // the client gets a fast 429.
+                if matches!(cause, UpstreamFailure::Status(429)) {
+                    tried.extend(state.router.saturated_peers(route, shard_idx));
+                }
                 failures.push(AttemptFailure {
                     shard: shard.id.clone(),
                     region: shard.region.clone(),

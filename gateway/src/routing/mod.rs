@@ -70,6 +70,10 @@ pub struct Router {
     default_request_tokens: f64,
     /// How far a region's healthy capacity is stretched before traffic spills.
     overprovisioning: f64,
+    /// Queue depth at which an engine has no headroom.
+    saturation_queue_depth: f64,
+    /// KV-cache use at which an engine has no headroom.
+    saturation_kv_usage: f64,
 }
 
 /// KV-cache use above which a shard's score grows: GIE's and vLLM's "near saturation".
@@ -148,6 +152,8 @@ impl Router {
             engine_stale_after: policy.health.metrics_stale_after(),
             default_request_tokens: policy.routing.default_completion_tokens as f64,
             overprovisioning: policy.routing.overprovisioning_factor,
+            saturation_queue_depth: policy.routing.saturation_queue_depth,
+            saturation_kv_usage: policy.routing.saturation_kv_usage,
         }
     }
 
@@ -257,9 +263,10 @@ impl Router {
 
     /// The tier a first attempt starts in, for a uniform draw `u` in [0, 1): Envoy's
     /// priority load. Each region in order keeps `min(rest, health × overprovisioning)` of
-    /// the traffic, `health` being the share of its capacity that is admitted (weighted by
-    /// health: a degraded or slow-starting shard counts for less); the rest spills to the
-    /// next. With the default factor 1.4, a region keeps all its traffic until less than
+    /// the traffic, `health` being the share of its capacity that is admitted and has
+    /// headroom (weighted by health: a degraded or slow-starting shard counts for less; a
+    /// saturated one not at all); the rest spills to the next. When every region is
+    /// saturated, traffic stays home and queues there. With the default factor 1.4, a region keeps all its traffic until less than
     /// about 71 % of its capacity is healthy, then sheds the surplus proportionally — and
     /// takes it back as its shards return and ramp up (slow start), which makes failback
     /// gradual.
@@ -273,7 +280,7 @@ impl Router {
                 .sum();
             let healthy: f64 = tier
                 .iter()
-                .filter(|i| health.takes_new_requests(**i))
+                .filter(|i| health.takes_new_requests(**i) && self.has_headroom(**i, health))
                 .map(|i| self.shards[*i].effective_capacity * health.weight_factor(*i))
                 .sum();
             let share = if total > 0.0 {
@@ -288,6 +295,40 @@ impl Router {
             }
         }
         0
+    }
+
+    /// Whether a shard's engine has room: fresh metrics below both saturation thresholds
+    /// (queue depth and KV use; GIE's defaults 5 and 0.8). Unknown metrics count as room —
+    /// nothing is held against a shard for a signal that is missing.
+    pub fn has_headroom(&self, shard: usize, health: &HealthView) -> bool {
+        match health.engine(shard).filter(|e| {
+            e.taken
+                .is_some_and(|t| t.elapsed() <= self.engine_stale_after)
+        }) {
+            Some(e) => {
+                e.queue_depth
+                    .is_none_or(|q| q < self.saturation_queue_depth)
+                    && e.kv_usage.is_none_or(|kv| kv < self.saturation_kv_usage)
+            }
+            None => true,
+        }
+    }
+
+    /// The other shards of `shard`'s tier for `route` when that whole tier is saturated
+    /// (no admitted shard with headroom), so a 429 is not retried into it; empty otherwise.
+    pub fn saturated_peers(&self, route: &ModelRoute, shard: usize) -> Vec<usize> {
+        let health = self.health.load();
+        let Some(tier) = route.tiers.iter().find(|t| t.contains(&shard)) else {
+            return Vec::new();
+        };
+        let saturated = !tier
+            .iter()
+            .any(|i| health.takes_new_requests(*i) && self.has_headroom(*i, &health));
+        if saturated {
+            tier.iter().copied().filter(|i| *i != shard).collect()
+        } else {
+            Vec::new()
+        }
     }
 
     /// Whether any shard may take traffic now (`/readyz`).
@@ -383,14 +424,51 @@ capacity_tps = 100
     }
 
     #[test]
+    fn a_saturated_region_spills_and_a_429_is_not_retried_into_it() {
+        let r = Router::new(&policy());
+        let route = r.route("m").unwrap();
+        let mut rng = SmallRng::seed_from_u64(12);
+        let now = std::time::Instant::now();
+        let full = breakwater_health::EngineLoad {
+            queue_depth: Some(9.0),
+            taken: Some(now),
+            ..Default::default()
+        };
+        let mut entries = vec![ShardHealth::healthy(); 4];
+        entries[1].engine = Some(full);
+        r.publish_health(HealthView::from_entries(entries.clone()));
+        // One home shard saturated: w2 (2/3 of home) × 1.4 still covers home.
+        assert!(r.saturated_peers(route, 1).is_empty());
+        entries[2].engine = Some(breakwater_health::EngineLoad {
+            kv_usage: Some(0.95),
+            taken: Some(now),
+            ..Default::default()
+        });
+        r.publish_health(HealthView::from_entries(entries.clone()));
+        assert_eq!(r.saturated_peers(route, 1), vec![2]);
+        for _ in 0..50 {
+            assert!(
+                matches!(r.pick(route, &[], &mut rng), Some(0 | 3)),
+                "a saturated home keeps nothing"
+            );
+        }
+        // Everything saturated: stay home.
+        entries[0].engine = Some(full);
+        entries[3].engine = Some(full);
+        r.publish_health(HealthView::from_entries(entries));
+        assert!(matches!(r.pick(route, &[], &mut rng), Some(1 | 2)));
+    }
+
+    #[test]
     fn engine_reported_load_and_kv_pressure_raise_the_score_and_stale_readings_do_not() {
         let r = Router::new(&policy());
         let mut rng = SmallRng::seed_from_u64(9);
         let route = r.route("m").unwrap();
         let now = std::time::Instant::now();
+        // Below the saturation thresholds (queue 5, KV 0.8), so the region keeps its traffic.
         let busy = breakwater_health::EngineLoad {
-            queue_depth: Some(10.0),
-            running: Some(4.0),
+            queue_depth: Some(4.0),
+            running: Some(10.0),
             taken: Some(now),
             ..Default::default()
         };
