@@ -82,10 +82,11 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
     let cost = state.router.estimator().estimate(route.model, &req.size);
     ctx.estimated_tokens = cost.total();
     let deadline = Instant::now() + state.policy.timeouts.total;
+    // Shards not to pick again: those tried, and the rest of a saturated pool after a 429.
     let mut tried = Vec::with_capacity(2);
     let mut failures = Vec::new();
     let mut in_flight = state.retry_budget.request();
-    while tried.len() < state.policy.routing.max_attempts as usize {
+    while failures.len() < state.policy.routing.max_attempts as usize {
         // A refused connection cost the shard nothing, so retrying it is free; every other
         // retry needs room in the budget.
         let free_retry = matches!(
@@ -95,12 +96,12 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
                 ..
             })
         );
-        if !tried.is_empty() && !free_retry {
+        if !failures.is_empty() && !free_retry {
             if !in_flight.try_retry() {
                 tracing::debug!(request_id = %ctx.request_id, "retry budget spent");
                 break;
             }
-            let pause = state.retry_budget.backoff(tried.len() as u32);
+            let pause = state.retry_budget.backoff(failures.len() as u32);
             if Instant::now() + pause >= deadline {
                 break;
             }
