@@ -223,5 +223,7 @@ async fn a_probe_that_goes_away_does_not_change_routing() {
     let to_a = records.iter().filter(|r| r.shard == "a").count() as f64 / records.len() as f64;
     eprintln!("probe gone: the shard still takes {to_a:.2} of requests");
     assert!(records.iter().all(|r| r.status == 200));
-    assert!((0.35..=0.65).contains(&to_a), "{to_a:.2}");
+    // Taken out, it would get nothing; healthy, about half (wide bounds: the three GPU tests
+    // share two cores in CI).
+    assert!((0.25..=0.75).contains(&to_a), "{to_a:.2}");
 }
