@@ -128,16 +128,6 @@ impl HealthView {
         self.shards.get(index).and_then(|h| h.engine.as_ref())
     }
 
-    /// Number of shards in the view.
-    pub fn len(&self) -> usize {
-        self.shards.len()
-    }
-
-    /// Whether the view covers no shard.
-    pub fn is_empty(&self) -> bool {
-        self.shards.is_empty()
-    }
-
     /// Whether shard `index` may take new requests.
     pub fn takes_new_requests(&self, index: usize) -> bool {
         self.shards

@@ -22,11 +22,6 @@ impl BodyBudget {
         })
     }
 
-    /// The budget, bytes.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Bytes held now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)

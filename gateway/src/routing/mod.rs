@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use breakwater_health::HealthView;
+use breakwater_health::{EngineLoad, HealthView};
 use rand::Rng;
 use url::Url;
 
@@ -187,6 +187,15 @@ impl Router {
         self.health.store(Arc::new(view));
     }
 
+    /// Shard `shard`'s engine reading, if it is recent enough to act on (three scrapes);
+    /// an older one is unknown.
+    fn fresh_engine<'h>(&self, shard: usize, health: &'h HealthView) -> Option<&'h EngineLoad> {
+        health.engine(shard).filter(|e| {
+            e.taken
+                .is_some_and(|t| t.elapsed() <= self.engine_stale_after)
+        })
+    }
+
     /// The load score of a shard: tokens of work on it per token/s of effective capacity
     /// (roughly, seconds of work queued), scaled up for a shard health has degraded.
     ///
@@ -201,10 +210,7 @@ impl Router {
         let ledger = s.load.inflight_tokens() as f64;
         let mut work = ledger;
         let mut pressure = 1.0;
-        if let Some(e) = health.engine(shard).filter(|e| {
-            e.taken
-                .is_some_and(|t| t.elapsed() <= self.engine_stale_after)
-        }) {
+        if let Some(e) = self.fresh_engine(shard, health) {
             let requests = s.load.inflight_requests();
             let per_request = if requests > 0 {
                 ledger / requests as f64
@@ -301,10 +307,7 @@ impl Router {
     /// (queue depth and KV use; GIE's defaults 5 and 0.8). Unknown metrics count as room —
     /// nothing is held against a shard for a signal that is missing.
     pub fn has_headroom(&self, shard: usize, health: &HealthView) -> bool {
-        match health.engine(shard).filter(|e| {
-            e.taken
-                .is_some_and(|t| t.elapsed() <= self.engine_stale_after)
-        }) {
+        match self.fresh_engine(shard, health) {
             Some(e) => {
                 e.queue_depth
                     .is_none_or(|q| q < self.saturation_queue_depth)
