@@ -35,15 +35,7 @@ fn unix_ms() -> u64 {
 
 /// Milliseconds from `since` (Unix ms) to the first transition of `shard` out of healthy.
 async fn detection_ms(gw: &Gateway, shard: &str, since: u64) -> Option<u64> {
-    let events: serde_json::Value = client()
-        .get(format!("http://{}/admin/events", gw.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = gw.events().await;
     events["events"]
         .as_array()?
         .iter()
@@ -60,14 +52,7 @@ async fn amplification(gw: &Gateway, records: &[Record]) -> f64 {
 
 /// Upstream attempts the gateway made on `shard` (every shard for ""), from its metrics.
 async fn attempts(gw: &Gateway, shard: &str) -> u64 {
-    let text = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     text.lines()
         .filter(|l| {
             l.starts_with("breakwater_upstream_attempts_total")
@@ -78,15 +63,7 @@ async fn attempts(gw: &Gateway, shard: &str) -> u64 {
 }
 
 async fn state_of(gw: &Gateway, shard: &str) -> String {
-    let status = gw.status().await;
-    let s = status["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == shard)
-        .unwrap()
-        .clone();
-    s["state"].as_str().unwrap().to_string()
+    gw.shard(shard).await["state"].as_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -126,14 +103,7 @@ async fn a_shard_that_goes_down_under_load_costs_no_request_and_stops_getting_tr
     assert_eq!(state_of(&gw, "a").await, "ejected");
     assert_eq!(gw.wait_ledger_zero().await, 0);
     // The same in Prometheus.
-    let metrics = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("breakwater_shard_state{shard=\"a\",state=\"ejected\"} 1"),
         "{metrics}"
@@ -172,15 +142,7 @@ async fn a_shard_returning_500s_is_ejected_and_clients_see_no_error() {
     // most one per client (a few successes before the fault may have been counted too).
     assert!(to_a <= 5 + 6 + 6, "{to_a}");
     assert_eq!(state_of(&gw, "a").await, "ejected");
-    let events: serde_json::Value = client()
-        .get(format!("http://{}/admin/events", gw.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = gw.events().await;
     let e = &events["events"][0];
     assert_eq!(
         (e["shard"].as_str(), e["from"].as_str(), e["to"].as_str()),
@@ -329,14 +291,7 @@ async fn load_the_gateway_cannot_see_still_moves_traffic_through_engine_metrics(
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let st = gw.status().await;
-        let s = st["shards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["id"] == "a")
-            .unwrap()
-            .clone();
+        let s = gw.shard("a").await;
         if s["running"].as_f64().unwrap_or(0.0) >= 16.0 {
             break;
         }
@@ -388,15 +343,7 @@ async fn an_engine_that_stops_generating_while_its_health_says_ok_is_ejected() {
     let (records, _) = load(&gw, 4, Duration::from_secs(3), 4, async {
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
-            let events: serde_json::Value = client()
-                .get(format!("http://{}/admin/events", gw.admin))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let events = gw.events().await;
             if let Some(e) = events["events"]
                 .as_array()
                 .unwrap()
@@ -442,24 +389,9 @@ async fn a_flapping_shard_is_ejected_for_longer_each_time_and_gets_a_small_share
     };
     let (records, ()) = load(&gw, 6, Duration::from_secs(8), 4, flap).await;
     let share = records.iter().filter(|r| r.shard == "a").count() as f64 / records.len() as f64;
-    let status = gw.status().await;
-    let s = status["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == "a")
-        .unwrap()
-        .clone();
+    let s = gw.shard("a").await;
     let ejections = s["ejection_count"].as_u64().unwrap();
-    let events: serde_json::Value = client()
-        .get(format!("http://{}/admin/events", gw.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = gw.events().await;
     let lengths: Vec<String> = events["events"]
         .as_array()
         .unwrap()
@@ -532,14 +464,7 @@ fn saturate(shard: &Shard) -> Vec<tokio::task::JoinHandle<()>> {
 async fn wait_queue(gw: &Gateway, shard: &str, depth: f64) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let st = gw.status().await;
-        let s = st["shards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["id"] == shard)
-            .unwrap()
-            .clone();
+        let s = gw.shard(shard).await;
         if s["queue_depth"].as_f64().unwrap_or(0.0) >= depth {
             return;
         }

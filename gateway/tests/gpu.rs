@@ -98,17 +98,6 @@ fn policy_with_probes(shards: &[(&Shard, &Probe)]) -> String {
     text
 }
 
-async fn shard_status(gw: &Gateway, id: &str) -> serde_json::Value {
-    let status = gw.status().await;
-    status["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap()
-        .clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_ecc_failure_drains_the_shard_within_two_probe_intervals_without_failing_a_request() {
     // 20-token answers at 10 ms per token: requests are in flight when the GPU fails.
@@ -142,7 +131,7 @@ async fn an_ecc_failure_drains_the_shard_within_two_probe_intervals_without_fail
         .any(|r| r.shard == "a" && r.sent_at < Duration::from_secs(1)));
     // In-flight requests on the draining shard finished; none was cut.
     assert_eq!(s.aborted_total, 0);
-    let st = shard_status(&gw, "a").await;
+    let st = gw.shard("a").await;
     assert_eq!(st["state"], "draining", "{st}");
     assert!(
         st["reason"].as_str().unwrap().contains("uncorrectable ECC"),
@@ -154,7 +143,7 @@ async fn an_ecc_failure_drains_the_shard_within_two_probe_intervals_without_fail
     // Healthy again: restored after 3 healthy readings.
     pa.set(r#"{"reset": true}"#);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while shard_status(&gw, "a").await["state"] != "healthy" {
+    while gw.shard("a").await["state"] != "healthy" {
         assert!(Instant::now() < deadline, "not restored");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -168,7 +157,7 @@ async fn low_free_memory_moves_traffic_away_in_proportion() {
     let gw = Gateway::start(&policy_with_probes(&[(&a, &pa), (&b, &pb)])).await;
     pa.set(r#"{"memory_free_pct": 2}"#);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while shard_status(&gw, "a").await["state"] != "degraded" {
+    while gw.shard("a").await["state"] != "degraded" {
         assert!(Instant::now() < deadline, "not degraded");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -195,7 +184,7 @@ async fn low_free_memory_moves_traffic_away_in_proportion() {
     assert!(records.iter().all(|r| r.status == 200));
     // Weight 0.5 against 1.0: a third of the load, ±0.1.
     assert!((0.23..=0.43).contains(&share), "share {share:.2}");
-    let st = shard_status(&gw, "a").await;
+    let st = gw.shard("a").await;
     assert!(
         st["reason"].as_str().unwrap().contains("free memory"),
         "{st}"
@@ -212,7 +201,7 @@ async fn a_probe_that_goes_away_does_not_change_routing() {
     pa.stop();
     // Past the staleness limit (1 s) and several readings.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let st = shard_status(&gw, "a").await;
+    let st = gw.shard("a").await;
     assert_eq!(st["state"], "healthy", "{st}");
     assert!(st["gpu"]["verdict"].is_null(), "{st}");
     assert!(

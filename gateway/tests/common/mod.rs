@@ -194,6 +194,43 @@ impl Gateway {
             .unwrap()
     }
 
+    /// One shard's entry in `GET /admin/status`.
+    pub async fn shard(&self, id: &str) -> Value {
+        let status = self.status().await;
+        status["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap_or_else(|| panic!("no shard {id} in {status}"))
+            .clone()
+    }
+
+    /// `GET /admin/events` as JSON.
+    pub async fn events(&self) -> Value {
+        client()
+            .get(format!("http://{}/admin/events", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /metrics` (Prometheus text).
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Sum of in-flight tokens over every shard, from the admin API.
     pub async fn inflight_tokens(&self) -> u64 {
         self.status().await["shards"]
