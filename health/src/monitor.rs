@@ -299,6 +299,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_success_after_failures_still_resets_the_run() {
+        // Successes are only passed on after a failure; this one must be, or the four
+        // failures around it would add up to an ejection (3 local failures in a row).
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let m = HealthMonitor::spawn(shards(2), HealthConfig::default(), move |v| {
+            let _ = tx.send(v);
+        });
+        m.report(0, Signal::Success);
+        m.report(0, fail());
+        m.report(0, fail());
+        m.report(0, Signal::Success);
+        m.report(0, Signal::Success);
+        m.report(0, fail());
+        m.report(0, fail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "ejected although no 3 failures were consecutive"
+        );
+        m.report(0, fail());
+        assert!(!rx.recv().await.unwrap().takes_new_requests(0));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn publishes_ejections_keeps_events_and_caps_the_pool() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cfg = HealthConfig {
