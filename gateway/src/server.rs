@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
@@ -138,8 +138,8 @@ fn start_health(policy: &Policy, router: Arc<Router>) -> Result<HealthMonitor, S
         .map_err(|_| ServeError::Health(std::io::Error::other("the health thread exited")))
 }
 
-/// Builds the services and serves until the process is signalled (SIGINT: fast exit,
-/// SIGTERM: graceful). Does not return on success.
+/// Builds the services and serves until the process gets SIGINT or SIGTERM (both stop it
+/// gracefully). Does not return on success.
 pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let policy = Arc::new(opts.policy);
     let listen = opts.listen.unwrap_or(policy.listen);
@@ -196,5 +196,38 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     server.add_service(admin_service);
     tracing::info!(%listen, %admin_listen, threads, "{}", policy.summary());
     tracing::info!("breakwater listening on http://{listen} (admin http://{admin_listen})");
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(StopSignal),
+    });
+    std::process::exit(0)
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM both stop the gateway gracefully: listeners stop accepting
+/// first, then in-flight requests get `graceful_shutdown_timeout_seconds` to finish.
+/// Pingora's own handling of SIGINT shuts the runtimes down at once, and its accept loops
+/// can then spin on "runtime is shutting down" errors and keep the process alive (seen
+/// under test: 15 s and a million log lines before it was killed).
+struct StopSignal;
+
+#[async_trait::async_trait]
+impl ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        async fn wait(kind: SignalKind) {
+            match signal(kind) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch a signal");
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+        tokio::select! {
+            _ = wait(SignalKind::interrupt()) => tracing::info!("SIGINT: stopping"),
+            _ = wait(SignalKind::terminate()) => tracing::info!("SIGTERM: stopping"),
+        }
+        ShutdownSignal::GracefulTerminate
+    }
 }
