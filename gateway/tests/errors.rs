@@ -113,21 +113,37 @@ async fn bad_requests_get_clear_openai_errors_and_never_reach_a_shard() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_oversized_body_without_content_length_is_cut_at_the_limit() {
+async fn an_oversized_body_is_answered_413_even_while_the_client_is_still_sending() {
     let a = start_shard(ShardSpec::new("a", "home")).await;
     let gw =
         Gateway::start(&(policy_text(&[&a], "") + "\n[limits]\nmax_body_bytes = 65536\n")).await;
-    // Chunked upload: the gateway only learns the size while reading.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        (0..20).map(|_| Ok(vec![b' '; 8192])).collect();
-    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 413);
+    // 4 MiB, far more than the socket buffers hold: the client is still writing when the
+    // gateway answers, which is when a plain close would reset the connection.
+    let chunked = || {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            (0..512).map(|_| Ok(vec![b' '; 8192])).collect();
+        reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+    };
+    for round in 0..5 {
+        // Chunked upload: the gateway only learns the size while reading.
+        let resp = client()
+            .post(gw.url("/v1/chat/completions"))
+            .body(chunked())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("chunked round {round}: {e:?}"));
+        assert_eq!(resp.status(), 413);
+        let body: Value = resp.json().await.unwrap();
+        assert_openai_error(&body, "request_too_large");
+        // Declared length: refused before reading a byte of the body.
+        let resp = client()
+            .post(gw.url("/v1/chat/completions"))
+            .body(vec![b' '; 4 << 20])
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("declared round {round}: {e:?}"));
+        assert_eq!(resp.status(), 413);
+    }
     assert_eq!(a.stats().requests_total, 0);
 }
 

@@ -68,7 +68,10 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
     {
         Ok(Some(b)) => b,
         Ok(None) => return, // the client went away while sending
-        Err(e) => return super::respond_error(session, ctx, &e).await,
+        Err(e) => {
+            super::respond_error(session, ctx, &e).await;
+            return discard_unread_body(session).await;
+        }
     };
     let req = match request::parse(endpoint, &body) {
         Ok(r) => r,
@@ -246,6 +249,26 @@ async fn read_body(
             }
             Ok(None) => return Ok(Some(buf.freeze())),
             Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// How long, in all, the gateway keeps reading a refused body after answering.
+const LINGER_TOTAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the gateway waits for the next chunk of a refused body.
+const LINGER_IDLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// After refusing a body the client is still sending, reads and drops what follows for a
+/// bounded time before the connection closes. Closing a socket with unread input resets it,
+/// and the reset can destroy the answer before the client reads it: the client would see a
+/// broken pipe instead of the 413 (nginx's "lingering close" solves the same problem).
+async fn discard_unread_body(session: &mut Session) {
+    let deadline = Instant::now() + LINGER_TOTAL;
+    loop {
+        let idle = (Instant::now() + LINGER_IDLE).min(deadline);
+        match timeout_at(idle, session.read_request_body()).await {
+            Ok(Ok(Some(_))) => continue,
+            _ => return,
         }
     }
 }
