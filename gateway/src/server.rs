@@ -19,7 +19,7 @@ use breakwater_health::{HealthMonitor, ShardInfo};
 
 use crate::proxy::budget::BodyBudget;
 use crate::proxy::retry::RetryBudget;
-use crate::proxy::upstream::HttpUpstream;
+use crate::proxy::upstream::UpstreamClient;
 use crate::proxy::{Gateway, State};
 use crate::routing::Router;
 
@@ -150,7 +150,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let state = Arc::new(State {
         policy: Arc::clone(&policy),
         router: Arc::clone(&router),
-        upstream: Box::new(HttpUpstream::new(policy.timeouts.connect)),
+        upstream: UpstreamClient::new(policy.timeouts.connect),
         metrics: Arc::clone(&metrics),
         body_budget: BodyBudget::new(policy.limits.max_buffered_bytes),
         retry_budget: RetryBudget::new(policy.retries.clone()),

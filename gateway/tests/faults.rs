@@ -25,7 +25,6 @@ fn failed(records: &[Record]) -> usize {
     records.iter().filter(|r| r.status != 200).count()
 }
 
-/// Upstream attempts the gateway made on `shard`, from its metrics.
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -537,5 +536,125 @@ async fn a_saturated_home_spills_and_a_429_from_a_saturated_pool_is_not_retried_
     assert!(took < Duration::from_millis(500), "{took:?}");
     for h in held {
         h.abort();
+    }
+}
+
+/// How a keep-alive engine ends its connections.
+#[derive(Clone, Copy, Debug)]
+enum Closing {
+    /// Right after each answer, without `Connection: close`: the gateway learns of it only
+    /// from the socket, while the connection sits in its pool.
+    AfterEachAnswer,
+    /// When the second request arrives on a connection, unanswered — an idle timeout
+    /// (uvicorn's is 5 s) firing just as the gateway reuses the connection.
+    OnTheSecondRequest,
+}
+
+/// A minimal keep-alive engine that closes connections as `closing` says. Returns its
+/// address and the number of completions it answered.
+async fn engine_closing_connections(
+    closing: Closing,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for nth in 0.. {
+                    // One request: its head, then as many body bytes as it declares.
+                    let body_start = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    if nth == 1 && matches!(closing, Closing::OnTheSecondRequest) {
+                        return;
+                    }
+                    let head = String::from_utf8_lossy(&buf[..body_start]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < body_start + length {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..body_start + length);
+                    if head.starts_with("post /v1/chat/completions") {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let body = r#"{"id":"c","object":"chat.completion","model":"test-model","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if matches!(closing, Closing::AfterEachAnswer) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_the_engine_closes_cost_no_request_and_no_health() {
+    for closing in [Closing::AfterEachAnswer, Closing::OnTheSecondRequest] {
+        let (addr, served) = engine_closing_connections(closing).await;
+        let policy = format!(
+            "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
+             [[pools]]\nid = \"p\"\nregion = \"home\"\nengine = \"generic\"\nmodels = [\"{MODEL}\"]\n\n\
+             [[shards]]\nid = \"closer\"\npool = \"p\"\nurl = \"http://{addr}\"\ncapacity_tps = 1000\n"
+        );
+        let gw = Gateway::start(&policy).await;
+        let requests = 40;
+        for i in 0..requests {
+            // Half right after the previous answer, half after a pause.
+            if i % 2 == 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let resp = client()
+                .post(gw.url("/v1/chat/completions"))
+                .json(&chat(1, false))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{closing:?}: request {i}");
+        }
+        // Each request was answered once, on one attempt that counted as a success.
+        assert_eq!(
+            served.load(std::sync::atomic::Ordering::SeqCst),
+            requests,
+            "{closing:?}"
+        );
+        let text = gw.metrics().await;
+        let not_ok: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("breakwater_upstream_attempts_total") && !l.contains("outcome=\"ok\"")
+            })
+            .collect();
+        assert!(not_ok.is_empty(), "{closing:?}: {not_ok:?}");
+        assert_eq!(attempts(&gw, "closer").await, requests, "{closing:?}");
+        assert_eq!(gw.shard("closer").await["ejection_count"], 0, "{closing:?}");
+        assert_eq!(state_of(&gw, "closer").await, "healthy", "{closing:?}");
     }
 }

@@ -9,8 +9,6 @@
 //! invisible to the client.
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use tokio::time::{timeout_at, Instant};
@@ -20,6 +18,7 @@ use breakwater_health::Signal;
 use super::budget::Reservation;
 use super::error::{AttemptFailure, GatewayError, UpstreamFailure};
 use super::request::{self, Endpoint, InferenceRequest};
+use super::upstream::{framing, UpstreamResponse};
 use super::{sse, RequestCtx, State};
 use crate::routing::ShardEntry;
 
@@ -291,26 +290,22 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    fn upstream_request(
-        &self,
-        session: &Session,
-        ctx: &RequestCtx,
-        body: &Bytes,
-    ) -> Option<http::Request<Full<Bytes>>> {
+    /// The request head for the shard: the client's fields less hop-by-hop ones and those
+    /// the gateway sets itself.
+    fn upstream_head(&self, session: &Session, ctx: &RequestCtx, body_len: usize) -> Vec<u8> {
         let head = session.req_header();
         let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut b = http::Request::builder()
-            .method(http::Method::POST)
-            .uri(format!("http://{}{}", self.shard.authority, path));
-        for (name, value) in head.headers.iter() {
-            if !SKIPPED_REQUEST_HEADERS.contains(&name.as_str()) {
-                b = b.header(name, value);
-            }
-        }
-        b.header(http::header::HOST, &self.shard.authority)
-            .header("x-request-id", &ctx.request_id)
-            .body(Full::new(body.clone()))
-            .ok()
+        let fields = head
+            .headers
+            .iter()
+            .filter(|(name, _)| !SKIPPED_REQUEST_HEADERS.contains(&name.as_str()));
+        framing::request_head(
+            path,
+            &self.shard.authority,
+            fields,
+            &ctx.request_id,
+            body_len,
+        )
     }
 
     fn first_byte_deadline(&self) -> Instant {
@@ -326,27 +321,24 @@ impl Call<'_> {
     }
 
     async fn attempt(&self, session: &mut Session, ctx: &mut RequestCtx, body: &Bytes) -> Attempt {
-        let Some(request) = self.upstream_request(session, ctx, body) else {
-            return Attempt::Retryable(UpstreamFailure::Connect(
-                "could not build the request".into(),
-            ));
-        };
+        let head = self.upstream_head(session, ctx, body.len());
         let first_byte = self.first_byte_deadline();
+        let send = self.state.upstream.send(&self.shard.authority, &head, body);
         let response = tokio::select! {
-            r = timeout_at(first_byte, self.state.upstream.send(request)) => match r {
+            r = timeout_at(first_byte, send) => match r {
                 Ok(Ok(resp)) => resp,
                 Ok(Err(f)) => return Attempt::Retryable(f),
                 Err(_) => return Attempt::Retryable(self.first_byte_failure()),
             },
             _ = client_gone(session) => return Attempt::ClientGone,
         };
-        let status = response.status().as_u16();
+        let status = response.status;
         if status == 429 || status >= 500 {
             return Attempt::Retryable(UpstreamFailure::Status(status));
         }
         let is_sse = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
+            .content_type
+            .as_ref()
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if self.req.stream && is_sse && (200..300).contains(&status) {
@@ -374,39 +366,45 @@ impl Call<'_> {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        response: http::Response<Incoming>,
+        mut response: UpstreamResponse<'_>,
     ) -> Attempt {
-        let (parts, mut body) = response.into_parts();
         let limit = self.state.policy.limits.max_response_bytes;
+        let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         loop {
-            let frame = tokio::select! {
-                f = timeout_at(self.idle_deadline(), body.frame()) => f,
+            let chunk = tokio::select! {
+                c = timeout_at(self.idle_deadline(), response.chunk()) => c,
                 _ = client_gone(session) => return Attempt::ClientGone,
             };
-            match frame {
+            match chunk {
                 Err(_) => return Attempt::Retryable(self.idle_failure()),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return Attempt::Retryable(UpstreamFailure::Cut(e.to_string())),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        if buf.len() + data.len() > limit {
-                            return Attempt::Retryable(UpstreamFailure::TooLarge(limit));
+                Ok(Ok(None)) => break,
+                Ok(Err(f)) => return Attempt::Retryable(f),
+                Ok(Ok(Some(data))) => {
+                    let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
+                    if held + data.len() > limit {
+                        return Attempt::Retryable(UpstreamFailure::TooLarge(limit));
+                    }
+                    if held == 0 {
+                        first = Some(data); // a body in one piece, the usual case: no copy
+                    } else {
+                        if let Some(f) = first.take() {
+                            buf.extend_from_slice(&f);
                         }
                         buf.extend_from_slice(&data);
                     }
                 }
             }
         }
-        let body = buf.freeze();
-        let status = parts.status.as_u16();
+        let body = first.unwrap_or_else(|| buf.freeze());
+        let status = response.status;
         if (200..300).contains(&status) {
             self.learn_from_whole(&body);
         }
         let Ok(mut header) = self.response_header(ctx, status) else {
             return Attempt::Retryable(UpstreamFailure::Status(status));
         };
-        if let Some(ct) = parts.headers.get(http::header::CONTENT_TYPE) {
+        if let Some(ct) = response.content_type.take() {
             let _ = header.insert_header(http::header::CONTENT_TYPE, ct);
         }
         let _ = header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
@@ -463,29 +461,26 @@ impl Call<'_> {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        response: http::Response<Incoming>,
+        mut response: UpstreamResponse<'_>,
         first_byte: Instant,
     ) -> Attempt {
-        let mut body = response.into_body();
         let mut pending = BytesMut::new();
         // Before the commit point: collect until the first data event.
         let ready = loop {
-            let frame = tokio::select! {
-                f = timeout_at(first_byte, body.frame()) => f,
+            let chunk = tokio::select! {
+                c = timeout_at(first_byte, response.chunk()) => c,
                 _ = client_gone(session) => return Attempt::ClientGone,
             };
-            match frame {
+            match chunk {
                 Err(_) => return Attempt::Retryable(self.first_byte_failure()),
-                Ok(None) => {
+                Ok(Ok(None)) => {
                     return Attempt::Retryable(UpstreamFailure::Cut(
                         "stream ended before its first event".into(),
                     ))
                 }
-                Ok(Some(Err(e))) => return Attempt::Retryable(UpstreamFailure::Cut(e.to_string())),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        pending.extend_from_slice(&data);
-                    }
+                Ok(Err(f)) => return Attempt::Retryable(f),
+                Ok(Ok(Some(data))) => {
+                    pending.extend_from_slice(&data);
                     if let Some(end) = sse::last_event_end(&pending) {
                         if sse::has_data_event(&pending[..end])
                             || pending.len() > MAX_HELD_BACK_BYTES
@@ -521,18 +516,15 @@ impl Call<'_> {
         }
         // After it: forward complete events; a failure ends the stream with an error event.
         let failure = loop {
-            let frame = tokio::select! {
-                f = timeout_at(self.idle_deadline(), body.frame()) => f,
+            let next = tokio::select! {
+                c = timeout_at(self.idle_deadline(), response.chunk()) => c,
                 _ = client_gone(session) => return Attempt::ClientGone,
             };
-            let chunk = match frame {
+            let chunk = match next {
                 Err(_) => break Some(self.idle_failure()),
-                Ok(None) => break None,
-                Ok(Some(Err(e))) => break Some(UpstreamFailure::Cut(e.to_string())),
-                Ok(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(d) => d,
-                    Err(_) => continue,
-                },
+                Ok(Ok(None)) => break None,
+                Ok(Err(f)) => break Some(f),
+                Ok(Ok(Some(d))) => d,
             };
             let out = if pending.is_empty() && chunk.ends_with(b"\n\n") {
                 chunk // the usual case: whole events per read, forwarded without a copy

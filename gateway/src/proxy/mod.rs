@@ -31,7 +31,7 @@ use crate::policy::Policy;
 use crate::routing::Router;
 use error::GatewayError;
 use request::Route;
-use upstream::Upstream;
+use upstream::UpstreamClient;
 
 /// Everything a request needs, shared by all requests.
 pub struct State {
@@ -40,7 +40,7 @@ pub struct State {
     /// Routing table, loads and health.
     pub router: Arc<Router>,
     /// The upstream client.
-    pub upstream: Box<dyn Upstream>,
+    pub upstream: UpstreamClient,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// The global budget for buffered request bodies.
@@ -101,6 +101,11 @@ fn request_id(session: &Session) -> String {
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
+
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // None: Pingora's default adds a (disabled) compression module whose context is
+        // built for every request. Engines' JSON and SSE answers pass through as they are.
+    }
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {

@@ -1,0 +1,244 @@
+//! The upstream call: one HTTP/1.1 exchange with a shard over a keep-alive, `TCP_NODELAY`
+//! connection, driven inside the request's own task.
+//!
+//! The gateway owns this client instead of using a general-purpose one because the hand-off
+//! between a request task and a separate connection task (channels, wake-ups, a shared
+//! pool) cost more CPU per request than everything else the gateway does
+//! (`bench/RESULTS.md`). Here the request task writes the head and body in one system call,
+//! reads the answer itself, and takes and returns connections from a per-thread pool
+//! ([`pool`]) without locks. Framing is in [`framing`].
+//!
+//! A connection goes back to the pool only when its response was read to the end; dropping
+//! a response midway closes the connection, which is how a client abort reaches the engine
+//! (it sees its socket close and stops generating). A pooled connection the shard had
+//! already closed costs nothing: the request is sent again on a new connection, and the
+//! shard's health does not hear of it.
+
+pub mod framing;
+mod pool;
+
+use std::io::IoSlice;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::error::UpstreamFailure;
+use framing::{BodyDecoder, Decoded, FramingError};
+
+/// How long an idle connection is kept: under the 5 s keep-alive of uvicorn, which serves
+/// vLLM's and SGLang's OpenAI APIs, so the gateway rarely reuses a connection the engine is
+/// about to close.
+pub const POOL_IDLE_TIME: Duration = Duration::from_secs(4);
+/// Idle connections kept per shard and worker thread.
+pub const POOL_MAX_IDLE: usize = 512;
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 16 << 10;
+
+/// Sends requests to shards.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    connect_timeout: Duration,
+}
+
+/// A response header from a shard, and its body still to read.
+#[derive(Debug)]
+pub struct UpstreamResponse<'a> {
+    /// Status code.
+    pub status: u16,
+    /// `Content-Type`, when the shard sent one.
+    pub content_type: Option<HeaderValue>,
+    body: Body<'a>,
+}
+
+#[derive(Debug)]
+struct Body<'a> {
+    authority: &'a str,
+    /// `None` once the body has ended (and the connection went back to the pool or closed).
+    stream: Option<TcpStream>,
+    buf: BytesMut,
+    decoder: BodyDecoder,
+    keep_alive: bool,
+}
+
+/// Why sending on a connection failed.
+enum SendError {
+    /// A reused connection turned out closed before any answer: safe to send again.
+    Stale,
+    /// Anything else.
+    Failed(UpstreamFailure),
+}
+
+impl UpstreamClient {
+    /// A client that gives up connecting after `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self { connect_timeout }
+    }
+
+    /// Sends one request to `authority` (`host:port`): `head` is the complete request head
+    /// ([`framing::request_head`]), `body` the whole body. Returns once the response head
+    /// has arrived; the caller bounds the wait with its first-byte timeout.
+    pub async fn send<'a>(
+        &self,
+        authority: &'a str,
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<UpstreamResponse<'a>, UpstreamFailure> {
+        if let Some(stream) = pool::take(authority, POOL_IDLE_TIME) {
+            match exchange(authority, stream, head, body, true).await {
+                Ok(r) => return Ok(r),
+                Err(SendError::Failed(f)) => return Err(f),
+                Err(SendError::Stale) => {} // the shard had closed it: once more, on a new one
+            }
+        }
+        let stream = self.connect(authority).await?;
+        match exchange(authority, stream, head, body, false).await {
+            Ok(r) => Ok(r),
+            Err(SendError::Failed(f)) => Err(f),
+            Err(SendError::Stale) => Err(UpstreamFailure::Cut(
+                "connection closed before the response".into(),
+            )),
+        }
+    }
+
+    async fn connect(&self, authority: &str) -> Result<TcpStream, UpstreamFailure> {
+        let connect = TcpStream::connect(authority);
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(UpstreamFailure::Connect(format!("{authority}: {e}"))),
+            Err(_) => {
+                return Err(UpstreamFailure::Connect(format!(
+                    "{authority}: no connection within {} ms",
+                    self.connect_timeout.as_millis()
+                )))
+            }
+        };
+        stream
+            .set_nodelay(true)
+            .map_err(|e| UpstreamFailure::Connect(format!("{authority}: {e}")))?;
+        Ok(stream)
+    }
+}
+
+/// Writes the request and reads the response head. On a `reused` connection, a write
+/// failure or a close before the first response byte is [`SendError::Stale`].
+async fn exchange<'a>(
+    authority: &'a str,
+    mut stream: TcpStream,
+    head: &[u8],
+    body: &[u8],
+    reused: bool,
+) -> Result<UpstreamResponse<'a>, SendError> {
+    let early = |what: String| {
+        if reused {
+            SendError::Stale
+        } else {
+            SendError::Failed(UpstreamFailure::Cut(what))
+        }
+    };
+    if let Err(e) = write_request(&mut stream, head, body).await {
+        return Err(early(format!("writing the request: {e}")));
+    }
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let parsed = loop {
+        match framing::parse_head(&mut buf) {
+            Ok(Some(h)) => break h,
+            Ok(None) => {}
+            Err(e) => return Err(SendError::Failed(malformed(e))),
+        }
+        buf.reserve(READ_SIZE);
+        match stream.read_buf(&mut buf).await {
+            Ok(0) if buf.is_empty() => {
+                return Err(early("connection closed before the response".into()))
+            }
+            Ok(0) => {
+                return Err(SendError::Failed(UpstreamFailure::Cut(
+                    "connection closed inside the response head".into(),
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if buf.is_empty() => return Err(early(format!("reading the response: {e}"))),
+            Err(e) => return Err(SendError::Failed(UpstreamFailure::Cut(e.to_string()))),
+        }
+    };
+    Ok(UpstreamResponse {
+        status: parsed.status,
+        content_type: parsed.content_type,
+        body: Body {
+            authority,
+            stream: Some(stream),
+            buf,
+            decoder: BodyDecoder::new(parsed.body),
+            keep_alive: parsed.keep_alive,
+        },
+    })
+}
+
+/// Writes head and body with as few system calls as the socket allows (one, usually).
+async fn write_request(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let (mut head, mut body) = (head, body);
+    while !head.is_empty() || !body.is_empty() {
+        let n = stream
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        body = &body[n - from_head..];
+    }
+    Ok(())
+}
+
+fn malformed(e: FramingError) -> UpstreamFailure {
+    UpstreamFailure::Cut(e.to_string())
+}
+
+impl UpstreamResponse<'_> {
+    /// The next piece of the body as it arrives; `None` at its end. The caller bounds the
+    /// wait with its idle timeout.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamFailure> {
+        let b = &mut self.body;
+        loop {
+            match b.decoder.decode(&mut b.buf).map_err(malformed)? {
+                Decoded::Data(bytes) => return Ok(Some(bytes)),
+                Decoded::Done => {
+                    b.release();
+                    return Ok(None);
+                }
+                Decoded::NeedMore => {}
+            }
+            let Some(stream) = b.stream.as_mut() else {
+                return Ok(None);
+            };
+            b.buf.reserve(READ_SIZE);
+            match stream.read_buf(&mut b.buf).await {
+                Ok(0) => {
+                    b.stream = None;
+                    b.decoder.at_eof().map_err(malformed)?;
+                    return Ok(None);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    b.stream = None;
+                    return Err(UpstreamFailure::Cut(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+impl Body<'_> {
+    /// The body ended: keep the connection if it can carry another request.
+    fn release(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            // Bytes past the body's end mean the shard and the gateway disagree on framing.
+            if self.keep_alive && self.buf.is_empty() {
+                pool::put(self.authority, stream, POOL_MAX_IDLE);
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Idle keep-alive connections to shards, one pool per worker thread. The gateway runs one
+//! single-threaded runtime per worker, so a connection is only ever used on the thread (and
+//! the reactor) that opened it, and taking or returning one needs no lock.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+thread_local! {
+    static IDLE: RefCell<HashMap<String, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+}
+
+/// The most recently used idle connection to `authority` that is still open, if any.
+/// Connections idle for `max_idle_time` or longer are closed instead.
+pub fn take(authority: &str, max_idle_time: Duration) -> Option<TcpStream> {
+    IDLE.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let queue = pool.get_mut(authority)?;
+        let now = Instant::now();
+        while let Some(idle) = queue.pop_back() {
+            if now.duration_since(idle.since) >= max_idle_time {
+                queue.clear(); // the rest have been idle longer still
+                return None;
+            }
+            if still_open(&idle.stream) {
+                return Some(idle.stream);
+            }
+        }
+        None
+    })
+}
+
+/// Keeps `stream` for the next request to `authority`, closing the oldest idle connection
+/// when `max_idle` are already kept.
+pub fn put(authority: &str, stream: TcpStream, max_idle: usize) {
+    IDLE.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let queue = match pool.get_mut(authority) {
+            Some(q) => q,
+            None => pool.entry(authority.to_owned()).or_default(),
+        };
+        if queue.len() >= max_idle {
+            queue.pop_front();
+        }
+        queue.push_back(Idle {
+            stream,
+            since: Instant::now(),
+        });
+    });
+}
+
+/// Whether an idle connection can carry a request: nothing to read on it (a shard that
+/// closed it, or sent bytes nobody asked for, makes it unusable). Costs no system call when
+/// the reactor has seen nothing since the last read.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn the_newest_open_connection_is_reused_and_closed_ones_are_dropped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = format!("test-{}", listener.local_addr().unwrap());
+        let (old, _old_server) = pair(&listener).await;
+        let (closed, closed_server) = pair(&listener).await;
+        let old_port = old.local_addr().unwrap().port();
+        put(&key, old, 8);
+        put(&key, closed, 8);
+        drop(closed_server); // the shard closes this one while it is idle
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let got = take(&key, Duration::from_secs(60)).expect("the open one");
+        assert_eq!(got.local_addr().unwrap().port(), old_port);
+        assert!(take(&key, Duration::from_secs(60)).is_none());
+    }
+
+    #[tokio::test]
+    async fn connections_idle_too_long_or_beyond_the_cap_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = format!("test-{}", listener.local_addr().unwrap());
+        let mut servers = Vec::new();
+        for _ in 0..3 {
+            let (c, s) = pair(&listener).await;
+            servers.push(s);
+            put(&key, c, 2);
+        }
+        assert!(take(&key, Duration::from_secs(60)).is_some());
+        assert!(take(&key, Duration::from_secs(60)).is_some());
+        assert!(
+            take(&key, Duration::from_secs(60)).is_none(),
+            "the cap of 2 dropped one"
+        );
+
+        let (c, _s) = pair(&listener).await;
+        put(&key, c, 2);
+        assert!(
+            take(&key, Duration::ZERO).is_none(),
+            "idle longer than allowed"
+        );
+        // A shard that sends bytes on an idle connection makes it unusable too.
+        let (c, mut s) = pair(&listener).await;
+        put(&key, c, 2);
+        s.write_all(b"x").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(take(&key, Duration::from_secs(60)).is_none());
+    }
+}
