@@ -31,6 +31,9 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
+# The proxies under test are built as shipped: the `production` profile (fat LTO, one
+# codegen unit). The simulator and the load generator use the plain release build.
+PROD = os.path.join(ROOT, "target", "production")
 OUT = os.path.join(ROOT, "bench", "out")
 QUICK = "--quick" in sys.argv
 DUR = 3 if QUICK else 10
@@ -135,8 +138,9 @@ def main():
         sh(root + ["apt-get", "update", "-qq"])
         sh(root + ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq", "nginx"])
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    sh(["cargo", "build", "--release", "-q", "-p", "breakwater", "-p", "llm-sim", "-p", "breakwater-loadgen"], cwd=ROOT)
-    sh(["cargo", "build", "--release", "-q", "-p", "breakwater", "--example", "stock_proxy"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "-q", "-p", "llm-sim", "-p", "breakwater-loadgen"], cwd=ROOT)
+    sh(["cargo", "build", "--profile", "production", "-q", "-p", "breakwater", "--bin", "breakwater",
+        "--example", "stock_proxy"], cwd=ROOT)
     sim = os.path.join(REL, "llm-sim")
     common = ["--capacity-tps", "1e9", "--slots", "100000"]
     start([sim, "--listen", "%s:%d" % FAST, "--control-listen", "127.0.0.1:18601",
@@ -171,7 +175,7 @@ pool = "stream"
 url = "http://{STREAM[0]}:{STREAM[1]}"
 capacity_tps = 1000000
 """)
-    gw = start([os.path.join(REL, "breakwater"), "serve", "--policy", tmp, "--listen",
+    gw = start([os.path.join(PROD, "breakwater"), "serve", "--policy", tmp, "--listen",
                 "%s:%d" % GATEWAY, "--admin-listen", "127.0.0.1:18631", "--threads", "2"],
                env=dict(os.environ, RUST_LOG="warn"))
     with open(os.path.join(tmp, "nginx.conf"), "w") as f:
@@ -197,7 +201,7 @@ http {{
 }}
 """)
     ng = start([nginx, "-c", os.path.join(tmp, "nginx.conf"), "-g", "daemon off;"])
-    stock = start([os.path.join(REL, "examples", "stock_proxy"), "%s:%d" % STOCK, "%s:%d" % FAST])
+    stock = start([os.path.join(PROD, "examples", "stock_proxy"), "%s:%d" % STOCK, "%s:%d" % FAST])
     for host, port in (FAST, STREAM, NGINX_FAST, GATEWAY, STOCK):
         wait_http(f"http://{host}:{port}/v1/models")
     time.sleep(0.5)

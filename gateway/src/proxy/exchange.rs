@@ -108,6 +108,7 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
                 break;
             }
             tokio::select! {
+                biased;
                 _ = tokio::time::sleep(pause) => {}
                 _ = client_gone(session) => return,
             }
@@ -324,7 +325,10 @@ impl Call<'_> {
         let head = self.upstream_head(session, ctx, body.len());
         let first_byte = self.first_byte_deadline();
         let send = self.state.upstream.send(&self.shard.authority, &head, body);
+        // `biased`: the exchange is polled first, so while it is ready the check for a
+        // departed client is not even polled (that check may cost a read system call).
         let response = tokio::select! {
+            biased;
             r = timeout_at(first_byte, send) => match r {
                 Ok(Ok(resp)) => resp,
                 Ok(Err(f)) => return Attempt::Retryable(f),
@@ -373,6 +377,7 @@ impl Call<'_> {
         let mut buf = BytesMut::new();
         loop {
             let chunk = tokio::select! {
+                biased;
                 c = timeout_at(self.idle_deadline(), response.chunk()) => c,
                 _ = client_gone(session) => return Attempt::ClientGone,
             };
@@ -422,11 +427,7 @@ impl Call<'_> {
     }
 
     fn learn_from_whole(&self, body: &[u8]) {
-        #[derive(serde::Deserialize)]
-        struct WithUsage {
-            usage: Option<Usage>,
-        }
-        if let Ok(WithUsage { usage: Some(u) }) = serde_json::from_slice::<WithUsage>(body) {
+        if let Some(u) = usage_of(body) {
             self.learn(u);
         }
     }
@@ -448,7 +449,7 @@ impl Call<'_> {
     /// A response header with the routing headers. Fails only for a status outside
     /// 100..=999, which an HTTP response cannot carry.
     fn response_header(&self, ctx: &RequestCtx, status: u16) -> pingora::Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(status, Some(8))?;
+        let mut h = ResponseHeader::build_no_case(status, Some(8))?;
         h.insert_header("x-breakwater-shard", &self.shard.id)?;
         h.insert_header("x-breakwater-region", &self.shard.region)?;
         h.insert_header("x-request-id", &ctx.request_id)?;
@@ -468,6 +469,7 @@ impl Call<'_> {
         // Before the commit point: collect until the first data event.
         let ready = loop {
             let chunk = tokio::select! {
+                biased;
                 c = timeout_at(first_byte, response.chunk()) => c,
                 _ = client_gone(session) => return Attempt::ClientGone,
             };
@@ -517,6 +519,7 @@ impl Call<'_> {
         // After it: forward complete events; a failure ends the stream with an error event.
         let failure = loop {
             let next = tokio::select! {
+                biased;
                 c = timeout_at(self.idle_deadline(), response.chunk()) => c,
                 _ = client_gone(session) => return Attempt::ClientGone,
             };
@@ -601,11 +604,7 @@ impl StreamTally {
                 let Some(json) = line.strip_prefix(b"data:") else {
                     continue;
                 };
-                #[derive(serde::Deserialize)]
-                struct WithUsage {
-                    usage: Option<Usage>,
-                }
-                if let Ok(WithUsage { usage: Some(u) }) = serde_json::from_slice(json) {
+                if let Some(u) = usage_of(json) {
                     self.usage = Some(u);
                 }
             }
@@ -613,6 +612,46 @@ impl StreamTally {
     }
 }
 
+/// The top-level `usage` block of a JSON response, if it has one. Parses only that block
+/// when it can: a `"usage"` key with unescaped quotes cannot occur inside a JSON string, and
+/// engines put it last. Falls back to parsing the whole document.
+fn usage_of(json: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let at = json.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let rest = json[at + KEY.len()..].trim_ascii_start();
+    if let Some(value) = rest.strip_prefix(b":") {
+        let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Option<Usage>>();
+        if let Some(Ok(usage)) = values.next() {
+            return usage;
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct WithUsage {
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<WithUsage>(json).ok()?.usage
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_found_wherever_engines_put_it() {
+        let last = br#"{"id":"x","choices":[{"message":{"content":"say \"usage\": {}"}}],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#;
+        let u = usage_of(last).unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(7), Some(3)));
+        let first = br#"{"usage" : {"prompt_tokens":1,"completion_tokens":2},"choices":[]}"#;
+        assert_eq!(usage_of(first).unwrap().prompt_tokens, Some(1));
+        // A later nested "usage" that is not a usage block: the whole document decides.
+        let nested = br#"{"usage":{"prompt_tokens":4},"meta":{"usage":5}}"#;
+        assert_eq!(usage_of(nested).unwrap().prompt_tokens, Some(4));
+        assert!(usage_of(br#"{"usage":null}"#).is_none());
+        assert!(usage_of(br#"{"choices":[]}"#).is_none());
+        assert!(usage_of(b"not json \"usage\": {").is_none());
+    }
 }

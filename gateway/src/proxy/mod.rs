@@ -223,7 +223,7 @@ async fn respond(
     body: String,
     retry_after_s: Option<u32>,
 ) {
-    let Ok(mut h) = ResponseHeader::build(status, Some(4)) else {
+    let Ok(mut h) = ResponseHeader::build_no_case(status, Some(4)) else {
         return;
     };
     let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
