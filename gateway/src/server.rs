@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use pingora::listeners::TcpSocketOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
@@ -48,6 +49,15 @@ pub enum ServeError {
     /// The health monitor's thread or runtime could not start.
     #[error("starting the health monitor: {0}")]
     Health(#[source] std::io::Error),
+    /// The traffic address is taken (or cannot be bound).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Starts the health monitor and the active checks on their own thread and runtime (they
@@ -144,6 +154,13 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let policy = Arc::new(opts.policy);
     let listen = opts.listen.unwrap_or(policy.listen);
     let admin_listen = opts.admin_listen.unwrap_or(policy.admin_listen);
+    // The workers' listeners share the port through SO_REUSEPORT, which would also let a
+    // second gateway started on the same port silently take half the connections. A plain
+    // bind first makes a taken port an error, as it is for any server.
+    std::net::TcpListener::bind(listen).map_err(|source| ServeError::Listen {
+        addr: listen,
+        source,
+    })?;
     let router = Arc::new(Router::new(&policy));
     let metrics = Arc::new(Metrics::try_new()?);
     let health = start_health(&policy, Arc::clone(&router))?;
@@ -162,21 +179,37 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     });
     let conf = ServerConf {
         threads: threads.max(1),
-        // One single-threaded runtime per worker: see `proxy::upstream` for why.
+        // One single-threaded runtime per worker, so a request, its upstream connection
+        // and their wake-ups stay on one thread (see `proxy::upstream`).
         work_stealing: false,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(5),
+        // Every Pingora timeout of a second or more on Tokio's timers: Pingora's own timer
+        // wheel needs a thread that wakes every millisecond, busy or idle.
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(state),
-        "breakwater traffic",
-    );
-    proxy.add_tcp(&listen.to_string());
+    // One single-threaded service per worker, each with its own SO_REUSEPORT listener: the
+    // kernel spreads connections over them, and a connection is accepted, read and answered
+    // on one thread. (With one shared listener, Pingora accepts on one runtime and serves on
+    // another, and every read then costs a cross-thread wake-up.)
+    let traffic: Vec<_> = (0..threads.max(1))
+        .map(|i| {
+            let mut service = pingora::proxy::http_proxy_service_with_name(
+                &server.configuration,
+                Gateway::new(Arc::clone(&state)),
+                &format!("breakwater traffic {i}"),
+            );
+            service.threads = Some(1);
+            let mut socket = TcpSocketOptions::default();
+            socket.so_reuseport = Some(true);
+            service.add_tcp_with_settings(&listener_name(listen, i), socket);
+            service
+        })
+        .collect();
     if opts.admin_token.is_empty() {
         tracing::warn!(
             "BREAKWATER_ADMIN_TOKEN is unset: the admin API's /admin routes refuse every request"
@@ -192,7 +225,9 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     );
     let mut admin_service = Service::new("breakwater admin".to_string(), admin);
     admin_service.add_tcp(&admin_listen.to_string());
-    server.add_service(proxy);
+    for service in traffic {
+        server.add_service(service);
+    }
     server.add_service(admin_service);
     tracing::info!(%listen, %admin_listen, threads, "{}", policy.summary());
     tracing::info!("breakwater listening on http://{listen} (admin http://{admin_listen})");
@@ -200,6 +235,19 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         shutdown_signal: Box::new(StopSignal),
     });
     std::process::exit(0)
+}
+
+/// The `i`-th worker's spelling of `addr`. Pingora hands every service that names the same
+/// address string the same listening socket (and each closes it at shutdown: the process
+/// aborts on the second close); a port padded with `i` more leading zeros is the same address
+/// under another name, so each worker binds a socket of its own in the SO_REUSEPORT group.
+fn listener_name(addr: SocketAddr, i: usize) -> String {
+    let port = addr.port();
+    let width = port.to_string().len() + i;
+    match addr {
+        SocketAddr::V4(a) => format!("{}:{port:0width$}", a.ip()),
+        SocketAddr::V6(a) => format!("[{}]:{port:0width$}", a.ip()),
+    }
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM both stop the gateway gracefully: listeners stop accepting
@@ -229,5 +277,26 @@ impl ShutdownSignalWatch for StopSignal {
             _ = wait(SignalKind::terminate()) => tracing::info!("SIGTERM: stopping"),
         }
         ShutdownSignal::GracefulTerminate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_names_the_same_address_differently() {
+        for addr in ["127.0.0.1:8080", "[::1]:443", "0.0.0.0:1"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let names: Vec<String> = (0..4).map(|i| listener_name(addr, i)).collect();
+            for (i, name) in names.iter().enumerate() {
+                assert_eq!(name.parse::<SocketAddr>().unwrap(), addr, "{name}");
+                assert!(!names[..i].contains(name), "{name} repeats");
+            }
+        }
+        assert_eq!(
+            listener_name("127.0.0.1:8080".parse().unwrap(), 0),
+            "127.0.0.1:8080"
+        );
     }
 }

@@ -87,3 +87,30 @@ fn an_invalid_set_prints_one_line_per_problem_and_fails() {
     assert!(!ok);
     assert!(stderr.contains("/nonexistent/policy/dir"), "{stderr}");
 }
+
+#[test]
+fn serving_on_a_port_that_is_taken_fails_clearly() {
+    // The workers share their port through SO_REUSEPORT; a port another server holds must
+    // still be an error, not a silent split of its connections.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples");
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["serve", "--policy"])
+        .arg(&policy)
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -15,6 +15,7 @@ pub mod exchange;
 pub mod request;
 pub mod retry;
 pub mod sse;
+mod timer_anchor;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -152,6 +153,7 @@ impl ProxyHttp for Gateway {
                 respond_json(session, ctx, 200, body).await
             }
             Ok(Route::Inference(endpoint)) => {
+                timer_anchor::ensure();
                 exchange::serve(&self.state, session, ctx, endpoint).await
             }
         }
