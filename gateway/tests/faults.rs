@@ -548,23 +548,44 @@ enum Closing {
     /// When the second request arrives on a connection, unanswered — an idle timeout
     /// (uvicorn's is 5 s) firing just as the gateway reuses the connection.
     OnTheSecondRequest,
+    /// Never: only the gateway closes them.
+    Never,
 }
 
-/// A minimal keep-alive engine that closes connections as `closing` says. Returns its
-/// address and the number of completions it answered.
-async fn engine_closing_connections(
-    closing: Closing,
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+/// A minimal keep-alive engine: its address, completions answered, and connections that
+/// carried completions and are still open.
+struct RawEngine {
+    addr: String,
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    open: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// A minimal keep-alive engine that closes connections as `closing` says.
+async fn engine_closing_connections(closing: Closing) -> RawEngine {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
     let count = served.clone();
+    let open_count = open.clone();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let count = count.clone();
+            let open = open_count.clone();
             tokio::spawn(async move {
+                // Counted as open once it has carried a completion (health checks and
+                // metric scrapes come on connections of their own).
+                struct Counted(Option<std::sync::Arc<std::sync::atomic::AtomicI64>>);
+                impl Drop for Counted {
+                    fn drop(&mut self) {
+                        if let Some(open) = &self.0 {
+                            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }
+                let mut counted = Counted(None);
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
                 for nth in 0.. {
@@ -596,6 +617,10 @@ async fn engine_closing_connections(
                     buf.drain(..body_start + length);
                     if head.starts_with("post /v1/chat/completions") {
                         count.fetch_add(1, Ordering::SeqCst);
+                        if counted.0.is_none() {
+                            open.fetch_add(1, Ordering::SeqCst);
+                            counted.0 = Some(open.clone());
+                        }
                     }
                     let body = r#"{"id":"c","object":"chat.completion","model":"test-model","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
                     let answer = format!(
@@ -612,13 +637,13 @@ async fn engine_closing_connections(
             });
         }
     });
-    (addr, served)
+    RawEngine { addr, served, open }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_the_engine_closes_cost_no_request_and_no_health() {
     for closing in [Closing::AfterEachAnswer, Closing::OnTheSecondRequest] {
-        let (addr, served) = engine_closing_connections(closing).await;
+        let RawEngine { addr, served, .. } = engine_closing_connections(closing).await;
         let policy = format!(
             "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
              [[pools]]\nid = \"p\"\nregion = \"home\"\nengine = \"generic\"\nmodels = [\"{MODEL}\"]\n\n\
@@ -657,4 +682,33 @@ async fn connections_the_engine_closes_cost_no_request_and_no_health() {
         assert_eq!(gw.shard("closer").await["ejection_count"], 0, "{closing:?}");
         assert_eq!(state_of(&gw, "closer").await, "healthy", "{closing:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_closes_upstream_connections_left_idle() {
+    let engine = engine_closing_connections(Closing::Never).await;
+    let addr = &engine.addr;
+    let policy = format!(
+        "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
+         [[pools]]\nid = \"p\"\nregion = \"home\"\nengine = \"generic\"\nmodels = [\"{MODEL}\"]\n\n\
+         [[shards]]\nid = \"idle\"\npool = \"p\"\nurl = \"http://{addr}\"\ncapacity_tps = 1000\n"
+    );
+    let gw = Gateway::start(&policy).await;
+    let sends = (0..8).map(|_| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat(1, false))
+            .send()
+    });
+    for resp in futures_util::future::join_all(sends).await {
+        assert_eq!(resp.unwrap().status(), 200);
+    }
+    let open = |e: &RawEngine| e.open.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(open(&engine) >= 1, "kept for reuse");
+    // Kept at most 4 s after their last use, swept once a second, with no new request.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while open(&engine) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open(&engine), 0, "idle connections still open after 8 s");
 }

@@ -15,8 +15,8 @@ pub mod exchange;
 pub mod request;
 pub mod retry;
 pub mod sse;
-mod timer_anchor;
 pub mod upstream;
+mod worker_tick;
 
 use std::sync::Arc;
 
@@ -153,7 +153,7 @@ impl ProxyHttp for Gateway {
                 respond_json(session, ctx, 200, body).await
             }
             Ok(Route::Inference(endpoint)) => {
-                timer_anchor::ensure();
+                worker_tick::ensure();
                 exchange::serve(&self.state, session, ctx, endpoint).await
             }
         }

@@ -17,6 +17,8 @@
 pub mod framing;
 mod pool;
 
+pub use pool::close_expired;
+
 use std::io::IoSlice;
 use std::time::Duration;
 

@@ -56,6 +56,24 @@ pub fn put(authority: &str, stream: TcpStream, max_idle: usize) {
     });
 }
 
+/// Closes this thread's connections idle for `max_idle_time` or longer, so connections to
+/// a shard that stopped getting traffic do not stay open (half-closed by the engine) until
+/// its next request.
+pub fn close_expired(max_idle_time: Duration) {
+    IDLE.with(|pool| {
+        let now = Instant::now();
+        pool.borrow_mut().retain(|_, queue| {
+            while queue
+                .front()
+                .is_some_and(|idle| now.duration_since(idle.since) >= max_idle_time)
+            {
+                queue.pop_front();
+            }
+            !queue.is_empty()
+        });
+    });
+}
+
 /// Whether an idle connection can carry a request: nothing to read on it (a shard that
 /// closed it, or sent bytes nobody asked for, makes it unusable). Costs no system call when
 /// the reactor has seen nothing since the last read.
@@ -90,6 +108,27 @@ mod tests {
         let got = take(&key, Duration::from_secs(60)).expect("the open one");
         assert_eq!(got.local_addr().unwrap().port(), old_port);
         assert!(take(&key, Duration::from_secs(60)).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_only_expired_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = format!("test-{}", listener.local_addr().unwrap());
+        let (c, _s) = pair(&listener).await;
+        put(&key, c, 8);
+        close_expired(Duration::from_secs(60));
+        assert!(
+            take(&key, Duration::from_secs(60)).is_some(),
+            "not expired yet"
+        );
+        let (c, _s) = pair(&listener).await;
+        put(&key, c, 8);
+        close_expired(Duration::ZERO);
+        assert!(take(&key, Duration::from_secs(60)).is_none());
+        assert!(
+            IDLE.with(|p| !p.borrow().contains_key(&key)),
+            "empty queues are dropped"
+        );
     }
 
     #[tokio::test]
