@@ -167,7 +167,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let state = Arc::new(State {
         policy: Arc::clone(&policy),
         router: Arc::clone(&router),
-        upstream: UpstreamClient::new(policy.timeouts.connect),
+        upstream: UpstreamClient::new(policy.timeouts.connect, policy.timeouts.pool_idle),
         metrics: Arc::clone(&metrics),
         body_budget: BodyBudget::new(policy.limits.max_buffered_bytes),
         retry_budget: RetryBudget::new(policy.retries.clone()),

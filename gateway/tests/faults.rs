@@ -691,7 +691,8 @@ async fn the_gateway_closes_upstream_connections_left_idle() {
     let policy = format!(
         "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
          [[pools]]\nid = \"p\"\nregion = \"home\"\nengine = \"generic\"\nmodels = [\"{MODEL}\"]\n\n\
-         [[shards]]\nid = \"idle\"\npool = \"p\"\nurl = \"http://{addr}\"\ncapacity_tps = 1000\n"
+         [[shards]]\nid = \"idle\"\npool = \"p\"\nurl = \"http://{addr}\"\ncapacity_tps = 1000\n\n\
+         [timeouts]\npool_idle_ms = 1500\n"
     );
     let gw = Gateway::start(&policy).await;
     let sends = (0..8).map(|_| {
@@ -704,11 +705,23 @@ async fn the_gateway_closes_upstream_connections_left_idle() {
         assert_eq!(resp.unwrap().status(), 200);
     }
     let open = |e: &RawEngine| e.open.load(std::sync::atomic::Ordering::SeqCst);
+    let done = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(open(&engine) >= 1, "kept for reuse");
-    // Kept at most 4 s after their last use, swept once a second, with no new request.
-    let deadline = Instant::now() + Duration::from_secs(8);
+    // Kept for pool_idle_ms (1.5 s) after their last use, swept once a second, with no new
+    // request to the shard.
+    let deadline = done + Duration::from_secs(5);
     while open(&engine) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(open(&engine), 0, "idle connections still open after 8 s");
+    let closed_after = done.elapsed();
+    assert_eq!(open(&engine), 0, "idle connections still open after 5 s");
+    assert!(
+        closed_after >= Duration::from_millis(1400),
+        "closed too early: {closed_after:?}"
+    );
+    eprintln!(
+        "idle upstream connections closed {} ms after their last use (pool_idle_ms 1500)",
+        closed_after.as_millis()
+    );
 }

@@ -292,6 +292,8 @@ impl Compiler {
             );
             t.idle = ms(self, "timeouts.idle_ms", raw.idle_ms, t.idle);
             t.total = ms(self, "timeouts.total_ms", raw.total_ms, t.total);
+            // Not a request timeout: not bounded by total_ms.
+            t.pool_idle = ms(self, "timeouts.pool_idle_ms", raw.pool_idle_ms, t.pool_idle);
             for (key, d) in [
                 ("connect_ms", t.connect),
                 ("first_byte_ms", t.first_byte),

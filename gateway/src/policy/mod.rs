@@ -188,6 +188,9 @@ pub struct Timeouts {
     pub idle: Duration,
     /// The whole request, attempts included (default 600 s).
     pub total: Duration,
+    /// How long an idle upstream connection is kept for reuse (default 4 s: under the 5 s
+    /// keep-alive of uvicorn, which serves vLLM's and SGLang's APIs).
+    pub pool_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -197,6 +200,7 @@ impl Default for Timeouts {
             first_byte: Duration::from_millis(30_000),
             idle: Duration::from_millis(30_000),
             total: Duration::from_millis(600_000),
+            pool_idle: Duration::from_millis(4_000),
         }
     }
 }
@@ -412,6 +416,7 @@ capacity_tps = 1000
         assert_eq!(p.home_region, "east");
         assert_eq!(p.limits.max_body_bytes, 8 << 20);
         assert_eq!(p.timeouts.connect, Duration::from_secs(1));
+        assert_eq!(p.timeouts.pool_idle, Duration::from_secs(4));
         assert_eq!(p.shards[0].region, "east");
         assert_eq!(p.shards[0].weight, 1.0);
         assert_eq!(p.regions.len(), 2);
@@ -527,6 +532,18 @@ models = ["llama"]
         let text = format!("{BASE}\n[timeouts]\nconnect_ms = 5000\ntotal_ms = 1000\n");
         let i = issues(one(&text));
         assert!(i.iter().any(|s| s.contains("timeouts.connect_ms")), "{i:?}");
+        let text = format!("{BASE}\n[timeouts]\npool_idle_ms = 0\n");
+        let i = issues(one(&text));
+        assert!(
+            i.iter().any(|s| s.contains("timeouts.pool_idle_ms")),
+            "{i:?}"
+        );
+        // Not a request timeout: it may outlast total_ms.
+        let text = format!("{BASE}\n[timeouts]\npool_idle_ms = 90000\nfirst_byte_ms = 500\nidle_ms = 500\ntotal_ms = 1000\n");
+        assert_eq!(
+            one(&text).unwrap().timeouts.pool_idle,
+            Duration::from_secs(90)
+        );
         let text = format!("{BASE}\n[limits]\nmax_body_bytes = 10\n");
         assert!(issues(one(&text))
             .iter()

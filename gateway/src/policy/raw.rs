@@ -71,6 +71,8 @@ pub struct RawTimeouts {
     pub idle_ms: Option<u64>,
     /// Whole request, all attempts included, milliseconds. Default 600000.
     pub total_ms: Option<u64>,
+    /// How long an idle upstream connection is kept for reuse, milliseconds. Default 4000.
+    pub pool_idle_ms: Option<u64>,
 }
 
 /// `[routing]`

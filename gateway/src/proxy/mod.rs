@@ -153,7 +153,7 @@ impl ProxyHttp for Gateway {
                 respond_json(session, ctx, 200, body).await
             }
             Ok(Route::Inference(endpoint)) => {
-                worker_tick::ensure();
+                worker_tick::ensure(self.state.upstream.pool_idle());
                 exchange::serve(&self.state, session, ctx, endpoint).await
             }
         }

@@ -13,21 +13,22 @@
 use std::cell::Cell;
 use std::time::Duration;
 
-use super::upstream::{self, POOL_IDLE_TIME};
+use super::upstream;
 
 thread_local! {
     static STARTED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Starts the tick on the current worker's runtime the first time it is called there.
-pub fn ensure() {
+/// Starts the tick on the current worker's runtime the first time it is called there;
+/// connections idle for `pool_idle` are closed.
+pub fn ensure(pool_idle: Duration) {
     if STARTED.with(|s| s.replace(true)) {
         return;
     }
-    tokio::spawn(async {
+    tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            upstream::close_expired(POOL_IDLE_TIME);
+            upstream::close_expired(pool_idle);
         }
     });
 }

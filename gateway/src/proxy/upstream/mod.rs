@@ -30,10 +30,6 @@ use tokio::net::TcpStream;
 use super::error::UpstreamFailure;
 use framing::{BodyDecoder, Decoded, FramingError};
 
-/// How long an idle connection is kept: under the 5 s keep-alive of uvicorn, which serves
-/// vLLM's and SGLang's OpenAI APIs, so the gateway rarely reuses a connection the engine is
-/// about to close.
-pub const POOL_IDLE_TIME: Duration = Duration::from_secs(4);
 /// Idle connections kept per shard and worker thread.
 pub const POOL_MAX_IDLE: usize = 512;
 /// Bytes asked of the socket per read.
@@ -43,6 +39,7 @@ const READ_SIZE: usize = 16 << 10;
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     connect_timeout: Duration,
+    pool_idle: Duration,
 }
 
 /// A response header from a shard, and its body still to read.
@@ -74,9 +71,18 @@ enum SendError {
 }
 
 impl UpstreamClient {
-    /// A client that gives up connecting after `connect_timeout`.
-    pub fn new(connect_timeout: Duration) -> Self {
-        Self { connect_timeout }
+    /// A client that gives up connecting after `connect_timeout` and keeps idle connections
+    /// for `pool_idle` (the policy's `timeouts.pool_idle_ms`).
+    pub fn new(connect_timeout: Duration, pool_idle: Duration) -> Self {
+        Self {
+            connect_timeout,
+            pool_idle,
+        }
+    }
+
+    /// How long idle connections are kept.
+    pub fn pool_idle(&self) -> Duration {
+        self.pool_idle
     }
 
     /// Sends one request to `authority` (`host:port`): `head` is the complete request head
@@ -88,7 +94,7 @@ impl UpstreamClient {
         head: &[u8],
         body: &[u8],
     ) -> Result<UpstreamResponse<'a>, UpstreamFailure> {
-        if let Some(stream) = pool::take(authority, POOL_IDLE_TIME) {
+        if let Some(stream) = pool::take(authority, self.pool_idle) {
             match exchange(authority, stream, head, body, true).await {
                 Ok(r) => return Ok(r),
                 Err(SendError::Failed(f)) => return Err(f),
