@@ -320,3 +320,78 @@ async fn bodies_beyond_the_global_buffer_budget_get_503_with_retry_after() {
     .await;
     assert_eq!(s, 200);
 }
+
+/// An engine that answers every request with `answer`, whatever it is, then closes.
+async fn engine_answering(answer: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = Vec::new();
+                // The whole request: the gateway sends head and body together.
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn.write_all(answer).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broken_answers_from_an_engine_are_502s_that_say_what_was_wrong() {
+    let big: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4096\r\n\r\n{}",
+            " ".repeat(4096)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let cases: [(&'static [u8], &str); 5] = [
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n{}",
+            "invalid content-length",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{}",
+            "before the end of the body",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            "malformed chunked body",
+        ),
+        (b"NOT HTTP AT ALL\r\n\r\n", "malformed response head"),
+        (big, "response larger than 1024 bytes"),
+    ];
+    for (answer, expected) in cases {
+        let addr = engine_answering(answer).await;
+        let policy = format!(
+            "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
+             [[pools]]\nid = \"p\"\nregion = \"home\"\nengine = \"generic\"\nmodels = [\"{MODEL}\"]\n\n\
+             [[shards]]\nid = \"broken\"\npool = \"p\"\nurl = \"http://{addr}\"\ncapacity_tps = 1000\n\n\
+             [limits]\nmax_response_bytes = 1024\n"
+        );
+        let gw = Gateway::start(&policy).await;
+        let (status, headers, body) = send(
+            &gw,
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            serde_json::to_vec(&chat(2, false)).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 502, "{expected}: {body}");
+        assert!(headers.contains_key("x-request-id"));
+        assert_openai_error(&body, "upstream_error");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{expected}: {message}");
+        assert!(!gw.log().contains("panicked"), "{}", gw.log());
+    }
+}
