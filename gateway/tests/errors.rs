@@ -373,12 +373,7 @@ async fn broken_answers_from_an_engine_are_502s_that_say_what_was_wrong() {
     ];
     for (answer, expected) in cases {
         let addr = engine_answering(answer).await;
-        let policy = format!(
-            "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
-             [[pools]]\nid = \"p\"\nregion = \"home\"\nengine = \"generic\"\nmodels = [\"{MODEL}\"]\n\n\
-             [[shards]]\nid = \"broken\"\npool = \"p\"\nurl = \"http://{addr}\"\ncapacity_tps = 1000\n\n\
-             [limits]\nmax_response_bytes = 1024\n"
-        );
+        let policy = one_shard_policy("broken", &addr, "[limits]\nmax_response_bytes = 1024\n");
         let gw = Gateway::start(&policy).await;
         let (status, headers, body) = send(
             &gw,

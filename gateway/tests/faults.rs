@@ -644,11 +644,7 @@ async fn engine_closing_connections(closing: Closing) -> RawEngine {
 async fn connections_the_engine_closes_cost_no_request_and_no_health() {
     for closing in [Closing::AfterEachAnswer, Closing::OnTheSecondRequest] {
         let RawEngine { addr, served, .. } = engine_closing_connections(closing).await;
-        let policy = format!(
-            "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
-             [[pools]]\nid = \"p\"\nregion = \"home\"\nengine = \"generic\"\nmodels = [\"{MODEL}\"]\n\n\
-             [[shards]]\nid = \"closer\"\npool = \"p\"\nurl = \"http://{addr}\"\ncapacity_tps = 1000\n"
-        );
+        let policy = one_shard_policy("closer", &addr, "");
         let gw = Gateway::start(&policy).await;
         let requests = 40;
         for i in 0..requests {
@@ -687,13 +683,7 @@ async fn connections_the_engine_closes_cost_no_request_and_no_health() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_gateway_closes_upstream_connections_left_idle() {
     let engine = engine_closing_connections(Closing::Never).await;
-    let addr = &engine.addr;
-    let policy = format!(
-        "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
-         [[pools]]\nid = \"p\"\nregion = \"home\"\nengine = \"generic\"\nmodels = [\"{MODEL}\"]\n\n\
-         [[shards]]\nid = \"idle\"\npool = \"p\"\nurl = \"http://{addr}\"\ncapacity_tps = 1000\n\n\
-         [timeouts]\npool_idle_ms = 1500\n"
-    );
+    let policy = one_shard_policy("idle", &engine.addr, "[timeouts]\npool_idle_ms = 1500\n");
     let gw = Gateway::start(&policy).await;
     let sends = (0..8).map(|_| {
         client()

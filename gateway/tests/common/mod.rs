@@ -115,6 +115,16 @@ pub fn policy_text(shards: &[&Shard], extra: &str) -> String {
     t
 }
 
+/// A policy with one shard, `id`, at `addr` (`host:port`) — an engine a test runs itself —
+/// in a generic pool of region "home". `extra` is appended.
+pub fn one_shard_policy(id: &str, addr: &str, extra: &str) -> String {
+    format!(
+        "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
+         [[pools]]\nid = \"p\"\nregion = \"home\"\nengine = \"generic\"\nmodels = [\"{MODEL}\"]\n\n\
+         [[shards]]\nid = \"{id}\"\npool = \"p\"\nurl = \"http://{addr}\"\ncapacity_tps = 1000\n\n{extra}"
+    )
+}
+
 fn free_port() -> SocketAddr {
     let l = StdListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
