@@ -4,7 +4,8 @@ nginx, in the same run, on loopback.
 
 Usage:  python3 bench/run.py [--quick]
 
-It builds the release binaries, installs nginx if missing (Debian/Ubuntu), starts two
+It builds the proxies with the `production` profile (the simulator and load generator with
+`release`), installs nginx if missing (Debian/Ubuntu), starts two
 llm-sim engines (an instant one for request overhead, a streaming one at 10 ms per token),
 then runs the same load against each target:
 
