@@ -63,11 +63,27 @@ struct Body<'a> {
 }
 
 /// Why sending on a connection failed.
-enum SendError {
-    /// A reused connection turned out closed before any answer: safe to send again.
-    Stale,
-    /// Anything else.
-    Failed(UpstreamFailure),
+struct SendError {
+    cause: UpstreamFailure,
+    /// Nothing of an answer arrived: on a reused connection, the shard had closed it, and
+    /// sending again on a new one is safe.
+    before_answer: bool,
+}
+
+impl SendError {
+    fn before_answer(what: String) -> Self {
+        Self {
+            cause: UpstreamFailure::Cut(what),
+            before_answer: true,
+        }
+    }
+
+    fn during_answer(cause: UpstreamFailure) -> Self {
+        Self {
+            cause,
+            before_answer: false,
+        }
+    }
 }
 
 impl UpstreamClient {
@@ -95,20 +111,16 @@ impl UpstreamClient {
         body: &[u8],
     ) -> Result<UpstreamResponse<'a>, UpstreamFailure> {
         if let Some(stream) = pool::take(authority, self.pool_idle) {
-            match exchange(authority, stream, head, body, true).await {
+            match exchange(authority, stream, head, body).await {
                 Ok(r) => return Ok(r),
-                Err(SendError::Failed(f)) => return Err(f),
-                Err(SendError::Stale) => {} // the shard had closed it: once more, on a new one
+                Err(e) if e.before_answer => {} // the shard had closed it: once more, on a new one
+                Err(e) => return Err(e.cause),
             }
         }
         let stream = self.connect(authority).await?;
-        match exchange(authority, stream, head, body, false).await {
-            Ok(r) => Ok(r),
-            Err(SendError::Failed(f)) => Err(f),
-            Err(SendError::Stale) => Err(UpstreamFailure::Cut(
-                "connection closed before the response".into(),
-            )),
-        }
+        exchange(authority, stream, head, body)
+            .await
+            .map_err(|e| e.cause)
     }
 
     async fn connect(&self, authority: &str) -> Result<TcpStream, UpstreamFailure> {
@@ -130,45 +142,48 @@ impl UpstreamClient {
     }
 }
 
-/// Writes the request and reads the response head. On a `reused` connection, a write
-/// failure or a close before the first response byte is [`SendError::Stale`].
+/// Writes the request and reads the response head.
 async fn exchange<'a>(
     authority: &'a str,
     mut stream: TcpStream,
     head: &[u8],
     body: &[u8],
-    reused: bool,
 ) -> Result<UpstreamResponse<'a>, SendError> {
-    let early = |what: String| {
-        if reused {
-            SendError::Stale
-        } else {
-            SendError::Failed(UpstreamFailure::Cut(what))
-        }
-    };
     if let Err(e) = write_request(&mut stream, head, body).await {
-        return Err(early(format!("writing the request: {e}")));
+        return Err(SendError::before_answer(format!(
+            "writing the request: {e}"
+        )));
     }
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     let parsed = loop {
         match framing::parse_head(&mut buf) {
             Ok(Some(h)) => break h,
             Ok(None) => {}
-            Err(e) => return Err(SendError::Failed(malformed(e))),
+            Err(e) => return Err(SendError::during_answer(malformed(e))),
         }
         buf.reserve(READ_SIZE);
         match stream.read_buf(&mut buf).await {
             Ok(0) if buf.is_empty() => {
-                return Err(early("connection closed before the response".into()))
+                return Err(SendError::before_answer(
+                    "connection closed before the response".into(),
+                ))
             }
             Ok(0) => {
-                return Err(SendError::Failed(UpstreamFailure::Cut(
+                return Err(SendError::during_answer(UpstreamFailure::Cut(
                     "connection closed inside the response head".into(),
                 )))
             }
             Ok(_) => {}
-            Err(e) if buf.is_empty() => return Err(early(format!("reading the response: {e}"))),
-            Err(e) => return Err(SendError::Failed(UpstreamFailure::Cut(e.to_string()))),
+            Err(e) if buf.is_empty() => {
+                return Err(SendError::before_answer(format!(
+                    "reading the response: {e}"
+                )))
+            }
+            Err(e) => {
+                return Err(SendError::during_answer(UpstreamFailure::Cut(
+                    e.to_string(),
+                )))
+            }
         }
     };
     Ok(UpstreamResponse {
