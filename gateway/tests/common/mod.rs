@@ -191,10 +191,10 @@ impl Gateway {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `GET /admin/status` as JSON.
-    pub async fn status(&self) -> Value {
+    /// An admin API route, with the admin token, as JSON.
+    async fn admin_json(&self, path: &str) -> Value {
         client()
-            .get(format!("http://{}/admin/status", self.admin))
+            .get(format!("http://{}{path}", self.admin))
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
@@ -202,6 +202,11 @@ impl Gateway {
             .json()
             .await
             .unwrap()
+    }
+
+    /// `GET /admin/status` as JSON.
+    pub async fn status(&self) -> Value {
+        self.admin_json("/admin/status").await
     }
 
     /// One shard's entry in `GET /admin/status`.
@@ -218,15 +223,22 @@ impl Gateway {
 
     /// `GET /admin/events` as JSON.
     pub async fn events(&self) -> Value {
-        client()
-            .get(format!("http://{}/admin/events", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
+        self.admin_json("/admin/events").await
+    }
+
+    /// One small non-streamed chat completion that must succeed; its response headers
+    /// (`x-breakwater-shard`, `x-breakwater-region`, ...).
+    pub async fn chat_ok(&self) -> reqwest::header::HeaderMap {
+        let r = client()
+            .post(self.url("/v1/chat/completions"))
+            .json(&chat(2, false))
             .send()
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let headers = r.headers().clone();
+        r.bytes().await.unwrap();
+        headers
     }
 
     /// `GET /metrics` (Prometheus text).
