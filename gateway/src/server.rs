@@ -172,6 +172,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         body_budget: BodyBudget::new(policy.limits.max_buffered_bytes),
         retry_budget: RetryBudget::new(policy.retries.clone()),
         health: health.clone(),
+        shard_tags: crate::proxy::ShardTags::for_router(&router),
     });
 
     let threads = opts.threads.unwrap_or_else(|| {
@@ -198,10 +199,9 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     // another, and every read then costs a cross-thread wake-up.)
     let traffic: Vec<_> = (0..threads.max(1))
         .map(|i| {
-            let mut service = pingora::proxy::http_proxy_service_with_name(
-                &server.configuration,
+            let mut service = Service::new(
+                format!("breakwater traffic {i}"),
                 Gateway::new(Arc::clone(&state)),
-                &format!("breakwater traffic {i}"),
             );
             service.threads = Some(1);
             let mut socket = TcpSocketOptions::default();

@@ -106,6 +106,100 @@ async fn bad_requests_get_clear_openai_errors_and_never_reach_a_shard() {
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
 }
 
+/// Writes `request` on a fresh connection and reads until the gateway closes it.
+async fn raw_exchange(gw: &Gateway, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_that_are_not_http_get_a_400_in_the_openai_format_and_a_close() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let gw = Gateway::start(&policy_text(&[&a], "")).await;
+    for garbage in [
+        &b"HELLO THERE\r\n\r\n"[..],
+        b"GET /healthz HTTP/1.1\r\nno colon in this field\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n",
+    ] {
+        let answer = raw_exchange(&gw, garbage).await;
+        let shown = String::from_utf8_lossy(garbage);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{shown:?} -> {answer}");
+        let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap())
+            .unwrap_or_else(|e| panic!("{shown:?} -> {answer}: {e}"));
+        assert_openai_error(&body, "invalid_request");
+    }
+    // Well-formed requests one after another on one kept-alive connection: each answered,
+    // a HEAD without a body, and the connection closed when the client asks.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut seen = String::new();
+    for (request, expect_body) in [
+        ("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", true),
+        ("HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n", false),
+        (
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            true,
+        ),
+    ] {
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Read until the head is complete and, where a body is expected, the body too.
+        let complete = |a: &[u8]| {
+            let text = String::from_utf8_lossy(a);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.parse().unwrap())
+                })
+                .unwrap();
+            !expect_body || body.len() >= len
+        };
+        while !complete(&answer) {
+            let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed early after {seen}{}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "{request:?} -> {answer}"
+        );
+        assert_eq!(
+            answer.ends_with("\r\n\r\n"),
+            !expect_body,
+            "{request:?} -> {answer}"
+        );
+        seen.push_str(&answer);
+    }
+    assert!(seen.ends_with(r#"{"ready":true}"#), "{seen}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?} {rest:?}");
+    assert_eq!(a.stats().requests_total, 0);
+    gw.chat_ok().await;
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_oversized_body_is_answered_413_even_while_the_client_is_still_sending() {
     let a = start_shard(ShardSpec::new("a", "home")).await;

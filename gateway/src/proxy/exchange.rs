@@ -9,8 +9,8 @@
 //! invisible to the client.
 
 use bytes::{Bytes, BytesMut};
-use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
+use http::{HeaderMap, HeaderValue};
+use pingora::protocols::http::ServerSession as Session;
 use tokio::time::{timeout_at, Instant};
 
 use breakwater_health::Signal;
@@ -19,7 +19,8 @@ use super::budget::Reservation;
 use super::error::{AttemptFailure, GatewayError, UpstreamFailure};
 use super::request::{self, Endpoint, InferenceRequest};
 use super::upstream::{framing, UpstreamResponse};
-use super::{sse, RequestCtx, State};
+use super::{sse, RequestCtx, ShardTags, State};
+use super::{REGION_HEADER, REQUEST_ID_HEADER, SHARD_HEADER};
 use crate::routing::ShardEntry;
 
 /// Request headers not forwarded to a shard: hop-by-hop ones, and those the gateway sets.
@@ -124,6 +125,7 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
         let call = Call {
             state,
             shard,
+            tags: &state.shard_tags[shard_idx],
             req: &req,
             route_model: route.model,
             deadline,
@@ -285,6 +287,7 @@ async fn client_gone(session: &mut Session) {
 struct Call<'a> {
     state: &'a State,
     shard: &'a ShardEntry,
+    tags: &'a ShardTags,
     req: &'a InferenceRequest,
     route_model: usize,
     deadline: Instant,
@@ -406,20 +409,21 @@ impl Call<'_> {
         if (200..300).contains(&status) {
             self.learn_from_whole(&body);
         }
-        let Ok(mut header) = self.response_header(ctx, status) else {
+        let mut headers = self.routing_headers(ctx, 2);
+        if let Some(ct) = response.content_type.take() {
+            headers.insert(http::header::CONTENT_TYPE, ct);
+        }
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let Some(header) = super::response_head(status, headers) else {
             return Attempt::Retryable(UpstreamFailure::Status(status));
         };
-        if let Some(ct) = response.content_type.take() {
-            let _ = header.insert_header(http::header::CONTENT_TYPE, ct);
-        }
-        let _ = header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
         ctx.status = status;
         ctx.first_byte_at = Some(std::time::Instant::now());
         if session
-            .write_response_header(Box::new(header), false)
+            .write_response_header(Box::new(header))
             .await
             .is_err()
-            || session.write_response_body(Some(body), true).await.is_err()
+            || session.write_response_body(body, true).await.is_err()
         {
             return Attempt::ClientGone;
         }
@@ -446,14 +450,15 @@ impl Call<'_> {
         );
     }
 
-    /// A response header with the routing headers. Fails only for a status outside
-    /// 100..=999, which an HTTP response cannot carry.
-    fn response_header(&self, ctx: &RequestCtx, status: u16) -> pingora::Result<ResponseHeader> {
-        let mut h = ResponseHeader::build_no_case(status, Some(8))?;
-        h.insert_header("x-breakwater-shard", &self.shard.id)?;
-        h.insert_header("x-breakwater-region", &self.shard.region)?;
-        h.insert_header("x-request-id", &ctx.request_id)?;
-        Ok(h)
+    /// The routing headers every answer from a shard carries, with room for `more`.
+    fn routing_headers(&self, ctx: &RequestCtx, more: usize) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(3 + more);
+        h.insert(SHARD_HEADER, self.tags.shard.clone());
+        h.insert(REGION_HEADER, self.tags.region.clone());
+        if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
+            h.insert(REQUEST_ID_HEADER, id);
+        }
+        h
     }
 
     /// Relays a stream: hold the header back until the first complete `data:` event, then
@@ -494,25 +499,28 @@ impl Call<'_> {
             }
         };
         // The commit point.
-        let Ok(mut header) = self.response_header(ctx, 200) else {
+        let mut headers = self.routing_headers(ctx, 3);
+        let fixed = [
+            (http::header::CONTENT_TYPE, "text/event-stream"),
+            (http::header::CACHE_CONTROL, "no-cache"),
+            (http::header::TRANSFER_ENCODING, "chunked"),
+        ];
+        for (name, value) in fixed {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        let Some(header) = super::response_head(200, headers) else {
             return Attempt::Retryable(UpstreamFailure::Status(200));
         };
-        let _ = header.insert_header(http::header::CONTENT_TYPE, "text/event-stream");
-        let _ = header.insert_header(http::header::CACHE_CONTROL, "no-cache");
-        let _ = header.insert_header(http::header::TRANSFER_ENCODING, "chunked");
         ctx.status = 200;
         ctx.first_byte_at = Some(std::time::Instant::now());
         let mut tally = StreamTally::default();
         let first = pending.split_to(ready).freeze();
         tally.see(&first);
         if session
-            .write_response_header(Box::new(header), false)
+            .write_response_header(Box::new(header))
             .await
             .is_err()
-            || session
-                .write_response_body(Some(first), false)
-                .await
-                .is_err()
+            || session.write_response_body(first, false).await.is_err()
         {
             return Attempt::ClientGone;
         }
@@ -539,7 +547,7 @@ impl Call<'_> {
                 }
             };
             tally.see(&out);
-            if session.write_response_body(Some(out), false).await.is_err() {
+            if session.write_response_body(out, false).await.is_err() {
                 return Attempt::ClientGone;
             }
         };
@@ -561,7 +569,7 @@ impl Call<'_> {
             }
         };
         self.learn_from_stream(&tally);
-        if session.write_response_body(Some(tail), true).await.is_err() {
+        if session.write_response_body(tail, true).await.is_err() {
             return Attempt::ClientGone;
         }
         Attempt::Finished(failure)

@@ -1,6 +1,8 @@
-//! The traffic listener: a thin Pingora [`ProxyHttp`] whose `request_filter` answers
-//! every request itself — the gateway's own endpoints directly, the OpenAI endpoints
-//! through [`exchange`], which owns the upstream call (see DESIGN.md, "The data path").
+//! The traffic listener: a Pingora [`HttpServerApp`] that answers every request itself —
+//! the gateway's own endpoints directly, the OpenAI endpoints through [`exchange`], which
+//! owns the upstream call (see DESIGN.md, "The data path"). Pingora's server runs the
+//! listeners, the HTTP/1 sessions and keep-alive; Pingora's proxy layer is not used, as
+//! none of its upstream machinery would run.
 //!
 //! # Layout
 //! - [`request`]: endpoint classification and body parsing.
@@ -22,9 +24,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::http::ResponseHeader;
-use pingora::prelude::HttpPeer;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::protocols::http::ServerSession as Session;
+use pingora::server::ShutdownWatch;
 use serde_json::json;
 
 use crate::metrics::Metrics;
@@ -50,7 +54,40 @@ pub struct State {
     pub retry_budget: Arc<retry::RetryBudget>,
     /// Where attempt outcomes are reported.
     pub health: breakwater_health::HealthMonitor,
+    /// Each shard's routing headers, by shard index, built once.
+    pub shard_tags: Vec<ShardTags>,
 }
+
+/// The values of `x-breakwater-shard` and `x-breakwater-region` for one shard.
+pub struct ShardTags {
+    /// The shard id.
+    pub shard: HeaderValue,
+    /// The shard's region.
+    pub region: HeaderValue,
+}
+
+impl ShardTags {
+    /// One entry per shard of `router`, in its order.
+    pub fn for_router(router: &Router) -> Vec<ShardTags> {
+        // Policy ids are ASCII letters, digits, `-`, `_` and `.`: always valid values.
+        let value = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("?"));
+        router
+            .shards()
+            .iter()
+            .map(|s| ShardTags {
+                shard: value(&s.id),
+                region: value(&s.region),
+            })
+            .collect()
+    }
+}
+
+/// `x-breakwater-shard`: the shard that answered.
+pub const SHARD_HEADER: HeaderName = HeaderName::from_static("x-breakwater-shard");
+/// `x-breakwater-region`: the region of the shard that answered.
+pub const REGION_HEADER: HeaderName = HeaderName::from_static("x-breakwater-region");
+/// `x-request-id`: the client's, or one the gateway made.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Per-request state, for the access log and metrics.
 pub struct RequestCtx {
@@ -74,7 +111,7 @@ pub struct RequestCtx {
     pub stream_error: Option<String>,
 }
 
-/// The Pingora proxy application.
+/// The traffic listener's Pingora application.
 pub struct Gateway {
     state: Arc<State>,
 }
@@ -99,16 +136,8 @@ fn request_id(session: &Session) -> String {
     }
 }
 
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
-
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
-        // None: Pingora's default adds a (disabled) compression module whose context is
-        // built for every request. Engines' JSON and SSE answers pass through as they are.
-    }
-
-    fn new_ctx(&self) -> RequestCtx {
+impl RequestCtx {
+    fn new() -> Self {
         RequestCtx {
             request_id: String::new(),
             started: std::time::Instant::now(),
@@ -121,12 +150,13 @@ impl ProxyHttp for Gateway {
             stream_error: None,
         }
     }
+}
 
-    async fn request_filter(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<bool> {
+impl Gateway {
+    /// Answers one request whose header has been read: the gateway's own endpoints
+    /// directly, the OpenAI endpoints through [`exchange`]. Always leaves a response
+    /// written, or the client gone.
+    async fn answer(&self, session: &mut Session, ctx: &mut RequestCtx) {
         ctx.request_id = request_id(session);
         ctx.started = std::time::Instant::now();
         let head = session.req_header();
@@ -157,26 +187,10 @@ impl ProxyHttp for Gateway {
                 exchange::serve(&self.state, session, ctx, endpoint).await
             }
         }
-        Ok(true)
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> pingora::Result<Box<HttpPeer>> {
-        // `request_filter` answers every request, so Pingora never asks for a peer.
-        Err(pingora::Error::new_str(
-            "breakwater answers every request in request_filter",
-        ))
-    }
-
-    async fn logging(
-        &self,
-        _session: &mut Session,
-        _e: Option<&pingora::Error>,
-        ctx: &mut RequestCtx,
-    ) {
+    /// Metrics and the access log line for a finished request.
+    fn log(&self, ctx: &RequestCtx) {
         let shard = ctx.shard.map(|i| &self.state.router.shards()[i]);
         let ttft_ms = ctx
             .first_byte_at
@@ -203,6 +217,68 @@ impl ProxyHttp for Gateway {
     }
 }
 
+/// Resolves when the server starts shutting down.
+async fn stopping(shutdown: &ShutdownWatch) {
+    let mut watch = shutdown.clone();
+    if *watch.borrow_and_update() {
+        return;
+    }
+    while watch.changed().await.is_ok() {
+        if *watch.borrow() {
+            return;
+        }
+    }
+    // The server is gone without saying so: treat it as stopping.
+}
+
+#[async_trait]
+impl HttpServerApp for Gateway {
+    /// One request on a downstream connection: read its header, answer it, log it, and
+    /// hand the connection back for the next request when it can be reused.
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: Session,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        // `biased`: a request already buffered is served even while shutting down starts.
+        let read = tokio::select! {
+            biased;
+            r = session.read_request() => r,
+            _ = stopping(shutdown) => return None,
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => return None, // the client closed an idle connection
+            Err(e) => {
+                // Not HTTP: answer 400 when a client could read it, then close.
+                if e.etype == pingora::ErrorType::InvalidHTTPHeader {
+                    let err = GatewayError::BadRequest("malformed HTTP request".into());
+                    let body = err.body();
+                    let id = format!("{:032x}", rand::random::<u128>());
+                    if let Some(h) = json_header(err.status(), body.len(), &id, None) {
+                        let _ = session.write_error_response(h, Bytes::from(body)).await;
+                    }
+                }
+                session.shutdown().await;
+                return None;
+            }
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let mut ctx = RequestCtx::new();
+        self.answer(&mut session, &mut ctx).await;
+        self.log(&ctx);
+        let settings = HttpPersistentSettings::for_session(&session);
+        session
+            .finish()
+            .await
+            .ok()
+            .flatten()
+            .map(|s| ReusedHttpStream::from_reusable_stream(s, settings))
+    }
+}
+
 /// Writes a complete JSON response with the request id.
 pub(crate) async fn respond_json(
     session: &mut Session,
@@ -225,25 +301,42 @@ async fn respond(
     body: String,
     retry_after_s: Option<u32>,
 ) {
-    let Ok(mut h) = ResponseHeader::build_no_case(status, Some(4)) else {
+    let Some(h) = json_header(status, body.len(), &ctx.request_id, retry_after_s) else {
         return;
     };
-    let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
-    let _ = h.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
-    let _ = h.insert_header("x-request-id", &ctx.request_id);
-    if let Some(s) = retry_after_s {
-        let _ = h.insert_header(http::header::RETRY_AFTER, s.to_string());
-    }
     ctx.status = status;
-    let head_only = session.req_header().method == http::Method::HEAD;
-    if session
-        .write_response_header(Box::new(h), head_only)
-        .await
-        .is_ok()
-        && !head_only
-    {
-        let _ = session
-            .write_response_body(Some(Bytes::from(body)), true)
-            .await;
+    if session.write_response_header(Box::new(h)).await.is_ok() {
+        // (Nothing is sent after the header when the request was a HEAD.)
+        let _ = session.write_response_body(Bytes::from(body), true).await;
     }
+}
+
+/// The header of a JSON answer the gateway writes itself.
+fn json_header(
+    status: u16,
+    len: usize,
+    request_id: &str,
+    retry_after_s: Option<u32>,
+) -> Option<ResponseHeader> {
+    let mut h = HeaderMap::with_capacity(4);
+    let json = HeaderValue::from_static("application/json");
+    h.insert(http::header::CONTENT_TYPE, json);
+    h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        h.insert(REQUEST_ID_HEADER, id);
+    }
+    if let Some(s) = retry_after_s {
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    response_head(status, h)
+}
+
+/// A response header made of a status and a ready header map. Pingora's `insert_header`
+/// parses every name again and keeps a map of their spelling; names made once, in a plain
+/// map, are written lowercase, as HTTP/1.1 allows. `None` for a status outside 100..=999.
+pub(crate) fn response_head(status: u16, headers: HeaderMap) -> Option<ResponseHeader> {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(status).ok()?;
+    parts.headers = headers;
+    Some(ResponseHeader::from(parts))
 }
