@@ -2,7 +2,8 @@
 """Breakwater benchmark: the gateway versus going straight to the simulator and versus
 nginx, in the same run, on loopback.
 
-Usage:  python3 bench/run.py [--quick]
+Usage:  python3 bench/run.py [--quick] [--rounds N]
+        python3 bench/run.py --table     (the table again, from bench/out/results.json)
 
 It builds the proxies with the `production` profile (the simulator and load generator with
 `release`), installs nginx if missing (Debian/Ubuntu), starts two
@@ -16,9 +17,20 @@ then runs the same load against each target:
   pingora-stock: Pingora's stock proxy with nothing added (gateway/examples/stock_proxy.rs),
           for what Pingora itself costs per request (no stream runs)
 
+Every target goes through every measurement once per round, targets taking turns, for
+--rounds rounds (default 3; 1 with --quick); each figure reported is the median over the
+rounds, and the ratios against nginx are given per round too. On a small shared machine a
+single 10 s run moves by 10-20 % from one run to the next; turns and medians keep a slow
+minute from landing on one target only.
+
+Before each target's stream runs, 100 streams run for 2 s unmeasured (as the request
+warm-up does for the others), so the figures are steady-state: the first burst of 100
+streams opening 100 new upstream connections at once is not in them.
+
 CPU seconds come from /proc/PID/stat (utime + stime) of the proxy's processes (all nginx
-workers included); RSS from /proc/PID/status after the runs. Results go to
-bench/out/results.json and a Markdown table on stdout. Every run is bounded in time.
+workers included), for the request runs and for the 100-stream run; RSS from
+/proc/PID/status after the runs. Results go to bench/out/results.json and a Markdown table
+on stdout. Every run is bounded in time.
 """
 import json
 import os
@@ -38,6 +50,7 @@ PROD = os.path.join(ROOT, "target", "production")
 OUT = os.path.join(ROOT, "bench", "out")
 QUICK = "--quick" in sys.argv
 DUR = 3 if QUICK else 10
+ROUNDS = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else (1 if QUICK else 3)
 TICK = os.sysconf("SC_CLK_TCK")
 
 FAST = ("127.0.0.1", 18600)
@@ -123,8 +136,14 @@ def run_target(name, fast_url, stream_url, pids):
         r["cpu_s_per_10k"] = used / r["ok"] * 10_000 if pids and r["ok"] else None
         res[mode] = r
     if stream_url:
+        loadgen(stream_url, "stream", "bench-stream", concurrency=100, max_tokens=50,
+                requests=100_000, duration=2)
+        before = cpu_ticks(pids) if pids else 0
         res["stream"] = loadgen(stream_url, "stream", "bench-stream", concurrency=100,
                                 max_tokens=50, requests=100_000, duration=DUR)
+        used = (cpu_ticks(pids) - before) / TICK if pids else None
+        ok = res["stream"]["ok"]
+        res["stream"]["cpu_s_per_1k"] = used / ok * 1000 if pids and ok else None
         # A light load isolates the per-hop latency from CPU contention on small machines.
         res["stream10"] = loadgen(stream_url, "stream", "bench-stream", concurrency=10,
                                   max_tokens=50, requests=100_000, duration=DUR)
@@ -206,59 +225,98 @@ http {{
     for host, port in (FAST, STREAM, NGINX_FAST, GATEWAY, STOCK):
         wait_http(f"http://{host}:{port}/v1/models")
     time.sleep(0.5)
-    results = [
-        run_target("direct", "http://%s:%d" % FAST, "http://%s:%d" % STREAM, []),
-        run_target("breakwater", "http://%s:%d" % GATEWAY, "http://%s:%d" % GATEWAY, [gw.pid]),
-        run_target("nginx", "http://%s:%d" % NGINX_FAST, "http://%s:%d" % NGINX_STREAM, nginx_pids(ng.pid)),
-        run_target("pingora-stock", "http://%s:%d" % STOCK, None, [stock.pid]),
+    targets = [
+        ("direct", "http://%s:%d" % FAST, "http://%s:%d" % STREAM, []),
+        ("breakwater", "http://%s:%d" % GATEWAY, "http://%s:%d" % GATEWAY, [gw.pid]),
+        ("nginx", "http://%s:%d" % NGINX_FAST, "http://%s:%d" % NGINX_STREAM, nginx_pids(ng.pid)),
+        ("pingora-stock", "http://%s:%d" % STOCK, None, [stock.pid]),
     ]
+    rounds = []
+    for i in range(ROUNDS):
+        print(f"round {i + 1} of {ROUNDS}", file=sys.stderr)
+        rounds.append([run_target(*t) for t in targets])
     with open(os.path.join(OUT, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print_table(results)
+        json.dump(rounds, f, indent=2)
+    print_table(rounds)
 
 
 def fmt(v, digits=2):
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def print_table(results):
-    d = results[0]
-    print("| | " + " | ".join(r["target"] for r in results) + " |")
-    print("|---" * (len(results) + 1) + "|")
-    rows = [
-        ("rate 1000/s: p50 ms", lambda r: r["rate"]["p50_ms"]),
-        ("rate 1000/s: p99 ms", lambda r: r["rate"]["p99_ms"]),
-        ("rate: added p50 ms vs direct", lambda r: r["rate"]["p50_ms"] - d["rate"]["p50_ms"]),
-        ("rate: added p99 ms vs direct", lambda r: r["rate"]["p99_ms"] - d["rate"]["p99_ms"]),
-        ("rate: proxy CPU s / 10k req", lambda r: r["rate"]["cpu_s_per_10k"]),
-        ("max: requests/s (32 conns)", lambda r: r["max"]["rps"]),
-        ("max: proxy CPU s / 10k req", lambda r: r["max"]["cpu_s_per_10k"]),
-        ("stream: TTFT p50 ms", lambda r: r["stream"]["ttft_p50_ms"]),
-        ("stream: TTFT p99 ms", lambda r: r["stream"]["ttft_p99_ms"]),
-        ("stream: added TTFT p50 ms vs direct", lambda r: r["stream"]["ttft_p50_ms"] - d["stream"]["ttft_p50_ms"]),
-        ("stream x10: TTFT p50 ms", lambda r: r["stream10"]["ttft_p50_ms"]),
-        ("stream x10: added TTFT p50 ms vs direct", lambda r: r["stream10"]["ttft_p50_ms"] - d["stream10"]["ttft_p50_ms"]),
-        ("stream x10: added TTFT p99 ms vs direct", lambda r: r["stream10"]["ttft_p99_ms"] - d["stream10"]["ttft_p99_ms"]),
-        ("stream: gap p50 ms", lambda r: r["stream"]["gap_p50_ms"]),
-        ("stream: gap p99 ms", lambda r: r["stream"]["gap_p99_ms"]),
-        ("stream: streams completed", lambda r: r["stream"]["ok"]),
-        ("errors (all runs)", lambda r: r["rate"]["errors"] + r["max"]["errors"] + (r["stream"] or {}).get("errors", 0)),
-        ("proxy RSS MiB after", lambda r: r["rss_mib"]),
-    ]
-    for label, f in rows:
-        cells = []
-        for r in results:
-            try:
-                cells.append(fmt(f(r)))
-            except (TypeError, KeyError):
-                cells.append("—")
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    bw, ng = results[1], results[2]
-    for mode in ("rate", "max"):
-        a, b = bw[mode]["cpu_s_per_10k"], ng[mode]["cpu_s_per_10k"]
-        if a and b:
-            print(f"\nCPU per request, {mode}: breakwater / nginx = {a / b:.2f}")
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
+
+def value(run, key):
+    return lambda r, d: r[run][key]
+
+
+def added(run, key):
+    """How much a target adds to going direct."""
+    return lambda r, d: r[run][key] - d[run][key]
+
+
+ROWS = [
+    ("rate 1000/s: p50 ms", value("rate", "p50_ms")),
+    ("rate 1000/s: p99 ms", value("rate", "p99_ms")),
+    ("rate: added p50 ms vs direct", added("rate", "p50_ms")),
+    ("rate: added p99 ms vs direct", added("rate", "p99_ms")),
+    ("rate: proxy CPU s / 10k req", value("rate", "cpu_s_per_10k")),
+    ("max: requests/s (32 conns)", value("max", "rps")),
+    ("max: proxy CPU s / 10k req", value("max", "cpu_s_per_10k")),
+    ("stream: TTFT p50 ms", value("stream", "ttft_p50_ms")),
+    ("stream: TTFT p99 ms", value("stream", "ttft_p99_ms")),
+    ("stream: added TTFT p50 ms vs direct", added("stream", "ttft_p50_ms")),
+    ("stream: added TTFT p99 ms vs direct", added("stream", "ttft_p99_ms")),
+    ("stream: proxy CPU s / 1k streams", value("stream", "cpu_s_per_1k")),
+    ("stream x10: TTFT p50 ms", value("stream10", "ttft_p50_ms")),
+    ("stream x10: added TTFT p50 ms vs direct", added("stream10", "ttft_p50_ms")),
+    ("stream x10: added TTFT p99 ms vs direct", added("stream10", "ttft_p99_ms")),
+    ("stream: gap p50 ms", value("stream", "gap_p50_ms")),
+    ("stream: gap p99 ms", value("stream", "gap_p99_ms")),
+    ("stream: streams completed", value("stream", "ok")),
+    ("errors (all runs)", lambda r, d: r["rate"]["errors"] + r["max"]["errors"] + (r["stream"] or {}).get("errors", 0)),
+    ("proxy RSS MiB after", lambda r, d: r["rss_mib"]),
+]
+
+
+def cell(rounds, t, f):
+    """The median over rounds of f for target index t, or None where it does not apply."""
+    try:
+        return median([f(results[t], results[0]) for results in rounds])
+    except (TypeError, KeyError):
+        return None
+
+
+def print_table(rounds):
+    names = [r["target"] for r in rounds[0]]
+    print(f"Medians over {len(rounds)} round(s).\n")
+    print("| | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for label, f in ROWS:
+        print(f"| {label} | " + " | ".join(fmt(cell(rounds, t, f)) for t in range(len(names))) + " |")
+    bw, ng = names.index("breakwater"), names.index("nginx")
+    per_round = [
+        ("CPU per request at 1000 req/s", lambda r: r["rate"]["cpu_s_per_10k"]),
+        ("CPU per request at maximum throughput", lambda r: r["max"]["cpu_s_per_10k"]),
+        ("CPU per 100-stream run", lambda r: r["stream"]["cpu_s_per_1k"]),
+    ]
+    print()
+    for label, f in per_round:
+        ratios = [f(results[bw]) / f(results[ng]) for results in rounds
+                  if f(results[bw]) and f(results[ng])]
+        if ratios:
+            shown = ", ".join(f"{x:.2f}" for x in ratios)
+            print(f"{label}, breakwater / nginx: median {median(ratios):.2f} (rounds: {shown})")
+
+
+if "--table" in sys.argv:
+    with open(os.path.join(OUT, "results.json")) as f:
+        print_table(json.load(f))
+    sys.exit(0)
 
 try:
     main()

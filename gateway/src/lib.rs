@@ -2,8 +2,9 @@
 //! across regional pools and keeps serving through surges and failures.
 //!
 //! A request's path, in modules:
-//! 1. [`proxy`] — Pingora accepts; `request_filter` owns the exchange
-//!    ([`proxy::exchange`]): read and bound the body, parse, route, call a shard, relay.
+//! 1. [`proxy`] — Pingora's server accepts and reads the request header; the gateway's
+//!    `HttpServerApp` answers it and owns the exchange ([`proxy::exchange`]): read and
+//!    bound the body, parse, route, call a shard, relay.
 //! 2. [`routing`] — estimate the token cost, pick a shard (home region first,
 //!    power-of-two-choices on in-flight tokens per capacity), account the load.
 //! 3. [`policy`] — the TOML policy set everything above is built from.
