@@ -8,6 +8,8 @@
 //! complete `data:` event has arrived, so a shard that answers 200 and then dies is
 //! invisible to the client.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
 use pingora::protocols::http::ServerSession as Session;
@@ -607,7 +609,7 @@ impl StreamTally {
     fn see(&mut self, events: &[u8]) {
         self.data_events += sse::count_data_events(events);
         // Only the (rare) event that carries usage is parsed.
-        if contains(events, b"\"usage\"") {
+        if USAGE_FINDER.find(events).is_some() {
             for line in events.split(|b| *b == b'\n') {
                 let Some(json) = line.strip_prefix(b"data:") else {
                     continue;
@@ -624,9 +626,8 @@ impl StreamTally {
 /// when it can: a `"usage"` key with unescaped quotes cannot occur inside a JSON string, and
 /// engines put it last. Falls back to parsing the whole document.
 fn usage_of(json: &[u8]) -> Option<Usage> {
-    const KEY: &[u8] = b"\"usage\"";
-    let at = json.windows(KEY.len()).rposition(|w| w == KEY)?;
-    let rest = json[at + KEY.len()..].trim_ascii_start();
+    let at = memchr::memmem::rfind(json, USAGE_KEY)?;
+    let rest = json[at + USAGE_KEY.len()..].trim_ascii_start();
     if let Some(value) = rest.strip_prefix(b":") {
         let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Option<Usage>>();
         if let Some(Ok(usage)) = values.next() {
@@ -640,9 +641,12 @@ fn usage_of(json: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<WithUsage>(json).ok()?.usage
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
+/// The key of a usage block, quotes included.
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// A searcher for [`USAGE_KEY`], built once: every streamed chunk is searched.
+static USAGE_FINDER: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(USAGE_KEY));
 
 #[cfg(test)]
 mod tests {

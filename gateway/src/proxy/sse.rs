@@ -4,37 +4,44 @@
 use bytes::Bytes;
 
 /// The end of the last complete event in `buf` (the index just past its blank line), if
-/// any. Events end with a blank line: `\n\n` or `\r\n\r\n`.
+/// any. Events end with a blank line: `\n\n` or `\r\n\r\n`. Searched from the end.
 pub fn last_event_end(buf: &[u8]) -> Option<usize> {
-    let mut end = None;
-    let mut i = 0;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
-            end = Some(i + 2);
-            i += 2;
-        } else if buf[i] == b'\n' && buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
-            end = Some(i + 3);
-            i += 3;
-        } else {
-            i += 1;
+    memchr::memrchr_iter(b'\n', buf)
+        .find(|&i| {
+            let before = &buf[..i];
+            before.ends_with(b"\n") || before.ends_with(b"\n\r")
+        })
+        .map(|i| i + 1)
+}
+
+/// The lines of `buf`, split at `\n` (the last may be partial).
+fn lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(buf);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr(b'\n', r) {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
         }
-    }
-    end
+    })
 }
 
 /// Whether the complete events in `buf[..end]` include one with a `data:` line — the
 /// first real output of a stream (comments and bare `event:` lines do not count).
 pub fn has_data_event(events: &[u8]) -> bool {
-    events
-        .split(|b| *b == b'\n')
-        .any(|line| line.starts_with(b"data:"))
+    lines(events).any(|line| line.starts_with(b"data:"))
 }
 
 /// Counts `data:` lines other than `[DONE]` (roughly one per generated token on the
 /// engines we front), for streams that carry no `usage` block.
 pub fn count_data_events(events: &[u8]) -> u64 {
-    events
-        .split(|b| *b == b'\n')
+    lines(events)
         .filter(|line| {
             line.starts_with(b"data:") && !line.ends_with(b"[DONE]") && !line.ends_with(b"[DONE]\r")
         })
@@ -59,6 +66,11 @@ mod tests {
         assert_eq!(last_event_end(b"data: a\n\ndata: b\n\ndata: c"), Some(18));
         assert_eq!(last_event_end(b"data: a\r\n\r\nrest"), Some(11));
         assert_eq!(last_event_end(b""), None);
+        assert_eq!(last_event_end(b"\n"), None);
+        assert_eq!(last_event_end(b"\n\n"), Some(2));
+        // A blank line more after an event: the boundary is after it.
+        assert_eq!(last_event_end(b"data: a\n\n\n"), Some(10));
+        assert_eq!(last_event_end(b"data: a\r\n\r\ndata: b\r\n"), Some(11));
     }
 
     #[test]
