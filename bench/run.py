@@ -2,7 +2,7 @@
 """Breakwater benchmark: the gateway versus going straight to the simulator and versus
 nginx, in the same run, on loopback.
 
-Usage:  python3 bench/run.py [--quick] [--rounds N]
+Usage:  python3 bench/run.py [--quick] [--rounds N] [--no-pin]
         python3 bench/run.py --table     (the table again, from bench/out/results.json)
 
 It builds the proxies with the `production` profile (the simulator and load generator with
@@ -22,6 +22,13 @@ Every target goes through every measurement once per round, targets taking turns
 rounds, and the ratios against nginx are given per round too. On a small shared machine a
 single 10 s run moves by 10-20 % from one run to the next; turns and medians keep a slow
 minute from landing on one target only.
+
+The proxy under test gets CPUs of its own: the upper half of the CPUs this process may use
+(one of two), with one worker per CPU (breakwater --threads, nginx worker_processes, the
+stock proxy's threads); the simulators and the load generator are pinned to the other half.
+Otherwise the load generator and the simulator compete with the proxy for the same cores,
+and the latency figures measure that contention more than the proxy. --no-pin (or a single
+CPU) runs everything unpinned with two workers per proxy, as earlier results were taken.
 
 Before each target's stream runs, 100 streams run for 2 s unmeasured (as the request
 warm-up does for the others), so the figures are steady-state: the first burst of 100
@@ -50,6 +57,7 @@ PROD = os.path.join(ROOT, "target", "production")
 OUT = os.path.join(ROOT, "bench", "out")
 QUICK = "--quick" in sys.argv
 DUR = 3 if QUICK else 10
+PIN = "--no-pin" not in sys.argv
 ROUNDS = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else (1 if QUICK else 3)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -63,12 +71,31 @@ STOCK = ("127.0.0.1", 18640)
 procs = []
 
 
+def split_cpus():
+    """(proxy CPUs, load CPUs), or (None, None) when not pinning."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not PIN or len(cpus) < 2:
+        return None, None
+    k = max(1, len(cpus) // 2)
+    return cpus[-k:], cpus[:-k]
+
+
+PROXY_CPUS, LOAD_CPUS = split_cpus()
+WORKERS = len(PROXY_CPUS) if PROXY_CPUS else 2
+
+
+def pinned(cpus):
+    """A preexec_fn that pins the child (and what it forks) to cpus."""
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
 def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def start(cmd, **kw):
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+def start(cmd, cpus=None, **kw):
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         preexec_fn=pinned(cpus), **kw)
     procs.append(p)
     return p
 
@@ -121,7 +148,8 @@ def loadgen(url, mode, model, **kw):
            "--duration-s", str(kw.pop("duration", DUR))]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120,
+                         preexec_fn=pinned(LOAD_CPUS)).stdout
     return json.loads(out)
 
 
@@ -164,9 +192,9 @@ def main():
     sim = os.path.join(REL, "llm-sim")
     common = ["--capacity-tps", "1e9", "--slots", "100000"]
     start([sim, "--listen", "%s:%d" % FAST, "--control-listen", "127.0.0.1:18601",
-           "--model", "bench-model", "--ttft-ms", "0", "--itl-ms", "0"] + common)
+           "--model", "bench-model", "--ttft-ms", "0", "--itl-ms", "0"] + common, LOAD_CPUS)
     start([sim, "--listen", "%s:%d" % STREAM, "--control-listen", "127.0.0.1:18611",
-           "--model", "bench-stream", "--ttft-ms", "20", "--itl-ms", "10"] + common)
+           "--model", "bench-stream", "--ttft-ms", "20", "--itl-ms", "10"] + common, LOAD_CPUS)
     tmp = tempfile.mkdtemp(prefix="bw-bench-")
     with open(os.path.join(tmp, "policy.toml"), "w") as f:
         f.write(f"""
@@ -196,11 +224,11 @@ url = "http://{STREAM[0]}:{STREAM[1]}"
 capacity_tps = 1000000
 """)
     gw = start([os.path.join(PROD, "breakwater"), "serve", "--policy", tmp, "--listen",
-                "%s:%d" % GATEWAY, "--admin-listen", "127.0.0.1:18631", "--threads", "2"],
-               env=dict(os.environ, RUST_LOG="warn"))
+                "%s:%d" % GATEWAY, "--admin-listen", "127.0.0.1:18631", "--threads", str(WORKERS)],
+               PROXY_CPUS, env=dict(os.environ, RUST_LOG="warn"))
     with open(os.path.join(tmp, "nginx.conf"), "w") as f:
         f.write(f"""
-worker_processes 2;
+worker_processes {WORKERS};
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
@@ -220,8 +248,11 @@ http {{
   }}
 }}
 """)
-    ng = start([nginx, "-c", os.path.join(tmp, "nginx.conf"), "-g", "daemon off;"])
-    stock = start([os.path.join(PROD, "examples", "stock_proxy"), "%s:%d" % STOCK, "%s:%d" % FAST])
+    ng = start([nginx, "-c", os.path.join(tmp, "nginx.conf"), "-g", "daemon off;"], PROXY_CPUS)
+    stock = start([os.path.join(PROD, "examples", "stock_proxy"), "%s:%d" % STOCK, "%s:%d" % FAST,
+                   str(WORKERS)], PROXY_CPUS)
+    print(f"proxies on CPUs {PROXY_CPUS} with {WORKERS} worker(s), load on {LOAD_CPUS}"
+          if PROXY_CPUS else "unpinned, 2 workers per proxy", file=sys.stderr)
     for host, port in (FAST, STREAM, NGINX_FAST, GATEWAY, STOCK):
         wait_http(f"http://{host}:{port}/v1/models")
     time.sleep(0.5)

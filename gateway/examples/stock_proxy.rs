@@ -27,12 +27,13 @@ impl ProxyHttp for OneUpstream {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(listen), Some(upstream)) = (args.get(1), args.get(2)) else {
-        println!("usage: stock_proxy LISTEN_ADDR UPSTREAM_ADDR");
+        println!("usage: stock_proxy LISTEN_ADDR UPSTREAM_ADDR [THREADS]");
         std::process::exit(2);
     };
-    // The same runtime settings as `breakwater serve --threads 2`.
+    let threads = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(2);
+    // The same runtime settings as `breakwater serve --threads N`.
     let conf = ServerConf {
-        threads: 2,
+        threads,
         work_stealing: false,
         ..ServerConf::default()
     };
