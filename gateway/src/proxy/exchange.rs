@@ -610,7 +610,7 @@ impl StreamTally {
         self.data_events += sse::count_data_events(events);
         // Only the (rare) event that carries usage is parsed.
         if USAGE_FINDER.find(events).is_some() {
-            for line in events.split(|b| *b == b'\n') {
+            for line in sse::lines(events) {
                 let Some(json) = line.strip_prefix(b"data:") else {
                     continue;
                 };

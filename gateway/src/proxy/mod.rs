@@ -132,8 +132,13 @@ fn request_id(session: &Session) -> String {
         .and_then(|v| v.to_str().ok())
     {
         Some(v) if sane(v) => v.to_string(),
-        _ => format!("{:032x}", rand::random::<u128>()),
+        _ => new_request_id(),
     }
+}
+
+/// A request id for a request that brought none: 128 random bits in hex.
+fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 impl RequestCtx {
@@ -254,7 +259,7 @@ impl HttpServerApp for Gateway {
                 if e.etype == pingora::ErrorType::InvalidHTTPHeader {
                     let err = GatewayError::BadRequest("malformed HTTP request".into());
                     let body = err.body();
-                    let id = format!("{:032x}", rand::random::<u128>());
+                    let id = new_request_id();
                     if let Some(h) = json_header(err.status(), body.len(), &id, None) {
                         let _ = session.write_error_response(h, Bytes::from(body)).await;
                     }

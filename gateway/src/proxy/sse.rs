@@ -15,7 +15,7 @@ pub fn last_event_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// The lines of `buf`, split at `\n` (the last may be partial).
-fn lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = Some(buf);
     std::iter::from_fn(move || {
         let r = rest?;
