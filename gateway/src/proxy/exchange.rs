@@ -21,8 +21,7 @@ use super::budget::Reservation;
 use super::error::{AttemptFailure, GatewayError, UpstreamFailure};
 use super::request::{self, Endpoint, InferenceRequest};
 use super::upstream::{framing, UpstreamResponse};
-use super::{sse, RequestCtx, ShardTags, State};
-use super::{REGION_HEADER, REQUEST_ID_HEADER, SHARD_HEADER};
+use super::{sse, RequestCtx, ShardTags, State, REGION_HEADER, REQUEST_ID_HEADER, SHARD_HEADER};
 use crate::routing::ShardEntry;
 
 /// Request headers not forwarded to a shard: hop-by-hop ones, and those the gateway sets.

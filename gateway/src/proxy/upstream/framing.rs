@@ -228,21 +228,33 @@ impl BodyDecoder {
         self.state == State::Done
     }
 
+    /// Takes up to `left` bytes of body from `buf`: the state becomes `more(rest)` while some
+    /// remain, `after` once all are taken.
+    fn take(
+        &mut self,
+        buf: &mut BytesMut,
+        left: u64,
+        more: fn(u64) -> State,
+        after: State,
+    ) -> Decoded {
+        if buf.is_empty() {
+            return Decoded::NeedMore;
+        }
+        let n = left.min(buf.len() as u64);
+        self.state = match left - n {
+            0 => after,
+            rest => more(rest),
+        };
+        Decoded::Data(buf.split_to(n as usize).freeze())
+    }
+
     /// Decodes what it can from the front of `buf`.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, FramingError> {
         loop {
             match self.state {
                 State::Done => return Ok(Decoded::Done),
                 State::Length(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let n = left.min(buf.len() as u64);
-                    self.state = match left - n {
-                        0 => State::Done,
-                        rest => State::Length(rest),
-                    };
-                    return Ok(Decoded::Data(buf.split_to(n as usize).freeze()));
+                    return Ok(self.take(buf, left, State::Length, State::Done));
                 }
                 State::UntilClose => {
                     if buf.is_empty() {
@@ -262,15 +274,7 @@ impl BodyDecoder {
                     };
                 }
                 State::ChunkData(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let n = left.min(buf.len() as u64);
-                    self.state = match left - n {
-                        0 => State::ChunkDataEnd,
-                        rest => State::ChunkData(rest),
-                    };
-                    return Ok(Decoded::Data(buf.split_to(n as usize).freeze()));
+                    return Ok(self.take(buf, left, State::ChunkData, State::ChunkDataEnd));
                 }
                 State::ChunkDataEnd => {
                     if buf.len() < 2 {
