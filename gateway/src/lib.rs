@@ -5,13 +5,16 @@
 //! 1. [`proxy`] — Pingora's server accepts and reads the request header; the gateway's
 //!    `HttpServerApp` answers it and owns the exchange ([`proxy::exchange`]): read and
 //!    bound the body, parse, route, call a shard, relay.
-//! 2. [`routing`] — estimate the token cost, pick a shard (home region first,
+//! 2. [`admission`] — API keys and tenants, rate limits, each shard's limit in tokens,
+//!    the priority queue and load shedding.
+//! 3. [`routing`] — estimate the token cost, pick a shard (home region first,
 //!    power-of-two-choices on in-flight tokens per capacity), account the load.
-//! 3. [`policy`] — the TOML policy set everything above is built from.
-//! 4. [`admin`] and [`metrics`] — the admin listener and Prometheus.
-//! 5. [`server`] — assembling it all on Pingora; [`cli`] and [`demo`] — the commands.
+//! 4. [`policy`] — the TOML policy set everything above is built from.
+//! 5. [`admin`] and [`metrics`] — the admin listener and Prometheus.
+//! 6. [`server`] — assembling it all on Pingora; [`cli`] and [`demo`] — the commands.
 
 pub mod admin;
+pub mod admission;
 pub mod cli;
 pub mod demo;
 pub mod metrics;

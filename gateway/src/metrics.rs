@@ -8,6 +8,8 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::admission::Admission;
+use crate::policy::Priority;
 use crate::routing::Router;
 
 /// The gateway's metrics, registered in their own registry.
@@ -23,6 +25,11 @@ pub struct Metrics {
     shard_ejections: IntGaugeVec,
     health_transitions_total: IntGauge,
     health_dropped_signals_total: IntGauge,
+    admitted_total: IntCounterVec,
+    refused_total: IntCounterVec,
+    queue_wait_seconds: HistogramVec,
+    queue_depth: IntGaugeVec,
+    shard_admission_limit_tokens: IntGaugeVec,
 }
 
 impl Metrics {
@@ -83,6 +90,49 @@ impl Metrics {
             "health_dropped_signals_total",
             "Health signals dropped because the monitor's queue was full.",
         )?;
+        let admitted_total = IntCounterVec::new(
+            Opts::new(
+                "admitted_total",
+                "Requests admission let through to a shard, by tenant and priority.",
+            ),
+            &["tenant", "priority"],
+        )?;
+        let refused_total = IntCounterVec::new(
+            Opts::new(
+                "refused_total",
+                "Requests refused before any shard was tried, by tenant, priority and reason.",
+            ),
+            &["tenant", "priority", "reason"],
+        )?;
+        let queue_wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "queue_wait_seconds",
+                "Time requests waited in the gateway's queue (granted or not), by priority.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["priority"],
+        )?;
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "queue_depth",
+                "Requests waiting in the gateway's queue, by priority.",
+            ),
+            &["priority"],
+        )?;
+        let shard_admission_limit_tokens = IntGaugeVec::new(
+            Opts::new(
+                "shard_admission_limit_tokens",
+                "Each shard's admission limit: tokens it may have in flight, learned from TTFT.",
+            ),
+            &["shard", "region", "pool"],
+        )?;
+        registry.register(Box::new(admitted_total.clone()))?;
+        registry.register(Box::new(refused_total.clone()))?;
+        registry.register(Box::new(queue_wait_seconds.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(shard_admission_limit_tokens.clone()))?;
         registry.register(Box::new(shard_state.clone()))?;
         registry.register(Box::new(shard_ejections.clone()))?;
         registry.register(Box::new(health_transitions_total.clone()))?;
@@ -105,7 +155,33 @@ impl Metrics {
             shard_ejections,
             health_transitions_total,
             health_dropped_signals_total,
+            admitted_total,
+            refused_total,
+            queue_wait_seconds,
+            queue_depth,
+            shard_admission_limit_tokens,
         })
+    }
+
+    /// Records a request admission let through.
+    pub fn admitted(&self, tenant: &str, priority: &str) {
+        self.admitted_total
+            .with_label_values(&[tenant, priority])
+            .inc();
+    }
+
+    /// Records a request refused before any shard was tried.
+    pub fn refused(&self, tenant: &str, priority: &str, reason: &str) {
+        self.refused_total
+            .with_label_values(&[tenant, priority, reason])
+            .inc();
+    }
+
+    /// Records a request's time in the queue.
+    pub fn queue_wait(&self, priority: &str, wait: Duration) {
+        self.queue_wait_seconds
+            .with_label_values(&[priority])
+            .observe(wait.as_secs_f64());
     }
 
     /// Records a finished client request (status 0: the client left before any answer).
@@ -139,8 +215,13 @@ impl Metrics {
 
     /// The text exposition, with per-shard gauges read from the ledger and the health
     /// snapshot now.
-    pub fn render(&self, router: &Router, health: &HealthMonitor) -> String {
+    pub fn render(&self, router: &Router, health: &HealthMonitor, admission: &Admission) -> String {
         let view = router.health();
+        for (p, depth) in Priority::ALL.iter().zip(admission.queue_depths()) {
+            self.queue_depth
+                .with_label_values(&[p.as_str()])
+                .set(depth as i64);
+        }
         self.health_transitions_total
             .set(health.transitions_total() as i64);
         self.health_dropped_signals_total
@@ -161,8 +242,11 @@ impl Metrics {
                 .with_label_values(&[s.id.as_str()])
                 .set(i64::from(h.ejection_count));
         }
-        for s in router.shards() {
+        for (i, s) in router.shards().iter().enumerate() {
             let labels = [s.id.as_str(), s.region.as_str(), s.pool.as_str()];
+            self.shard_admission_limit_tokens
+                .with_label_values(&labels)
+                .set(admission.limit_tokens(i) as i64);
             self.shard_inflight_tokens
                 .with_label_values(&labels)
                 .set(s.load.inflight_tokens() as i64);

@@ -164,6 +164,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let router = Arc::new(Router::new(&policy));
     let metrics = Arc::new(Metrics::try_new()?);
     let health = start_health(&policy, Arc::clone(&router))?;
+    let admission = crate::admission::Admission::new(&policy, Arc::clone(&router));
     let state = Arc::new(State {
         policy: Arc::clone(&policy),
         router: Arc::clone(&router),
@@ -173,6 +174,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         retry_budget: RetryBudget::new(policy.retries.clone()),
         health: health.clone(),
         shard_tags: crate::proxy::ShardTags::for_router(&router),
+        admission: Arc::clone(&admission),
     });
 
     let threads = opts.threads.unwrap_or_else(|| {
@@ -219,6 +221,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         router,
         metrics,
         health,
+        admission,
         opts.admin_token,
         policy.home_region.clone(),
         opts.fault_controls,

@@ -491,8 +491,11 @@ async fn a_saturated_home_spills_and_a_429_from_a_saturated_pool_is_not_retried_
     assert_eq!(away, 10);
 
     // The same pool answering 429, and no other region to go to: the client gets a fast
-    // 429 after one attempt; the saturated pool's other shard is not tried.
-    let gw1 = Gateway::start(&policy_text(&[&h1, &h2], &health)).await;
+    // 429 after one attempt; the saturated pool's other shard is not tried. (With
+    // admission on, the gateway would not send to a saturated pool at all: admission off
+    // lets the shard's own 429 be seen.)
+    let no_admission = format!("{health}\n[admission]\nenabled = false\n");
+    let gw1 = Gateway::start(&policy_text(&[&h1, &h2], &no_admission)).await;
     wait_queue(&gw1, "h1", 5.0).await;
     wait_queue(&gw1, "h2", 5.0).await;
     h1.set_fault(llm_sim::Fault {

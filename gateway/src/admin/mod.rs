@@ -20,8 +20,10 @@ use serde_json::json;
 
 use breakwater_health::HealthMonitor;
 
+use crate::admission::Admission;
 use crate::demo::FaultControls;
 use crate::metrics::Metrics;
+use crate::policy::Priority;
 use crate::proxy::error::{error_json, GatewayError};
 use crate::routing::Router;
 
@@ -33,6 +35,7 @@ pub struct Admin {
     router: Arc<Router>,
     metrics: Arc<Metrics>,
     health: HealthMonitor,
+    admission: Arc<Admission>,
     token: String,
     home_region: String,
     /// Demo mode: where each simulated shard and probe takes faults.
@@ -46,6 +49,7 @@ impl Admin {
         router: Arc<Router>,
         metrics: Arc<Metrics>,
         health: HealthMonitor,
+        admission: Arc<Admission>,
         token: String,
         home_region: String,
         fault_controls: FaultControls,
@@ -54,6 +58,7 @@ impl Admin {
             router,
             metrics,
             health,
+            admission,
             token,
             home_region,
             fault_controls,
@@ -96,12 +101,52 @@ impl Admin {
                     "inflight_tokens": s.load.inflight_tokens(),
                     "inflight_requests": s.load.inflight_requests(),
                     "capacity_tps": s.capacity_tps,
+                    "admission_limit_tokens": self.admission.limit_tokens(i),
                     "dispatched_requests_total": s.load.dispatched_requests_total(),
                     "dispatched_tokens_total": s.load.dispatched_tokens_total(),
                 })
             })
             .collect();
-        json!({"home_region": self.home_region, "ready": self.router.ready(), "shards": shards})
+        json!({
+            "home_region": self.home_region,
+            "ready": self.router.ready(),
+            "shards": shards,
+            "admission": self.admission_status(),
+        })
+    }
+
+    /// Admission's state: settings, queue depths, tenants (ids, priorities, limits and
+    /// what is left of them; never keys).
+    fn admission_status(&self) -> serde_json::Value {
+        let a = &self.admission;
+        let depths = a.queue_depths();
+        let queue: serde_json::Map<String, serde_json::Value> = Priority::ALL
+            .iter()
+            .zip(depths)
+            .map(|(p, d)| (p.as_str().to_string(), json!(d)))
+            .collect();
+        let tenants: Vec<_> = a
+            .tenants()
+            .all()
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.id,
+                    "priority": t.priority.as_str(),
+                    "rpm": t.rpm.as_ref().map(|b| b.peek().limit),
+                    "rpm_remaining": t.rpm.as_ref().map(|b| b.peek().remaining),
+                    "tpm": t.tpm.as_ref().map(|b| b.peek().limit),
+                    "tpm_remaining": t.tpm.as_ref().map(|b| b.peek().remaining),
+                })
+            })
+            .collect();
+        json!({
+            "enabled": a.settings().enabled,
+            "require_api_key": a.settings().require_api_key,
+            "queue_depth": queue,
+            "drain_tokens_per_s": a.drain_tps().round(),
+            "tenants": tenants,
+        })
     }
 
     async fn fault(&self, shard: &str, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -254,7 +299,9 @@ impl ServeHttp for Admin {
         if method == http::Method::GET && path == "/metrics" {
             let mut r = reply(
                 StatusCode::OK,
-                self.metrics.render(&self.router, &self.health).into_bytes(),
+                self.metrics
+                    .render(&self.router, &self.health, &self.admission)
+                    .into_bytes(),
             );
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,

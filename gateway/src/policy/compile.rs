@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use url::Url;
 
+use super::raw::{RawAdmission, RawTenant};
 use super::raw::{RawFile, RawShard};
 use super::{
-    EngineKind, Limits, Policy, PolicyIssue, Pool, Region, RetrySettings, RoutingSettings, Shard,
-    Timeouts,
+    AdmissionSettings, EngineKind, Limits, Policy, PolicyIssue, Pool, Priority, Region,
+    RetrySettings, RoutingSettings, Shard, Tenant, Timeouts,
 };
 
 /// Compiles parsed files (name, contents) into one policy, or every problem found.
@@ -88,6 +89,7 @@ impl Compiler {
         let routing = self.singleton(files, "routing", |f| f.routing.as_ref());
         let health = self.singleton(files, "health", |f| f.health.as_ref());
         let retries = self.singleton(files, "retries", |f| f.retries.as_ref());
+        let admission = self.singleton(files, "admission", |f| f.admission.as_ref());
 
         // Regions, in failover order (file name order, then position in the file).
         let mut regions: Vec<Region> = Vec::new();
@@ -210,6 +212,9 @@ impl Compiler {
                     models: p.models.clone(),
                     health_path,
                     metrics_path,
+                    context_window: p
+                        .context_window
+                        .map(|v| self.bounded(name, &at("context_window"), v, 16, 100_000_000)),
                 });
             }
         }
@@ -348,6 +353,21 @@ impl Compiler {
                 r.saturation_kv_usage =
                     self.bounded(f, "routing.saturation_kv_percent", v.into(), 1, 100) as f64
                         / 100.0;
+            }
+            if let Some(v) = raw.prefill_speedup {
+                if v.is_finite() && (0.1..=1000.0).contains(&v) {
+                    r.prefill_speedup = v;
+                } else {
+                    self.issue(
+                        f,
+                        "routing.prefill_speedup",
+                        format!("{v} must be within 0.1..=1000"),
+                    );
+                }
+            }
+            if let Some(v) = raw.max_retry_prompt_tokens {
+                r.max_retry_prompt_tokens =
+                    self.bounded(f, "routing.max_retry_prompt_tokens", v, 0, 100_000_000);
             }
             if let Some(v) = raw.max_attempts {
                 r.max_attempts = self.bounded(f, "routing.max_attempts", v.into(), 1, 5) as u32;
@@ -535,6 +555,29 @@ impl Compiler {
             }
         }
 
+        let adm = match admission {
+            Some((f, raw)) => self.admission(f, raw),
+            None => AdmissionSettings::default(),
+        };
+        let mut tenants: Vec<Tenant> = Vec::new();
+        let mut tenant_file: HashMap<String, String> = HashMap::new();
+        let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
+        for (name, file) in files {
+            for (i, raw) in file.tenants.iter().enumerate() {
+                if let Some(t) = self.tenant(name, i, raw, &mut tenant_file, &mut key_owner) {
+                    tenants.push(t);
+                }
+            }
+        }
+        if adm.require_api_key && tenants.iter().all(|t| t.key_digests.is_empty()) {
+            let f = admission.map_or(files[0].0.as_str(), |(f, _)| f);
+            self.issue(
+                f,
+                "admission.require_api_key",
+                "keys are required but no [[tenants]] entry lists an api_key_sha256",
+            );
+        }
+
         self.policy = Some(Policy {
             home_region: gw.home_region.clone(),
             listen,
@@ -544,11 +587,181 @@ impl Compiler {
             routing: r,
             health: h,
             retries: rt,
+            admission: adm,
+            tenants,
             regions,
             pools,
             shards,
             files: files.iter().map(|(n, _)| n.clone()).collect(),
         });
+    }
+
+    fn priority(&mut self, file: &str, key: &str, raw: Option<&str>) -> Priority {
+        match raw {
+            None => Priority::Standard,
+            Some(p) => Priority::parse(p).unwrap_or_else(|| {
+                self.issue(
+                    file,
+                    key,
+                    format!("unknown priority {p:?}; expected critical, standard or sheddable"),
+                );
+                Priority::Standard
+            }),
+        }
+    }
+
+    fn admission(&mut self, f: &str, raw: &RawAdmission) -> AdmissionSettings {
+        let mut a = AdmissionSettings::default();
+        if let Some(v) = raw.enabled {
+            a.enabled = v;
+        }
+        if let Some(v) = raw.require_api_key {
+            a.require_api_key = v;
+        }
+        if raw.default_priority.is_some() {
+            a.default_priority = self.priority(
+                f,
+                "admission.default_priority",
+                raw.default_priority.as_deref(),
+            );
+        }
+        let ms = |c: &mut Self, key: &str, v: Option<u64>, min: u64, d: Duration| {
+            v.map(|v| Duration::from_millis(c.bounded(f, key, v, min, 3_600_000)))
+                .unwrap_or(d)
+        };
+        let [crit, std, shed] = a.queue_timeout;
+        let queue = ms(
+            self,
+            "admission.queue_timeout_ms",
+            raw.queue_timeout_ms,
+            0,
+            std,
+        );
+        let shed = ms(
+            self,
+            "admission.sheddable_queue_timeout_ms",
+            raw.sheddable_queue_timeout_ms,
+            0,
+            shed,
+        );
+        a.queue_timeout = [
+            if raw.queue_timeout_ms.is_some() {
+                queue
+            } else {
+                crit
+            },
+            queue,
+            shed,
+        ];
+        a.queue_target = ms(
+            self,
+            "admission.queue_target_ms",
+            raw.queue_target_ms,
+            0,
+            a.queue_target,
+        );
+        if let Some(v) = raw.max_queued {
+            a.max_queued = self.bounded(f, "admission.max_queued", v.into(), 0, 1_000_000) as usize;
+        }
+        a.initial_limit = ms(
+            self,
+            "admission.initial_limit_ms",
+            raw.initial_limit_ms,
+            1,
+            a.initial_limit,
+        );
+        a.min_limit = ms(
+            self,
+            "admission.min_limit_ms",
+            raw.min_limit_ms,
+            1,
+            a.min_limit,
+        );
+        a.max_limit = ms(
+            self,
+            "admission.max_limit_ms",
+            raw.max_limit_ms,
+            1,
+            a.max_limit,
+        );
+        if !(a.min_limit <= a.initial_limit && a.initial_limit <= a.max_limit) {
+            self.issue(
+                f,
+                "admission.initial_limit_ms",
+                "min_limit_ms <= initial_limit_ms <= max_limit_ms must hold",
+            );
+        }
+        if let Some(v) = raw.ttft_tolerance_percent {
+            a.ttft_tolerance =
+                self.bounded(f, "admission.ttft_tolerance_percent", v.into(), 101, 10_000) as f64
+                    / 100.0;
+        }
+        a
+    }
+
+    fn tenant(
+        &mut self,
+        file: &str,
+        i: usize,
+        raw: &RawTenant,
+        seen: &mut HashMap<String, String>,
+        key_owner: &mut HashMap<[u8; 32], String>,
+    ) -> Option<Tenant> {
+        let at = |k: &str| format!("tenants[{i}].{k}");
+        if !self.check_id(file, &at("id"), &raw.id) {
+            return None;
+        }
+        if let Some(first) = seen.get(&raw.id) {
+            let msg = format!("duplicate tenant id {:?} (first in {first})", raw.id);
+            self.issue(file, at("id"), msg);
+            return None;
+        }
+        seen.insert(raw.id.clone(), file.to_string());
+        let mut key_digests = Vec::with_capacity(raw.api_key_sha256.len());
+        for (j, hex_digest) in raw.api_key_sha256.iter().enumerate() {
+            let key = format!("tenants[{i}].api_key_sha256[{j}]");
+            let lower = hex_digest.len() == 64
+                && hex_digest
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            let mut digest = [0u8; 32];
+            if !lower || hex::decode_to_slice(hex_digest, &mut digest).is_err() {
+                self.issue(
+                    file,
+                    key,
+                    "must be 64 lowercase hex digits: the SHA-256 of the key, never the key itself",
+                );
+                continue;
+            }
+            if let Some(owner) = key_owner.get(&digest) {
+                self.issue(
+                    file,
+                    key,
+                    format!("this key already belongs to tenant {owner:?}"),
+                );
+                continue;
+            }
+            key_owner.insert(digest, raw.id.clone());
+            key_digests.push(digest);
+        }
+        let priority = self.priority(file, &at("priority"), raw.priority.as_deref());
+        let rpm = raw
+            .rpm
+            .map(|v| self.bounded(file, &at("rpm"), v, 1, 1_000_000_000));
+        let tpm = raw
+            .tpm
+            .map(|v| self.bounded(file, &at("tpm"), v, 1, 1_000_000_000_000));
+        let timeout = raw.timeout_ms.map(|v| {
+            Duration::from_millis(self.bounded(file, &at("timeout_ms"), v, 1, 86_400_000))
+        });
+        Some(Tenant {
+            id: raw.id.clone(),
+            key_digests,
+            priority,
+            rpm,
+            tpm,
+            timeout,
+        })
     }
 
     fn shard(

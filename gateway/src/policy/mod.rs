@@ -133,6 +133,8 @@ pub struct Pool {
     pub health_path: String,
     /// Path of the engine's metrics.
     pub metrics_path: String,
+    /// The models' context window, tokens, when the policy declares it.
+    pub context_window: Option<u64>,
 }
 
 /// One inference endpoint.
@@ -220,6 +222,11 @@ pub struct RoutingSettings {
     pub saturation_queue_depth: f64,
     /// KV-cache use, 0..=1, at which an engine has no headroom (default 0.8).
     pub saturation_kv_usage: f64,
+    /// Prefill speed as a multiple of a shard's `capacity_tps` (default 10).
+    pub prefill_speedup: f64,
+    /// Prompts of more estimated tokens than this get no retry after a first-byte
+    /// timeout (default 32768).
+    pub max_retry_prompt_tokens: u64,
 }
 
 /// The retry budget and backoff.
@@ -255,6 +262,110 @@ impl Default for RoutingSettings {
             overprovisioning_factor: 1.4,
             saturation_queue_depth: 5.0,
             saturation_kv_usage: 0.8,
+            prefill_speedup: 10.0,
+            max_retry_prompt_tokens: 32_768,
+        }
+    }
+}
+
+/// How much a request matters when the fleet is short of room: shed lowest first
+/// (Google SRE's criticality, in three bands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Served first; refused only when critical traffic alone fills the fleet.
+    Critical = 0,
+    /// The default.
+    Standard = 1,
+    /// Refused first, and never queued behind a standing queue.
+    Sheddable = 2,
+}
+
+impl Priority {
+    /// Every priority, most important first.
+    pub const ALL: [Priority; 3] = [Priority::Critical, Priority::Standard, Priority::Sheddable];
+
+    /// The policy (and metric label) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::Standard => "standard",
+            Self::Sheddable => "sheddable",
+        }
+    }
+
+    /// Parses a policy name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// Position in [`Priority::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One tenant: who sends traffic, with their keys, priority and limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tenant {
+    /// Tenant id.
+    pub id: String,
+    /// SHA-256 digests of the tenant's API keys.
+    pub key_digests: Vec<[u8; 32]>,
+    /// Priority.
+    pub priority: Priority,
+    /// Requests per minute, if limited.
+    pub rpm: Option<u64>,
+    /// Tokens per minute, if limited.
+    pub tpm: Option<u64>,
+    /// Deadline of a request that brings none.
+    pub timeout: Option<Duration>,
+}
+
+/// Admission control: keys, the queue and the per-shard limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdmissionSettings {
+    /// Per-shard limits, queueing and shedding (default on). Off: everything is
+    /// forwarded at once, as a plain proxy does.
+    pub enabled: bool,
+    /// Whether requests need a known API key (default false).
+    pub require_api_key: bool,
+    /// Priority of requests without a known key (default standard).
+    pub default_priority: Priority,
+    /// Longest queue wait by priority (defaults 1 s, 1 s, 250 ms).
+    pub queue_timeout: [Duration; 3],
+    /// Longest predicted wait a new request is queued for while a queue stands
+    /// (default 50 ms).
+    pub queue_target: Duration,
+    /// Most requests queued at once (default 1024).
+    pub max_queued: usize,
+    /// A shard's starting limit, as time at its capacity (default 1 s).
+    pub initial_limit: Duration,
+    /// The lowest limit, as time at capacity (default 100 ms).
+    pub min_limit: Duration,
+    /// The highest limit, as time at capacity (default 20 s).
+    pub max_limit: Duration,
+    /// TTFT over baseline × this lowers a shard's limit (default 1.5).
+    pub ttft_tolerance: f64,
+}
+
+impl Default for AdmissionSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            require_api_key: false,
+            default_priority: Priority::Standard,
+            queue_timeout: [
+                Duration::from_millis(1000),
+                Duration::from_millis(1000),
+                Duration::from_millis(250),
+            ],
+            queue_target: Duration::from_millis(50),
+            max_queued: 1024,
+            initial_limit: Duration::from_millis(1000),
+            min_limit: Duration::from_millis(100),
+            max_limit: Duration::from_millis(20_000),
+            ttft_tolerance: 1.5,
         }
     }
 }
@@ -278,6 +389,10 @@ pub struct Policy {
     pub health: breakwater_health::HealthConfig,
     /// Retry budget and backoff.
     pub retries: RetrySettings,
+    /// Keys, queueing and shedding.
+    pub admission: AdmissionSettings,
+    /// Tenants.
+    pub tenants: Vec<Tenant>,
     /// Regions in failover order.
     pub regions: Vec<Region>,
     /// Pools.

@@ -23,6 +23,11 @@ pub struct RawFile {
     pub health: Option<RawHealth>,
     /// `[retries]`: the retry budget and backoff.
     pub retries: Option<RawRetries>,
+    /// `[admission]`: API keys, queueing and load shedding.
+    pub admission: Option<RawAdmission>,
+    /// `[[tenants]]`: who sends traffic, with their keys, priority and limits.
+    #[serde(default)]
+    pub tenants: Vec<RawTenant>,
     /// `[[regions]]`, in failover order.
     #[serde(default)]
     pub regions: Vec<RawRegion>,
@@ -93,6 +98,12 @@ pub struct RawRouting {
     pub saturation_queue_depth: Option<u32>,
     /// An engine reporting this KV-cache use (percent) has no headroom. Default 80.
     pub saturation_kv_percent: Option<u32>,
+    /// Prefill runs this many times faster than a shard's `capacity_tps`; the first-byte
+    /// deadline grows by the estimated prefill time. Default 10.
+    pub prefill_speedup: Option<f64>,
+    /// A first-byte timeout is not retried for prompts of more estimated tokens than
+    /// this (it is retried at most once below it). Default 32768.
+    pub max_retry_prompt_tokens: Option<u64>,
 }
 
 /// `[health]`
@@ -185,6 +196,9 @@ pub struct RawPool {
     /// Path of the engine's Prometheus metrics. Default `/metrics` (Triton serves them on
     /// another port: set the full path there).
     pub metrics_path: Option<String>,
+    /// The models' context window, tokens: a request whose estimated prompt plus
+    /// completion exceeds it gets 400 `context_length_exceeded`. Default: unchecked.
+    pub context_window: Option<u64>,
 }
 
 /// `[[shards]]`
@@ -207,4 +221,57 @@ pub struct RawShard {
     pub gpu_probe: Option<String>,
     /// GPU device indices the shard runs on (as the probe numbers them).
     pub gpu_devices: Option<Vec<u32>>,
+}
+
+/// `[admission]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmission {
+    /// Admission control (per-shard limits, the queue, shedding). Default true.
+    pub enabled: Option<bool>,
+    /// Whether every request needs a known API key. Default false.
+    pub require_api_key: Option<bool>,
+    /// Priority of requests without a known key when keys are not required:
+    /// `critical`, `standard` or `sheddable`. Default `standard`.
+    pub default_priority: Option<String>,
+    /// Longest wait in the gateway's queue for critical and standard requests,
+    /// milliseconds. Default 1000.
+    pub queue_timeout_ms: Option<u64>,
+    /// Longest wait in the queue for sheddable requests, milliseconds. Default 250.
+    pub sheddable_queue_timeout_ms: Option<u64>,
+    /// Under a standing queue, the longest predicted wait a new request is queued for,
+    /// milliseconds. Default 50.
+    pub queue_target_ms: Option<u64>,
+    /// Most requests queued at once, all priorities together. Default 1024.
+    pub max_queued: Option<u32>,
+    /// Each shard's starting admission limit: this many milliseconds of its capacity,
+    /// in tokens. Default 1000.
+    pub initial_limit_ms: Option<u64>,
+    /// The lowest a shard's limit goes, milliseconds of its capacity. Default 100.
+    pub min_limit_ms: Option<u64>,
+    /// The highest a shard's limit goes, milliseconds of its capacity. Default 20000.
+    pub max_limit_ms: Option<u64>,
+    /// A time to first token this many times the shard's baseline lowers its limit,
+    /// percent. Default 150.
+    pub ttft_tolerance_percent: Option<u32>,
+}
+
+/// `[[tenants]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    /// Tenant id; appears in logs, metrics and the admin API.
+    pub id: String,
+    /// Lowercase hex SHA-256 digests of the tenant's API keys.
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
+    /// `critical`, `standard` or `sheddable`. Default `standard`.
+    pub priority: Option<String>,
+    /// Requests per minute. Default: unlimited.
+    pub rpm: Option<u64>,
+    /// Tokens (estimated prompt + completion, corrected by usage) per minute. Default:
+    /// unlimited.
+    pub tpm: Option<u64>,
+    /// The deadline of a request that brings none, milliseconds. Default: `timeouts.total_ms`.
+    pub timeout_ms: Option<u64>,
 }

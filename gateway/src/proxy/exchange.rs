@@ -18,11 +18,16 @@ use tokio::time::{timeout_at, Instant};
 use breakwater_health::Signal;
 
 use super::budget::Reservation;
-use super::error::{AttemptFailure, GatewayError, UpstreamFailure};
+use super::error::{
+    AttemptFailure, GatewayError, Retry, RetryContext, ShedReason, UpstreamFailure,
+};
 use super::request::{self, Endpoint, InferenceRequest};
 use super::upstream::{framing, UpstreamResponse};
 use super::{sse, RequestCtx, ShardTags, State, REGION_HEADER, REQUEST_ID_HEADER, SHARD_HEADER};
-use crate::routing::ShardEntry;
+use crate::admission::queue::Evicted;
+use crate::admission::Slot;
+use crate::routing::estimate::TokenCost;
+use crate::routing::{ModelRoute, ShardEntry};
 
 /// Request headers not forwarded to a shard: hop-by-hop ones, and those the gateway sets.
 const SKIPPED_REQUEST_HEADERS: [&str; 12] = [
@@ -44,6 +49,10 @@ const SKIPPED_REQUEST_HEADERS: [&str; 12] = [
 /// before the gateway stops holding the header back.
 const MAX_HELD_BACK_BYTES: usize = 256 << 10;
 
+/// How often a queued request has the queue look for room that did not come from a
+/// request of this gateway ending.
+const RECHECK_QUEUE: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// How one attempt ended.
 enum Attempt {
     /// The client got an answer: complete, or (`Some`) cut by a failure after output had
@@ -55,9 +64,52 @@ enum Attempt {
     Retryable(UpstreamFailure),
 }
 
-/// Serves one inference request end to end. Always leaves a response written (or the
-/// client gone); never panics on bad input.
+impl Attempt {
+    /// What the attempt says about the shard's health; a client that left says nothing.
+    fn health_signal(&self) -> Option<Signal> {
+        match self {
+            Attempt::ClientGone => None,
+            Attempt::Finished(None) => Some(Signal::Success),
+            Attempt::Finished(Some(f)) | Attempt::Retryable(f) => f.health_signal(),
+        }
+    }
+
+    /// The `outcome` label of `breakwater_upstream_attempts_total`.
+    fn label(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Attempt::Finished(None) => "ok".into(),
+            Attempt::Finished(Some(_)) => "failed_mid_stream".into(),
+            Attempt::ClientGone => "client_gone".into(),
+            Attempt::Retryable(f) => f.label(),
+        }
+    }
+}
+
+/// A request once its body is read and understood: what it asks, of which route, at what
+/// cost, by when.
+struct Resolved<'r> {
+    req: InferenceRequest,
+    route: &'r ModelRoute,
+    cost: TokenCost,
+    /// The request's deadline: the client's, the tenant's default or `timeouts.total_ms`.
+    deadline: Instant,
+}
+
+/// Serves one inference request end to end: identify the tenant and check what the
+/// header alone decides → read the body → resolve (model, cost, deadline) → admit (a shard
+/// with room, a short wait in the queue, or a fast refusal) → attempts → respond. Always
+/// leaves a response written (or the client gone); never panics on bad input.
 pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, endpoint: Endpoint) {
+    let admission = &state.admission;
+    let tenant = match admission.identify(&session.req_header().headers) {
+        Ok(t) => t,
+        Err(e) => return refuse_before_body(session, ctx, &e).await,
+    };
+    ctx.tenant = Some(tenant);
+    ctx.priority = admission.tenants().get(tenant).priority;
+    if let Err(e) = admission.precheck(tenant) {
+        return refuse_before_body(session, ctx, &e).await;
+    }
     // Held until the exchange ends: the body stays in memory for retries until then.
     let mut reservation = state.body_budget.reservation();
     let body = match read_body(
@@ -70,98 +122,225 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
         Ok(Some(b)) => b,
         Ok(None) => return, // the client went away while sending
         Err(e) => {
-            super::respond_error(session, ctx, &e).await;
+            respond_refusal(session, ctx, &e).await;
             return discard_unread_body(session).await;
         }
     };
-    let req = match request::parse(endpoint, &body) {
+    let resolved = match resolve(state, session, ctx, endpoint, &body) {
         Ok(r) => r,
-        Err(e) => return super::respond_error(session, ctx, &e).await,
+        Err(e) => return respond_refusal(session, ctx, &e).await,
     };
+    if let Err(e) = admission.charge_tokens(tenant, resolved.cost.total()) {
+        return respond_refusal(session, ctx, &e).await;
+    }
+    let slot = match admit(state, session, ctx, &resolved).await {
+        Ok(Some(slot)) => slot,
+        Ok(None) => return admission.correct_tokens(tenant, resolved.cost.total(), 0),
+        Err(e) => {
+            admission.correct_tokens(tenant, resolved.cost.total(), 0);
+            return respond_refusal(session, ctx, &e).await;
+        }
+    };
+    let result = attempts(state, session, ctx, &resolved, &body, slot).await;
+    // The token budget pays what the answer reported (or the estimate, if it said nothing).
+    let used = ctx.used_tokens.unwrap_or(resolved.cost.total());
+    admission.correct_tokens(tenant, resolved.cost.total(), used);
+    if let Err(e) = result {
+        super::respond_error(session, ctx, &e).await;
+    }
+}
+
+/// Answers a refusal the request header decided, then reads and drops the body the client
+/// may still be sending (bounded), so the connection can serve its next request.
+async fn refuse_before_body(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
+    respond_refusal(session, ctx, e).await;
+    discard_unread_body(session).await;
+}
+
+/// Writes an error the gateway decided without trying a shard, noting its reason.
+async fn respond_refusal(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
+    ctx.refusal = e.refusal_reason();
+    super::respond_error(session, ctx, e).await;
+}
+
+/// Parses the body and works out the route, the token cost and the deadline. Errors: a bad
+/// body (400), an unknown model (404), a request over the context window (400).
+fn resolve<'s>(
+    state: &'s State,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<Resolved<'s>, GatewayError> {
+    let req = request::parse(endpoint, body)?;
     ctx.model = Some(req.model.clone());
-    let Some(route) = state.router.route(&req.model) else {
-        let e = GatewayError::ModelNotFound(req.model.clone());
-        return super::respond_error(session, ctx, &e).await;
-    };
+    let route = state
+        .router
+        .route(&req.model)
+        .ok_or_else(|| GatewayError::ModelNotFound(req.model.clone()))?;
     let cost = state.router.estimator().estimate(route.model, &req.size);
     ctx.estimated_tokens = cost.total();
-    let deadline = Instant::now() + state.policy.timeouts.total;
+    if let Some(window) = route.context_window {
+        // The completion the client asked for, not the learned average: the engine
+        // reserves room for all of it.
+        let asked = if req.size.generates {
+            req.size
+                .max_completion_tokens
+                .unwrap_or(state.policy.routing.default_completion_tokens)
+        } else {
+            0
+        };
+        let tokens = cost.prompt + asked;
+        if tokens > window {
+            return Err(GatewayError::ContextLength { tokens, window });
+        }
+    }
+    let tenant_timeout = ctx
+        .tenant
+        .and_then(|t| state.admission.tenants().get(t).timeout);
+    let budget = request::client_timeout(&session.req_header().headers)
+        .or(tenant_timeout)
+        .unwrap_or(state.policy.timeouts.total)
+        .min(state.policy.timeouts.total);
+    Ok(Resolved {
+        req,
+        route,
+        cost,
+        deadline: Instant::from_std(ctx.started) + budget,
+    })
+}
+
+/// Finds the request a shard with room, or queues it until one has room, its queue
+/// deadline passes or the client leaves. `Ok(None)`: the client left while queued.
+async fn admit(
+    state: &State,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    r: &Resolved<'_>,
+) -> Result<Option<Slot>, GatewayError> {
+    let admission = &state.admission;
+    let cost = r.cost.total();
+    if !admission.must_queue(ctx.priority) {
+        if let Some(slot) = admission.place(r.route, cost, &[]) {
+            return Ok(Some(slot));
+        }
+    }
+    // Nothing at all to serve it (no shard, room or not): 503, not an overload.
+    if !admission.settings().enabled || !admission.can_serve(r.route) {
+        return Err(GatewayError::NoShard(r.req.model.clone()));
+    }
+    let (mut ticket, queue_deadline) =
+        admission.enqueue(r.route, ctx.priority, cost, r.deadline.into_std())?;
+    let until = Instant::from_std(queue_deadline);
+    let outcome = loop {
+        tokio::select! {
+            biased;
+            g = timeout_at(until, ticket.granted()) => break g,
+            _ = client_gone(session) => return Ok(None),
+            // Room can also come from outside the gateway's own ledger (an engine's queue
+            // draining, a shard coming back): look again now and then.
+            _ = tokio::time::sleep(RECHECK_QUEUE) => admission.recheck(),
+        }
+    };
+    ctx.queue_wait = Some(ticket.enqueued.elapsed());
+    match outcome {
+        Ok(Some(Ok(slot))) => Ok(Some(slot)),
+        Ok(Some(Err(Evicted))) => Err(admission.shed(ShedReason::Evicted, cost)),
+        // The deadline passed in the queue; the request never reaches a shard.
+        Ok(None) | Err(_) => Err(admission.shed(ShedReason::QueueTimeout, cost)),
+    }
+}
+
+/// The attempt loop: the first on the admitted shard, then retries on others while the
+/// failure allows it, the retry budget has room and the deadline is not near. `Err`: the
+/// error to answer.
+async fn attempts(
+    state: &State,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    r: &Resolved<'_>,
+    body: &Bytes,
+    first: Slot,
+) -> Result<(), GatewayError> {
     // Shards not to pick again: those tried, and the rest of a saturated pool after a 429.
     let mut tried = Vec::with_capacity(2);
-    let mut failures = Vec::new();
+    let mut failures: Vec<AttemptFailure> = Vec::new();
     let mut in_flight = state.retry_budget.request();
-    while failures.len() < state.policy.routing.max_attempts as usize {
-        // A refused connection cost the shard nothing, so retrying it is free; every other
-        // retry needs room in the budget.
-        let free_retry = matches!(
-            failures.last(),
-            Some(AttemptFailure {
-                cause: UpstreamFailure::Connect(_),
-                ..
-            })
-        );
-        if !failures.is_empty() && !free_retry {
-            if !in_flight.try_retry() {
-                tracing::debug!(request_id = %ctx.request_id, "retry budget spent");
-                break;
-            }
-            let pause = state.retry_budget.backoff(failures.len() as u32);
-            if Instant::now() + pause >= deadline {
-                break;
-            }
-            tokio::select! {
-                biased;
-                _ = tokio::time::sleep(pause) => {}
-                _ = client_gone(session) => return,
-            }
-        }
-        let Some(shard_idx) = state.router.pick(route, &tried, &mut rand::thread_rng()) else {
-            break;
-        };
+    let mut next = Some(first);
+    let mut first_byte_timeouts = 0;
+    let max_attempts = state.policy.routing.max_attempts as usize;
+    while let Some(slot) = next.take() {
+        let shard_idx = slot.shard;
         tried.push(shard_idx);
         let shard = &state.router.shards()[shard_idx];
         ctx.shard = Some(shard_idx);
         ctx.attempts += 1;
-        let _charge = shard.load.charge(cost.total());
         let call = Call {
             state,
+            shard_idx,
             shard,
             tags: &state.shard_tags[shard_idx],
-            req: &req,
-            route_model: route.model,
-            deadline,
+            req: &r.req,
+            route_model: r.route.model,
+            prefill: state.prefill_time(shard_idx, r.cost.prompt),
+            deadline: r.deadline,
         };
-        let outcome = call.attempt(session, ctx, &body).await;
-        state.metrics.attempt(&shard.id, &outcome_label(&outcome));
-        if let Some(signal) = health_signal(&outcome) {
+        let outcome = call.attempt(session, ctx, body).await;
+        drop(slot);
+        state.metrics.attempt(&shard.id, &outcome.label());
+        if let Some(signal) = outcome.health_signal() {
             if signal == Signal::Success {
                 state.retry_budget.deposit();
             }
             state.health.report(shard_idx, signal);
         }
-        match outcome {
-            Attempt::Finished(_) | Attempt::ClientGone => return,
-            Attempt::Retryable(cause) => {
-                tracing::debug!(request_id = %ctx.request_id, shard = %shard.id, %cause, "attempt failed");
-                // An overloaded answer from a pool that is saturated everywhere: trying its
-                // other shards would only add load; the retry goes to another region, or
-                // the client gets a fast 429.
-                if matches!(cause, UpstreamFailure::Status(429)) {
-                    tried.extend(state.router.saturated_peers(route, shard_idx));
-                }
-                failures.push(AttemptFailure {
-                    shard: shard.id.clone(),
-                    region: shard.region.clone(),
-                    cause,
-                });
-                if Instant::now() >= deadline {
-                    break;
-                }
+        let cause = match outcome {
+            Attempt::Finished(_) | Attempt::ClientGone => return Ok(()),
+            Attempt::Retryable(cause) => cause,
+        };
+        tracing::debug!(request_id = %ctx.request_id, shard = %shard.id, %cause, "attempt failed");
+        if matches!(cause, UpstreamFailure::Status(429)) {
+            // An overloaded answer: the shard took more than it can start. Trying the rest
+            // of a pool that is saturated everywhere would only add load; the retry goes to
+            // another region, or the client gets a fast 429.
+            state.admission.shard_overloaded(shard_idx);
+            tried.extend(state.router.saturated_peers(r.route, shard_idx));
+        }
+        if matches!(cause, UpstreamFailure::FirstByteTimeout(_)) {
+            first_byte_timeouts += 1;
+        }
+        let rule = cause.retry(RetryContext {
+            prompt_tokens: r.cost.prompt,
+            first_byte_timeouts,
+            max_retry_prompt_tokens: state.policy.routing.max_retry_prompt_tokens,
+        });
+        failures.push(AttemptFailure {
+            shard: shard.id.clone(),
+            region: shard.region.clone(),
+            cause,
+        });
+        if rule == Retry::Never || failures.len() >= max_attempts || Instant::now() >= r.deadline {
+            break;
+        }
+        if rule == Retry::Budgeted {
+            if !in_flight.try_retry() {
+                tracing::debug!(request_id = %ctx.request_id, "retry budget spent");
+                break;
+            }
+            let pause = state.retry_budget.backoff(failures.len() as u32);
+            if Instant::now() + pause >= r.deadline {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep(pause) => {}
+                _ = client_gone(session) => return Ok(()),
             }
         }
+        next = state.admission.place_retry(r.route, r.cost.total(), &tried);
     }
-    let error = if failures.is_empty() {
-        GatewayError::NoShard(req.model.clone())
+    Err(if failures.is_empty() {
+        GatewayError::NoShard(r.req.model.clone())
     } else if failures
         .iter()
         .all(|f| matches!(f.cause, UpstreamFailure::Status(429)))
@@ -169,42 +348,7 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
         GatewayError::Overloaded(failures)
     } else {
         GatewayError::Upstream(failures)
-    };
-    super::respond_error(session, ctx, &error).await;
-}
-
-/// What an attempt says about the shard's health. Overload (429) and the request's own
-/// deadline say nothing about it; neither does a client that left.
-fn health_signal(a: &Attempt) -> Option<Signal> {
-    let failure = match a {
-        Attempt::ClientGone => return None,
-        Attempt::Finished(None) => return Some(Signal::Success),
-        Attempt::Finished(Some(f)) | Attempt::Retryable(f) => f,
-    };
-    let local = match failure {
-        UpstreamFailure::Status(429) | UpstreamFailure::Deadline => return None,
-        UpstreamFailure::Connect(_) | UpstreamFailure::FirstByteTimeout(_) => true,
-        UpstreamFailure::IdleTimeout(_)
-        | UpstreamFailure::Cut(_)
-        | UpstreamFailure::Status(_)
-        | UpstreamFailure::TooLarge(_) => false,
-    };
-    Some(Signal::Failure {
-        local,
-        detail: failure.to_string(),
     })
-}
-
-fn outcome_label(a: &Attempt) -> String {
-    match a {
-        Attempt::Finished(None) => "ok".into(),
-        Attempt::Finished(Some(_)) => "failed_mid_stream".into(),
-        Attempt::ClientGone => "client_gone".into(),
-        Attempt::Retryable(UpstreamFailure::Status(s)) => format!("status_{s}"),
-        Attempt::Retryable(f) if f.is_timeout() => "timeout".into(),
-        Attempt::Retryable(UpstreamFailure::Connect(_)) => "connect_error".into(),
-        Attempt::Retryable(_) => "error".into(),
-    }
 }
 
 /// Reads the request body whole, bounded by `limit`. `Ok(None)`: the client went away.
@@ -287,10 +431,13 @@ async fn client_gone(session: &mut Session) {
 /// One attempt's fixed inputs.
 struct Call<'a> {
     state: &'a State,
+    shard_idx: usize,
     shard: &'a ShardEntry,
     tags: &'a ShardTags,
     req: &'a InferenceRequest,
     route_model: usize,
+    /// The estimated prefill time on this shard: the first-byte deadline grows by it.
+    prefill: std::time::Duration,
     deadline: Instant,
 }
 
@@ -313,20 +460,28 @@ impl Call<'_> {
         )
     }
 
+    /// How long the shard has for its first byte: the policy's first-byte timeout plus
+    /// the request's estimated prefill, so a long prompt is not abandoned (and prefilled
+    /// again elsewhere) while it is being read.
+    fn first_byte_timeout(&self) -> std::time::Duration {
+        self.state.policy.timeouts.first_byte + self.prefill
+    }
+
     fn first_byte_deadline(&self) -> Instant {
-        (Instant::now() + self.state.policy.timeouts.first_byte).min(self.deadline)
+        (Instant::now() + self.first_byte_timeout()).min(self.deadline)
     }
 
     fn first_byte_failure(&self) -> UpstreamFailure {
         if Instant::now() >= self.deadline {
             UpstreamFailure::Deadline
         } else {
-            UpstreamFailure::FirstByteTimeout(self.state.policy.timeouts.first_byte.as_millis())
+            UpstreamFailure::FirstByteTimeout(self.first_byte_timeout().as_millis())
         }
     }
 
     async fn attempt(&self, session: &mut Session, ctx: &mut RequestCtx, body: &Bytes) -> Attempt {
         let head = self.upstream_head(session, ctx, body.len());
+        let sent = std::time::Instant::now();
         let first_byte = self.first_byte_deadline();
         let send = self.state.upstream.send(&self.shard.authority, &head, body);
         // `biased`: the exchange is polled first, so while it is ready the check for a
@@ -350,7 +505,7 @@ impl Call<'_> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if self.req.stream && is_sse && (200..300).contains(&status) {
-            self.stream(session, ctx, response, first_byte).await
+            self.stream(session, ctx, response, first_byte, sent).await
         } else {
             self.whole(session, ctx, response).await
         }
@@ -408,7 +563,7 @@ impl Call<'_> {
         let body = first.unwrap_or_else(|| buf.freeze());
         let status = response.status;
         if (200..300).contains(&status) {
-            self.learn_from_whole(&body);
+            self.learn_from_whole(ctx, &body);
         }
         let mut headers = self.routing_headers(ctx, 2);
         if let Some(ct) = response.content_type.take() {
@@ -431,13 +586,14 @@ impl Call<'_> {
         Attempt::Finished(None)
     }
 
-    fn learn_from_whole(&self, body: &[u8]) {
+    fn learn_from_whole(&self, ctx: &mut RequestCtx, body: &[u8]) {
         if let Some(u) = usage_of(body) {
-            self.learn(u);
+            self.learn(ctx, u);
         }
     }
 
-    fn learn(&self, u: Usage) {
+    fn learn(&self, ctx: &mut RequestCtx, u: Usage) {
+        ctx.used_tokens = Some(u.prompt_tokens.unwrap_or(0) + u.completion_tokens.unwrap_or(0));
         let completion = self
             .req
             .size
@@ -470,6 +626,7 @@ impl Call<'_> {
         ctx: &mut RequestCtx,
         mut response: UpstreamResponse<'_>,
         first_byte: Instant,
+        sent: std::time::Instant,
     ) -> Attempt {
         let mut pending = BytesMut::new();
         // Before the commit point: collect until the first data event.
@@ -499,7 +656,11 @@ impl Call<'_> {
                 }
             }
         };
-        // The commit point.
+        // The commit point. Its time to first token teaches the shard's admission limit
+        // what the shard can start promptly.
+        self.state
+            .admission
+            .observe_ttft(self.shard_idx, sent.elapsed(), self.prefill);
         let mut headers = self.routing_headers(ctx, 3);
         let fixed = [
             (http::header::CONTENT_TYPE, "text/event-stream"),
@@ -569,16 +730,16 @@ impl Call<'_> {
                 )
             }
         };
-        self.learn_from_stream(&tally);
+        self.learn_from_stream(ctx, &tally);
         if session.write_response_body(tail, true).await.is_err() {
             return Attempt::ClientGone;
         }
         Attempt::Finished(failure)
     }
 
-    fn learn_from_stream(&self, tally: &StreamTally) {
+    fn learn_from_stream(&self, ctx: &mut RequestCtx, tally: &StreamTally) {
         match tally.usage {
-            Some(u) => self.learn(u),
+            Some(u) => self.learn(ctx, u),
             None if tally.data_events > 0 => self.state.router.estimator().observe(
                 self.route_model,
                 self.req.size.prompt_bytes,

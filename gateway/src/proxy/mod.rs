@@ -32,7 +32,7 @@ use pingora::server::ShutdownWatch;
 use serde_json::json;
 
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{Policy, Priority};
 use crate::routing::Router;
 use error::GatewayError;
 use request::Route;
@@ -56,6 +56,17 @@ pub struct State {
     pub health: breakwater_health::HealthMonitor,
     /// Each shard's routing headers, by shard index, built once.
     pub shard_tags: Vec<ShardTags>,
+    /// Tenants, rate limits, shard limits and the queue.
+    pub admission: Arc<crate::admission::Admission>,
+}
+
+impl State {
+    /// The estimated prefill time of `prompt_tokens` on shard `shard`: prefill runs
+    /// `routing.prefill_speedup` times faster than the shard's decode capacity.
+    pub fn prefill_time(&self, shard: usize, prompt_tokens: u64) -> std::time::Duration {
+        let rate = self.router.shards()[shard].capacity_tps * self.policy.routing.prefill_speedup;
+        std::time::Duration::from_secs_f64(prompt_tokens as f64 / rate.max(1.0))
+    }
 }
 
 /// The values of `x-breakwater-shard` and `x-breakwater-region` for one shard.
@@ -109,6 +120,16 @@ pub struct RequestCtx {
     pub estimated_tokens: u64,
     /// Why a stream was ended with an error event.
     pub stream_error: Option<String>,
+    /// The tenant (index into the admission's tenants), once known.
+    pub tenant: Option<usize>,
+    /// The tenant's priority.
+    pub priority: Priority,
+    /// How long the request waited in the gateway's queue, if it queued.
+    pub queue_wait: Option<std::time::Duration>,
+    /// Why the gateway refused it without trying a shard.
+    pub refusal: Option<&'static str>,
+    /// Prompt + completion tokens the answer's usage reported.
+    pub used_tokens: Option<u64>,
 }
 
 /// The traffic listener's Pingora application.
@@ -153,6 +174,11 @@ impl RequestCtx {
             first_byte_at: None,
             estimated_tokens: 0,
             stream_error: None,
+            tenant: None,
+            priority: Priority::Standard,
+            queue_wait: None,
+            refusal: None,
+            used_tokens: None,
         }
     }
 }
@@ -206,9 +232,29 @@ impl Gateway {
             total,
             ctx.first_byte_at.map(|t| t - ctx.started),
         );
+        let tenant = ctx
+            .tenant
+            .map(|t| self.state.admission.tenants().get(t).id.as_str());
+        if let Some(tenant) = tenant {
+            let priority = ctx.priority.as_str();
+            match ctx.refusal {
+                Some(reason) => self.state.metrics.refused(tenant, priority, reason),
+                None if ctx.status != 0 || ctx.attempts > 0 => {
+                    self.state.metrics.admitted(tenant, priority)
+                }
+                None => {}
+            }
+            if let Some(w) = ctx.queue_wait {
+                self.state.metrics.queue_wait(priority, w);
+            }
+        }
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,
+            tenant = tenant.unwrap_or(""),
+            priority = ctx.tenant.map(|_| ctx.priority.as_str()),
+            queue_wait_ms = ctx.queue_wait.map(|w| w.as_secs_f64() * 1e3),
+            refusal = ctx.refusal,
             model = ctx.model.as_deref().unwrap_or(""),
             region = shard.map_or("", |s| s.region.as_str()),
             shard = shard.map_or("", |s| s.id.as_str()),
@@ -260,7 +306,7 @@ impl HttpServerApp for Gateway {
                     let err = GatewayError::BadRequest("malformed HTTP request".into());
                     let body = err.body();
                     let id = new_request_id();
-                    if let Some(h) = json_header(err.status(), body.len(), &id, None) {
+                    if let Some(h) = json_header(err.status(), body.len(), &id, Some(&err)) {
                         let _ = session.write_error_response(h, Bytes::from(body)).await;
                     }
                 }
@@ -296,7 +342,7 @@ pub(crate) async fn respond_json(
 
 /// Writes an OpenAI-format error.
 pub(crate) async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
-    respond(session, ctx, e.status(), e.body(), e.retry_after_s()).await
+    respond(session, ctx, e.status(), e.body(), Some(e)).await
 }
 
 async fn respond(
@@ -304,9 +350,9 @@ async fn respond(
     ctx: &mut RequestCtx,
     status: u16,
     body: String,
-    retry_after_s: Option<u32>,
+    error: Option<&GatewayError>,
 ) {
-    let Some(h) = json_header(status, body.len(), &ctx.request_id, retry_after_s) else {
+    let Some(h) = json_header(status, body.len(), &ctx.request_id, error) else {
         return;
     };
     ctx.status = status;
@@ -321,9 +367,13 @@ fn json_header(
     status: u16,
     len: usize,
     request_id: &str,
-    retry_after_s: Option<u32>,
+    error: Option<&GatewayError>,
 ) -> Option<ResponseHeader> {
     let mut h = HeaderMap::with_capacity(4);
+    let retry_after_s = error.and_then(GatewayError::retry_after_s);
+    if let Some(e) = error {
+        e.extra_headers(&mut h);
+    }
     let json = HeaderValue::from_static("application/json");
     h.insert(http::header::CONTENT_TYPE, json);
     h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));

@@ -58,6 +58,25 @@ pub fn classify(method: &str, path: &str) -> Result<Route, GatewayError> {
     }
 }
 
+/// `x-breakwater-timeout-ms`: the time the client gives the whole request, in
+/// milliseconds from when the gateway reads its header. It bounds queueing and every
+/// attempt; work still waiting when it passes is dropped, never started.
+pub const TIMEOUT_HEADER: &str = "x-breakwater-timeout-ms";
+
+/// The deadline a client sent, if it sent a sane one (1 ms to a day).
+pub fn client_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    let ms: u64 = headers
+        .get(TIMEOUT_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (1..=86_400_000)
+        .contains(&ms)
+        .then(|| std::time::Duration::from_millis(ms))
+}
+
 /// The parts of an inference body routing reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InferenceRequest {

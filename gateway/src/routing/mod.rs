@@ -54,13 +54,25 @@ pub struct ModelRoute {
     /// `tiers[0]` is the home region (if it serves the model), then other regions in
     /// policy order. Each tier lists shard indices.
     pub tiers: Vec<Vec<usize>>,
+    /// The smallest context window the model's pools declare, tokens.
+    pub context_window: Option<u64>,
+}
+
+impl ModelRoute {
+    /// Whether `shard` is one of this route's.
+    pub fn has_shard(&self, shard: usize) -> bool {
+        self.tiers.iter().any(|t| t.contains(&shard))
+    }
 }
 
 /// The compiled routing table plus the live state routing reads: loads, learned token
 /// statistics and the health snapshot.
 pub struct Router {
     shards: Vec<ShardEntry>,
-    models: HashMap<String, ModelRoute>,
+    /// Routes by model index (the estimator's numbering).
+    routes: Vec<ModelRoute>,
+    /// Model name → index into `routes`.
+    models: HashMap<String, usize>,
     model_names: Vec<String>,
     estimator: Estimator,
     health: ArcSwap<HealthView>,
@@ -115,7 +127,7 @@ impl Router {
             .collect();
         model_names.sort();
         model_names.dedup();
-        let models = model_names
+        let routes: Vec<ModelRoute> = model_names
             .iter()
             .enumerate()
             .map(|(idx, model)| {
@@ -135,8 +147,23 @@ impl Router {
                         (!tier.is_empty()).then_some(tier)
                     })
                     .collect();
-                (model.clone(), ModelRoute { model: idx, tiers })
+                let context_window = policy
+                    .pools
+                    .iter()
+                    .filter(|p| p.models.contains(model))
+                    .filter_map(|p| p.context_window)
+                    .min();
+                ModelRoute {
+                    model: idx,
+                    tiers,
+                    context_window,
+                }
             })
+            .collect();
+        let models = model_names
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.clone(), i))
             .collect();
         let estimator = Estimator::new(
             model_names.len(),
@@ -146,6 +173,7 @@ impl Router {
         Self {
             health: ArcSwap::from_pointee(HealthView::all_healthy(shards.len())),
             shards,
+            routes,
             models,
             model_names,
             estimator,
@@ -159,7 +187,12 @@ impl Router {
 
     /// The route for a model, or `None` when no pool serves it.
     pub fn route(&self, model: &str) -> Option<&ModelRoute> {
-        self.models.get(model)
+        self.models.get(model).map(|i| &self.routes[*i])
+    }
+
+    /// The route of model number `model` (as [`ModelRoute::model`] numbers them).
+    pub fn route_by_index(&self, model: usize) -> Option<&ModelRoute> {
+        self.routes.get(model)
     }
 
     /// Every model some pool serves, sorted.
@@ -237,6 +270,19 @@ impl Router {
         tried: &[usize],
         rng: &mut R,
     ) -> Option<usize> {
+        self.pick_fitting(route, tried, |_, _| true, rng)
+    }
+
+    /// [`Router::pick`] among the shards `fits` accepts (given the shard and the health
+    /// snapshot): admission's "has room for this request". A region whose shards are all
+    /// full is passed over for the next one, so traffic spills before it queues.
+    pub fn pick_fitting<R: Rng + ?Sized>(
+        &self,
+        route: &ModelRoute,
+        tried: &[usize],
+        fits: impl Fn(usize, &HealthView) -> bool,
+        rng: &mut R,
+    ) -> Option<usize> {
         let health = self.health.load();
         let admitted = |i: usize| health.takes_new_requests(i);
         let panic = !route.tiers.iter().flatten().any(|i| admitted(*i));
@@ -258,7 +304,7 @@ impl Router {
             candidates.extend(
                 tier.iter()
                     .copied()
-                    .filter(|i| !tried.contains(i) && (panic || admitted(*i))),
+                    .filter(|i| !tried.contains(i) && (panic || admitted(*i)) && fits(*i, &health)),
             );
             if let Some(i) = select::p2c(&candidates, |i| self.score(i, &health), rng) {
                 return Some(i);

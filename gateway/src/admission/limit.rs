@@ -1,0 +1,177 @@
+//! Each shard's admission limit: how many tokens may be in flight on it, learned from
+//! what it can start promptly — nobody writes an engine's batch slots into the policy.
+//!
+//! The rule is Netflix's Gradient2, fed with time to first token (queueing dominates it;
+//! raw request latency grows with output length and would mislead the limiter), less the
+//! request's estimated prefill time:
+//!
+//! - a baseline follows the shard's low TTFT: it drops to a lower sample at once and
+//!   creeps up by 1/600 of the gap (Gradient2's long window) on samples within twice the
+//!   tolerance of it — samples far above are queueing, not a new normal;
+//! - gradient = clamp(tolerance × baseline / sample, 0.5, 1);
+//! - target = limit × gradient + headroom (two average requests' tokens, Gradient2's queue
+//!   size), not grown while less than half the limit is in use;
+//! - limit ← 0.8 × limit + 0.2 × target, within the policy's floor and ceiling.
+//!
+//! A TTFT that jumps once the engine starts queueing (its batch slots are full) pulls the
+//! limit down to what runs at once; while samples stay near the baseline and the limit is
+//! in use it grows. A 429 from the shard cuts the limit by a fifth at once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Weight of a new sample in the limit (Gradient2's smoothing).
+const SMOOTHING: f64 = 0.2;
+/// How fast the baseline follows higher samples (Gradient2's long window, 600 samples).
+const BASELINE_RISE: f64 = 1.0 / 600.0;
+
+/// One shard's limit, in tokens in flight.
+#[derive(Debug)]
+pub struct ShardLimit {
+    /// The limit now, tokens (read on every admission without a lock).
+    tokens: AtomicU64,
+    state: Mutex<Gradient>,
+    floor: f64,
+    ceiling: f64,
+    tolerance: f64,
+}
+
+#[derive(Debug)]
+struct Gradient {
+    limit: f64,
+    /// The shard's low TTFT, seconds; 0 until the first sample.
+    baseline: f64,
+}
+
+impl ShardLimit {
+    /// A limit for a shard of `capacity_tps`, starting at `initial` of its capacity and
+    /// kept between `min` and `max` of it; `tolerance` is the TTFT ratio over baseline at
+    /// which the limit starts to fall.
+    pub fn new(
+        capacity_tps: f64,
+        initial: Duration,
+        min: Duration,
+        max: Duration,
+        tolerance: f64,
+    ) -> Self {
+        let tokens = |d: Duration| (capacity_tps * d.as_secs_f64()).max(1.0);
+        let limit = tokens(initial);
+        Self {
+            tokens: AtomicU64::new(limit as u64),
+            state: Mutex::new(Gradient {
+                limit,
+                baseline: 0.0,
+            }),
+            floor: tokens(min),
+            ceiling: tokens(max),
+            tolerance,
+        }
+    }
+
+    /// The limit now, tokens.
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request of `cost` tokens fits beside `inflight`. An idle shard takes any
+    /// request, however large: a request above the limit must still run somewhere.
+    pub fn fits(&self, inflight: u64, cost: u64) -> bool {
+        inflight == 0 || inflight + cost <= self.tokens()
+    }
+
+    /// Learns from one request's time to first token (`queueing`: TTFT less its
+    /// estimated prefill), seen with `inflight` tokens on the shard, requests averaging
+    /// `avg_request_tokens`.
+    pub fn observe(&self, queueing: Duration, inflight: u64, avg_request_tokens: f64) {
+        let sample = queueing.as_secs_f64().max(1e-4);
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if g.baseline == 0.0 || sample < g.baseline {
+            g.baseline = sample;
+        } else if sample < 2.0 * self.tolerance * g.baseline {
+            // A slow drift (longer prompts, a busier engine) is learned; samples far above
+            // are queueing, and learning them would make queueing the new normal.
+            g.baseline += (sample - g.baseline) * BASELINE_RISE;
+        }
+        let gradient = (self.tolerance * g.baseline / sample).clamp(0.5, 1.0);
+        let headroom = 2.0 * avg_request_tokens.max(1.0);
+        if gradient >= 1.0 && (inflight as f64) < g.limit / 2.0 {
+            return; // no evidence the shard could take more: it is not being used
+        }
+        let target = g.limit * gradient + headroom;
+        g.limit =
+            (g.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(self.floor, self.ceiling);
+        self.tokens.store(g.limit as u64, Ordering::Relaxed);
+    }
+
+    /// The shard answered 429: it is over-admitted; cut the limit by a fifth.
+    pub fn overloaded(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.limit = (g.limit * 0.8).max(self.floor);
+        self.tokens.store(g.limit as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit() -> ShardLimit {
+        // 1,000 tokens/s: starts at 1,000 tokens, between 100 and 20,000.
+        ShardLimit::new(
+            1000.0,
+            Duration::from_secs(1),
+            Duration::from_millis(100),
+            Duration::from_secs(20),
+            1.5,
+        )
+    }
+
+    #[test]
+    fn a_shard_that_starts_everything_promptly_and_is_used_grows_its_limit() {
+        let l = limit();
+        for _ in 0..50 {
+            l.observe(Duration::from_millis(50), l.tokens(), 100.0);
+        }
+        assert!(l.tokens() > 1500, "{}", l.tokens());
+    }
+
+    #[test]
+    fn an_idle_shard_does_not_grow_its_limit() {
+        let l = limit();
+        for _ in 0..50 {
+            l.observe(Duration::from_millis(50), 10, 100.0);
+        }
+        assert_eq!(l.tokens(), 1000);
+    }
+
+    #[test]
+    fn queueing_behind_full_slots_pulls_the_limit_down_to_its_floor_at_most() {
+        let l = limit();
+        l.observe(Duration::from_millis(50), 900, 100.0);
+        let before = l.tokens();
+        for _ in 0..10 {
+            l.observe(Duration::from_millis(400), l.tokens(), 100.0);
+        }
+        assert!(l.tokens() < before * 2 / 3, "{} vs {before}", l.tokens());
+        for _ in 0..1000 {
+            l.observe(Duration::from_secs(5), l.tokens(), 10.0);
+        }
+        assert_eq!(l.tokens(), 100);
+        // Within the tolerance (1.5 × baseline) is not queueing.
+        let l = limit();
+        l.observe(Duration::from_millis(50), 900, 100.0);
+        l.observe(Duration::from_millis(70), 900, 100.0);
+        assert!(l.tokens() >= 1000);
+    }
+
+    #[test]
+    fn a_429_cuts_a_fifth_and_an_idle_shard_takes_any_request() {
+        let l = limit();
+        l.overloaded();
+        assert_eq!(l.tokens(), 800);
+        assert!(l.fits(0, 50_000));
+        assert!(l.fits(700, 100));
+        assert!(!l.fits(700, 101));
+    }
+}

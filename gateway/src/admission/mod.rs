@@ -1,0 +1,374 @@
+//! Admission: who sent a request, whether they are within their limits, and whether the
+//! fleet can start it now — else a short wait in the queue, else a fast refusal.
+//!
+//! # Layout
+//! - [`tenant`]: API keys (by SHA-256) → tenants, priorities.
+//! - [`rate`]: requests-per-minute and tokens-per-minute buckets.
+//! - [`limit`]: each shard's admission limit in tokens in flight, learned from TTFT.
+//! - [`queue`]: the bounded priority queue with deadlines.
+//!
+//! A request is *placed* when some shard of its route (home region first, then spilling
+//! in region order) has room: its in-flight tokens plus the request's cost within its
+//! limit, and its engine not reporting saturation. Placing charges the shard's ledger and
+//! returns a [`Slot`]; dropping the slot releases the tokens and hands the room to the
+//! queue. A request that cannot be placed waits in its priority's band while the predicted
+//! wait (tokens queued ahead ÷ the tokens per second the fleet releases) fits its queue
+//! timeout and its own deadline — and, while a queue *stands* (has not emptied for
+//! 100 ms: sustained overload, not a burst), only if that wait is within `queue_target`
+//! (sheddable: not at all). Otherwise it is refused at once with 429 and `Retry-After`.
+
+pub mod limit;
+pub mod queue;
+pub mod rate;
+pub mod tenant;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use breakwater_health::HealthView;
+
+use crate::policy::{AdmissionSettings, Policy, Priority};
+use crate::proxy::error::{GatewayError, RateLimited, ShedReason};
+use crate::routing::ledger::LoadCharge;
+use crate::routing::{ModelRoute, Router};
+use limit::ShardLimit;
+use queue::{Ticket, WaitQueue};
+use rate::Quota;
+use tenant::{KeyProblem, Tenants};
+
+/// Admission control for one gateway process (limits are per replica).
+pub struct Admission {
+    settings: AdmissionSettings,
+    tenants: Tenants,
+    limits: Vec<ShardLimit>,
+    queue: WaitQueue<Slot>,
+    router: Arc<Router>,
+    drain: DrainRate,
+}
+
+/// A request's charge on a shard. Dropping it releases the tokens and offers the room to
+/// the queue.
+pub struct Slot {
+    admission: Arc<Admission>,
+    /// The shard.
+    pub shard: usize,
+    charge: Option<LoadCharge>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(charge) = self.charge.take() {
+            let tokens = charge.tokens();
+            drop(charge);
+            self.admission.drain.released(tokens);
+            if self.admission.settings.enabled {
+                self.admission.dispatch();
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// Admission for a policy's tenants and settings over `router`'s shards.
+    pub fn new(policy: &Policy, router: Arc<Router>) -> Arc<Self> {
+        let s = &policy.admission;
+        let limits = router
+            .shards()
+            .iter()
+            .map(|sh| {
+                ShardLimit::new(
+                    sh.effective_capacity,
+                    s.initial_limit,
+                    s.min_limit,
+                    s.max_limit,
+                    s.ttft_tolerance,
+                )
+            })
+            .collect();
+        let capacity: f64 = router.shards().iter().map(|s| s.effective_capacity).sum();
+        Arc::new(Self {
+            settings: s.clone(),
+            tenants: Tenants::new(&policy.tenants, s),
+            limits,
+            queue: WaitQueue::default(),
+            router,
+            drain: DrainRate::new(capacity),
+        })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &AdmissionSettings {
+        &self.settings
+    }
+
+    /// The tenants.
+    pub fn tenants(&self) -> &Tenants {
+        &self.tenants
+    }
+
+    /// Shard `i`'s admission limit now, tokens.
+    pub fn limit_tokens(&self, shard: usize) -> u64 {
+        self.limits.get(shard).map_or(0, ShardLimit::tokens)
+    }
+
+    /// Requests queued per priority, most important first.
+    pub fn queue_depths(&self) -> [usize; 3] {
+        self.queue.depths()
+    }
+
+    /// The tokens per second the fleet is releasing, as last measured.
+    pub fn drain_tps(&self) -> f64 {
+        self.drain.rate()
+    }
+
+    /// The tenant a request's headers name. 401 when keys are required and the key is
+    /// missing or unknown.
+    pub fn identify(&self, headers: &http::HeaderMap) -> Result<usize, GatewayError> {
+        self.tenants
+            .identify(headers)
+            .map_err(|p| GatewayError::InvalidApiKey {
+                missing: p == KeyProblem::Missing,
+            })
+    }
+
+    /// What the request header alone decides, before any body is read: the tenant's
+    /// request budget (one is taken), a token budget already spent, a full queue.
+    pub fn precheck(&self, tenant: usize) -> Result<(), GatewayError> {
+        let t = self.tenants.get(tenant);
+        let requests = match &t.rpm {
+            Some(b) => Some(b.take(1).map_err(|q| {
+                rate_limited(t.tpm.as_ref().map(rate::Bucket::peek), Some(q), false)
+            })?),
+            None => None,
+        };
+        if let Some(b) = &t.tpm {
+            b.check_not_empty()
+                .map_err(|q| rate_limited(Some(q), requests, true))?;
+        }
+        if self.settings.enabled && self.queue.len() >= self.settings.max_queued {
+            return Err(self.shed(ShedReason::QueueFull, 0));
+        }
+        Ok(())
+    }
+
+    /// Charges a request's estimated tokens to its tenant's token budget.
+    pub fn charge_tokens(&self, tenant: usize, tokens: u64) -> Result<(), GatewayError> {
+        let t = self.tenants.get(tenant);
+        if let Some(b) = &t.tpm {
+            b.take(tokens)
+                .map_err(|q| rate_limited(Some(q), t.rpm.as_ref().map(rate::Bucket::peek), true))?;
+        }
+        Ok(())
+    }
+
+    /// Corrects a tenant's token budget once the answer's usage is known.
+    pub fn correct_tokens(&self, tenant: usize, charged: u64, used: u64) {
+        if let Some(b) = &self.tenants.get(tenant).tpm {
+            b.correct(charged, used);
+        }
+    }
+
+    /// Whether shard `i` has room for `cost` more tokens now.
+    fn fits(&self, i: usize, cost: u64, health: &HealthView) -> bool {
+        let inflight = self.router.shards()[i].load.inflight_tokens();
+        self.limits[i].fits(inflight, cost) && self.router.has_headroom(i, health)
+    }
+
+    fn charge(self: &Arc<Self>, shard: usize, cost: u64) -> Slot {
+        let charge = self.router.shards()[shard].load.charge(cost);
+        Slot {
+            admission: Arc::clone(self),
+            shard,
+            charge: Some(charge),
+        }
+    }
+
+    /// Places a request on a shard with room for it, skipping `tried`; `None` when none
+    /// has room. With admission off, any shard routing would pick counts as having room.
+    pub fn place(self: &Arc<Self>, route: &ModelRoute, cost: u64, tried: &[usize]) -> Option<Slot> {
+        let rng = &mut rand::thread_rng();
+        let shard = if self.settings.enabled {
+            self.router
+                .pick_fitting(route, tried, |i, h| self.fits(i, cost, h), rng)?
+        } else {
+            self.router.pick(route, tried, rng)?
+        };
+        Some(self.charge(shard, cost))
+    }
+
+    /// Places a retry: any shard routing picks, room or not (the retry budget bounds them).
+    pub fn place_retry(
+        self: &Arc<Self>,
+        route: &ModelRoute,
+        cost: u64,
+        tried: &[usize],
+    ) -> Option<Slot> {
+        let shard = self.router.pick(route, tried, &mut rand::thread_rng())?;
+        Some(self.charge(shard, cost))
+    }
+
+    /// Whether routing has any shard for `route`, room or not.
+    pub fn can_serve(&self, route: &ModelRoute) -> bool {
+        self.router
+            .pick(route, &[], &mut rand::thread_rng())
+            .is_some()
+    }
+
+    /// Whether a new request of `priority` may take room now, or must queue behind
+    /// waiters of its priority or above.
+    pub fn must_queue(&self, priority: Priority) -> bool {
+        self.settings.enabled && self.queue.ahead_of(priority) > 0
+    }
+
+    /// Queues a request that could not be placed, or refuses it at once when its
+    /// predicted wait exceeds what it may wait (see the module's rule). `deadline` is the
+    /// request's own.
+    pub fn enqueue<'a>(
+        self: &'a Arc<Self>,
+        route: &ModelRoute,
+        priority: Priority,
+        cost: u64,
+        deadline: Instant,
+    ) -> Result<(Ticket<'a, Slot>, Instant), GatewayError> {
+        if !self.settings.enabled {
+            return Err(GatewayError::NoShard(String::new()));
+        }
+        let now = Instant::now();
+        let rate = self.drain.rate();
+        let ahead = self.queue.tokens_ahead_of(priority) + cost;
+        let predicted = Duration::from_secs_f64(ahead as f64 / rate);
+        let timeout = self.settings.queue_timeout[priority.index()];
+        let allowed = if self.queue.standing(now) {
+            match priority {
+                Priority::Sheddable => Duration::ZERO,
+                _ => self.settings.queue_target.min(timeout),
+            }
+        } else {
+            timeout
+        };
+        let queue_deadline = (now + timeout).min(deadline);
+        if predicted > allowed || now + predicted > queue_deadline {
+            return Err(self.shed(ShedReason::Overloaded, cost));
+        }
+        let model = route.model;
+        let ticket = self
+            .queue
+            .enqueue(priority, model, cost, queue_deadline, rate, |m, c| {
+                self.place_queued(m, c)
+            });
+        Ok((ticket, queue_deadline))
+    }
+
+    fn place_queued(self: &Arc<Self>, model: usize, cost: u64) -> Option<Slot> {
+        let route = self.router.route_by_index(model)?;
+        self.place(route, cost, &[])
+    }
+
+    /// Offers room to the queue now, for room that appeared without a request ending
+    /// (health or engine readings changed).
+    pub fn recheck(self: &Arc<Self>) {
+        self.dispatch();
+    }
+
+    fn dispatch(self: &Arc<Self>) {
+        self.queue.dispatch(|m, c| self.place_queued(m, c));
+    }
+
+    /// A refusal by admission, with `Retry-After` from the time the fleet needs to drain
+    /// what is queued (at least a second, the header's unit).
+    pub fn shed(&self, reason: ShedReason, cost: u64) -> GatewayError {
+        let backlog = self.queue.tokens_queued() + cost;
+        let secs = (backlog as f64 / self.drain.rate()).ceil();
+        GatewayError::Shed {
+            reason,
+            retry_after_s: secs.clamp(1.0, 60.0) as u32,
+        }
+    }
+
+    /// Learns from a request's time to first token on `shard`, less its estimated prefill.
+    pub fn observe_ttft(&self, shard: usize, ttft: Duration, prefill: Duration) {
+        let Some(limit) = self.limits.get(shard) else {
+            return;
+        };
+        let load = &self.router.shards()[shard].load;
+        let (tokens, requests) = (load.inflight_tokens(), load.inflight_requests());
+        let avg = if requests > 0 {
+            tokens as f64 / requests as f64
+        } else {
+            0.0
+        };
+        limit.observe(ttft.saturating_sub(prefill), tokens, avg);
+    }
+
+    /// `shard` answered 429: it took more than it can start.
+    pub fn shard_overloaded(&self, shard: usize) {
+        if let Some(l) = self.limits.get(shard) {
+            l.overloaded();
+        }
+    }
+}
+
+fn rate_limited(tokens: Option<Quota>, requests: Option<Quota>, by_tokens: bool) -> GatewayError {
+    GatewayError::RateLimited(Box::new(RateLimited {
+        by_tokens,
+        requests,
+        tokens,
+    }))
+}
+
+/// The tokens per second the fleet releases (requests finishing), measured over windows
+/// of at least 100 ms and smoothed; never below a tenth of the declared capacity, so one
+/// quiet window cannot make every prediction infinite.
+struct DrainRate {
+    released: AtomicU64,
+    state: Mutex<DrainState>,
+    floor: f64,
+}
+
+struct DrainState {
+    at: Instant,
+    seen: u64,
+    rate: f64,
+}
+
+/// Shortest window a drain rate is measured over.
+const DRAIN_WINDOW: Duration = Duration::from_millis(100);
+
+impl DrainRate {
+    fn new(capacity_tps: f64) -> Self {
+        Self {
+            released: AtomicU64::new(0),
+            state: Mutex::new(DrainState {
+                at: Instant::now(),
+                seen: 0,
+                rate: capacity_tps.max(1.0),
+            }),
+            floor: (capacity_tps / 10.0).max(1.0),
+        }
+    }
+
+    fn released(&self, tokens: u64) {
+        self.released.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    fn rate(&self) -> f64 {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let dt = now.saturating_duration_since(s.at);
+        if dt >= DRAIN_WINDOW {
+            let total = self.released.load(Ordering::Relaxed);
+            let measured = (total - s.seen) as f64 / dt.as_secs_f64();
+            // Windows longer than a second say little about now: weigh them less.
+            let alpha = if dt > Duration::from_secs(1) {
+                0.2
+            } else {
+                0.3
+            };
+            s.rate = s.rate * (1.0 - alpha) + measured * alpha;
+            s.at = now;
+            s.seen = total;
+        }
+        s.rate.max(self.floor)
+    }
+}
