@@ -239,13 +239,13 @@ impl Admission {
         let ahead = self.queue.tokens_ahead_of(priority) + cost;
         let predicted = Duration::from_secs_f64(ahead as f64 / rate);
         let timeout = self.settings.queue_timeout[priority.index()];
-        let allowed = if self.queue.standing(now) {
-            match priority {
-                Priority::Sheddable => Duration::ZERO,
-                _ => self.settings.queue_target.min(timeout),
-            }
-        } else {
-            timeout
+        // Critical requests wait only behind critical ones, so a standing queue of others
+        // does not shorten their wait; the others may join a standing queue only briefly.
+        let allowed = match priority {
+            Priority::Critical => timeout,
+            Priority::Sheddable if self.queue.standing(now) => Duration::ZERO,
+            _ if self.queue.standing(now) => self.settings.queue_target.min(timeout),
+            _ => timeout,
         };
         let queue_deadline = (now + timeout).min(deadline);
         if predicted > allowed || now + predicted > queue_deadline {

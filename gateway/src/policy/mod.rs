@@ -332,20 +332,21 @@ pub struct AdmissionSettings {
     pub require_api_key: bool,
     /// Priority of requests without a known key (default standard).
     pub default_priority: Priority,
-    /// Longest queue wait by priority (defaults 1 s, 1 s, 250 ms).
+    /// Longest queue wait by priority (defaults 1 s, 1 s, 0: sheddable requests start at
+    /// once or are refused).
     pub queue_timeout: [Duration; 3],
-    /// Longest predicted wait a new request is queued for while a queue stands
-    /// (default 50 ms).
+    /// Longest predicted wait a new standard request is queued for while a queue stands
+    /// (default 30 ms).
     pub queue_target: Duration,
     /// Most requests queued at once (default 1024).
     pub max_queued: usize,
-    /// A shard's starting limit, as time at its capacity (default 1 s).
+    /// A shard's starting limit, as time at its capacity (default 500 ms).
     pub initial_limit: Duration,
     /// The lowest limit, as time at capacity (default 100 ms).
     pub min_limit: Duration,
     /// The highest limit, as time at capacity (default 20 s).
     pub max_limit: Duration,
-    /// TTFT over baseline × this lowers a shard's limit (default 1.5).
+    /// TTFT over baseline × this lowers a shard's limit (default 1.3).
     pub ttft_tolerance: f64,
 }
 
@@ -358,14 +359,14 @@ impl Default for AdmissionSettings {
             queue_timeout: [
                 Duration::from_millis(1000),
                 Duration::from_millis(1000),
-                Duration::from_millis(250),
+                Duration::ZERO,
             ],
-            queue_target: Duration::from_millis(50),
+            queue_target: Duration::from_millis(30),
             max_queued: 1024,
-            initial_limit: Duration::from_millis(1000),
+            initial_limit: Duration::from_millis(500),
             min_limit: Duration::from_millis(100),
             max_limit: Duration::from_millis(20_000),
-            ttft_tolerance: 1.5,
+            ttft_tolerance: 1.3,
         }
     }
 }

@@ -237,22 +237,23 @@ pub struct RawAdmission {
     /// Longest wait in the gateway's queue for critical and standard requests,
     /// milliseconds. Default 1000.
     pub queue_timeout_ms: Option<u64>,
-    /// Longest wait in the queue for sheddable requests, milliseconds. Default 250.
+    /// Longest wait in the queue for sheddable requests, milliseconds. Default 0: they
+    /// start at once or are refused.
     pub sheddable_queue_timeout_ms: Option<u64>,
-    /// Under a standing queue, the longest predicted wait a new request is queued for,
-    /// milliseconds. Default 50.
+    /// Under a standing queue, the longest predicted wait a new standard request is
+    /// queued for, milliseconds. Default 30.
     pub queue_target_ms: Option<u64>,
     /// Most requests queued at once, all priorities together. Default 1024.
     pub max_queued: Option<u32>,
     /// Each shard's starting admission limit: this many milliseconds of its capacity,
-    /// in tokens. Default 1000.
+    /// in tokens. Default 500.
     pub initial_limit_ms: Option<u64>,
     /// The lowest a shard's limit goes, milliseconds of its capacity. Default 100.
     pub min_limit_ms: Option<u64>,
     /// The highest a shard's limit goes, milliseconds of its capacity. Default 20000.
     pub max_limit_ms: Option<u64>,
     /// A time to first token this many times the shard's baseline lowers its limit,
-    /// percent. Default 150.
+    /// percent. Default 130.
     pub ttft_tolerance_percent: Option<u32>,
 }
 

@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Breakwater surge benchmark: a release-week surge against a fleet of known capacity,
+three targets in one run.
+
+Usage:  python3 bench/surge.py [--quick] [--only admission,no-admission,haproxy]
+
+The fleet: four llm-sim engines in two regions (two each), 16 batch slots, 1,000 tokens/s,
+50 ms base TTFT; each streamed request asks for 24 tokens, so an engine finishes about 37
+requests/s and the fleet about 150 (measured: the `capacity` line of the output is the
+fleet's goodput at 20x with admission on, and each target's figures are against it).
+
+Arrivals: open-loop Poisson (bench/loadgen `surge`), stepped like a release week — base
+15 req/s (a tenth of capacity), 2x, 5x, 10x (about capacity), 20x (2x capacity), base
+again — streamed chat completions from three tenants: critical 10 %, standard 60 %,
+sheddable 30 %. A request is *good* when it is answered 200, complete ([DONE], no error
+event) and its first token came within 1 s.
+
+Targets, each against freshly started engines:
+  admission     breakwater serve, admission on (the default policy), tenants by key
+  no-admission  the same with [admission] enabled = false: the negative control
+  haproxy       HAProxy, leastconn, maxconn 16 per server (each engine's slots, told by
+                hand), timeout queue 500 ms, option http-no-delay
+
+Results: bench/out/surge.json and a Markdown table on stdout. Every run is bounded.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+OUT = os.path.join(ROOT, "bench", "out")
+QUICK = "--quick" in sys.argv
+MODEL = "bench-model"
+SLOTS = 16
+CAPACITY_TPS = 1000
+TTFT_MS = 50
+ITL_MS = 12
+MAX_TOKENS = 24
+BASE_RATE = 15
+PHASES = ("base:1:4,2x:2:4,5x:5:4,10x:10:5,20x:20:6,base-again:1:4" if QUICK
+          else "base:1:8,2x:2:8,5x:5:8,10x:10:10,20x:20:10,base-again:1:8")
+ENGINES = [("use-1", "us-east", 19101), ("use-2", "us-east", 19102),
+           ("euw-1", "eu-west", 19201), ("euw-2", "eu-west", 19202)]
+GATEWAY = 19080
+ADMIN = 19091
+TENANTS = [("acme-critical", "critical", 10, "sk-bench-critical"),
+           ("web-standard", "standard", 60, "sk-bench-standard"),
+           ("batch-sheddable", "sheddable", 30, "sk-bench-sheddable")]
+
+
+def sh(cmd, **kw):
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def wait_http(url, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status < 500:
+                    return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def start(cmd, **kw):
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL),
+                            **kw)
+
+
+def stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def engines():
+    procs = []
+    for _, _, port in ENGINES:
+        procs.append(start([os.path.join(REL, "llm-sim"), "--listen", f"127.0.0.1:{port}",
+                            "--control-listen", f"127.0.0.1:{port + 1000}", "--model", MODEL,
+                            "--capacity-tps", str(CAPACITY_TPS), "--slots", str(SLOTS),
+                            "--ttft-ms", str(TTFT_MS), "--itl-ms", str(ITL_MS)]))
+    for _, _, port in ENGINES:
+        wait_http(f"http://127.0.0.1:{port}/health")
+    return procs
+
+
+def policy(directory, admission):
+    text = [f'[gateway]\nhome_region = "us-east"\nlisten = "127.0.0.1:{GATEWAY}"\n'
+            f'admin_listen = "127.0.0.1:{ADMIN}"\n',
+            "[timeouts]\nconnect_ms = 500\nfirst_byte_ms = 10000\nidle_ms = 10000\ntotal_ms = 60000\n",
+            f"[routing]\ndefault_completion_tokens = {MAX_TOKENS}\n",
+            "[health]\nmetrics_interval_ms = 200\n"]
+    if not admission:
+        text.append("[admission]\nenabled = false\n")
+    for region in ("us-east", "eu-west"):
+        text.append(f'[[regions]]\nid = "{region}"\n[[pools]]\nid = "pool-{region}"\n'
+                    f'region = "{region}"\nengine = "vllm"\nmodels = ["{MODEL}"]\n')
+    for sid, region, port in ENGINES:
+        text.append(f'[[shards]]\nid = "{sid}"\npool = "pool-{region}"\n'
+                    f'url = "http://127.0.0.1:{port}"\ncapacity_tps = {CAPACITY_TPS}\n')
+    for tid, prio, _, key in TENANTS:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        text.append(f'[[tenants]]\nid = "{tid}"\napi_key_sha256 = ["{digest}"]\npriority = "{prio}"\n')
+    with open(os.path.join(directory, "policy.toml"), "w") as f:
+        f.write("\n".join(text))
+
+
+def haproxy_conf(path):
+    servers = "\n".join(f"    server {sid} 127.0.0.1:{port} maxconn {SLOTS}"
+                        for sid, _, port in ENGINES)
+    with open(path, "w") as f:
+        f.write(f"""global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode http
+    option http-no-delay
+    timeout connect 500ms
+    timeout client 60s
+    timeout server 60s
+    timeout queue 500ms
+frontend fe
+    bind 127.0.0.1:{GATEWAY}
+    default_backend engines
+backend engines
+    balance leastconn
+{servers}
+""")
+
+
+def surge():
+    tenants = ",".join(f"{t}:{p}:{s}:{k}" for t, p, s, k in TENANTS)
+    cmd = [os.path.join(REL, "surge"), "--url", f"http://127.0.0.1:{GATEWAY}",
+           "--base-rate", str(BASE_RATE), "--phases", PHASES, "--tenants", tenants,
+           "--max-tokens", str(MAX_TOKENS), "--model", MODEL]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout)
+
+
+def refusal_reasons():
+    """The gateway's own count of refusals, by priority and reason."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("breakwater_refused_total{"):
+            labels, value = line.rsplit(" ", 1)
+            fields = dict(kv.split("=", 1) for kv in labels[labels.index("{") + 1:-1].split(","))
+            key = f"{fields['priority'].strip(chr(34))}/{fields['reason'].strip(chr(34))}"
+            counts[key] = counts.get(key, 0) + int(float(value))
+    return counts
+
+
+def run_target(name, tmp):
+    sims = engines()
+    procs = list(sims)
+    try:
+        if name == "haproxy":
+            conf = os.path.join(tmp, "haproxy.cfg")
+            haproxy_conf(conf)
+            procs.append(start(["haproxy", "-f", conf, "-db"]))
+            time.sleep(0.5)
+        else:
+            d = os.path.join(tmp, name)
+            os.makedirs(d, exist_ok=True)
+            policy(d, admission=(name == "admission"))
+            log = open(os.path.join(tmp, f"{name}.log"), "w")
+            env = dict(os.environ, BREAKWATER_ADMIN_TOKEN="bench", RUST_LOG="warn")
+            procs.append(start([os.path.join(REL, "breakwater"), "serve", "--policy", d,
+                                "--threads", "1"], stderr=log, env=env))
+            wait_http(f"http://127.0.0.1:{GATEWAY}/healthz")
+        time.sleep(1.0)
+        result = surge()
+        if name != "haproxy":
+            result["refused_by_reason"] = refusal_reasons()
+            req = urllib.request.Request(f"http://127.0.0.1:{ADMIN}/admin/status",
+                                         headers={"authorization": "Bearer bench"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                status = json.load(r)
+            result["admission_limit_tokens"] = {s["id"]: s["admission_limit_tokens"]
+                                                for s in status["shards"]}
+        return result
+    finally:
+        stop(procs)
+        time.sleep(0.5)
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def table(results):
+    capacity = None
+    adm = results.get("admission")
+    lines = []
+    for name, r in results.items():
+        lines.append(f"\n**{name}**\n")
+        lines.append("| phase | offered | good | good/s | TTFT p50 | TTFT p99 | refused (with Retry-After) "
+                     "| refusal p99 | 5xx | timeouts | cut | critical good |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for p in r["phases"]:
+            crit = next(t for t in p["tenants"] if t["priority"] == "critical")
+            crit_pct = 100.0 * crit["good"] / crit["offered"] if crit["offered"] else None
+            lines.append(
+                f"| {p['phase']} ({p['rate']:.0f}/s) | {p['offered']:,} | {p['good']:,} | "
+                f"{p['good_per_s']:.1f} | {fmt(p['ttft_p50_ms'])} ms | {fmt(p['ttft_p99_ms'])} ms | "
+                f"{p['refused']:,} ({p['refused_with_retry_after']:,}) | {fmt(p['refusal_p99_ms'], 1)} ms | "
+                f"{p['status_5xx'] + p['status_503']} | {p['timeouts']} | {p['cut_streams']} | "
+                f"{fmt(crit_pct, 1)} % |")
+        if "refused_by_reason" in r:
+            lines.append(f"\nrefusals by priority/reason (the gateway's metrics): {r['refused_by_reason']}")
+            lines.append(f"\nlearned admission limits at the end, tokens: {r['admission_limit_tokens']}")
+    return "\n".join(lines)
+
+
+def main():
+    only = None
+    if "--only" in sys.argv:
+        only = sys.argv[sys.argv.index("--only") + 1].split(",")
+    targets = [t for t in ("admission", "no-admission", "haproxy") if only is None or t in only]
+    if "haproxy" in targets and shutil.which("haproxy") is None:
+        sh(["sudo", "apt-get", "install", "-y", "-qq", "haproxy"] if os.geteuid() != 0
+           else ["apt-get", "install", "-y", "-qq", "haproxy"])
+    sh(["cargo", "build", "--release", "-q", "-p", "breakwater", "-p", "llm-sim",
+        "-p", "breakwater-loadgen"], cwd=ROOT)
+    os.makedirs(OUT, exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in targets:
+            results[t] = run_target(t, tmp)
+    with open(os.path.join(OUT, "surge.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"# surge: {PHASES}, base {BASE_RATE} req/s, {MAX_TOKENS} tokens per stream\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
