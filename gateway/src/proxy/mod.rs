@@ -235,18 +235,21 @@ impl Gateway {
         let tenant = ctx
             .tenant
             .map(|t| self.state.admission.tenants().get(t).id.as_str());
-        if let Some(tenant) = tenant {
-            let priority = ctx.priority.as_str();
-            match ctx.refusal {
-                Some(reason) => self.state.metrics.refused(tenant, priority, reason),
-                None if ctx.status != 0 || ctx.attempts > 0 => {
-                    self.state.metrics.admitted(tenant, priority)
+        match (tenant, ctx.refusal) {
+            // Refused before a tenant was known: a missing or unknown key.
+            (None, Some(reason)) => self.state.metrics.refused("unknown", "none", reason),
+            (Some(tenant), refusal) => {
+                let priority = ctx.priority.as_str();
+                match refusal {
+                    Some(reason) => self.state.metrics.refused(tenant, priority, reason),
+                    None if ctx.attempts > 0 => self.state.metrics.admitted(tenant, priority),
+                    None => {}
                 }
-                None => {}
+                if let Some(w) = ctx.queue_wait {
+                    self.state.metrics.queue_wait(priority, w);
+                }
             }
-            if let Some(w) = ctx.queue_wait {
-                self.state.metrics.queue_wait(priority, w);
-            }
+            (None, None) => {}
         }
         tracing::info!(
             target: "access",
