@@ -191,6 +191,11 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
         println!("Admin token: from BREAKWATER_ADMIN_TOKEN");
     }
     println!();
+    println!("Tenants (send the key as Authorization: Bearer KEY; without one a request is the standard 'default' tenant):");
+    for (id, priority, key) in crate::demo::DEMO_KEYS {
+        println!("  {key:<20} {id} ({priority})");
+    }
+    println!();
     println!("Try:");
     println!(
         "  curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \\"
@@ -199,6 +204,12 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
     println!("  curl -s -H 'authorization: Bearer {token}' http://{admin_listen}/admin/status");
     println!("  curl -s -X POST -H 'authorization: Bearer {token}' http://{admin_listen}/admin/shards/use-big/fault -d '{{\"mode\":\"down\"}}'");
     println!("  (fault modes: down, error, slow, hang, midstream, ok, and for the simulated GPU: gpu_degraded, gpu_failing, gpu_hung, gpu_ok)");
+    println!();
+    println!("Surge it (open-loop arrivals from the three tenants, 20 to 400 req/s) and watch refusals and goodput:");
+    println!("  cargo run --release -p breakwater-loadgen --bin surge -- --url http://{listen} --model {model} \\");
+    println!("    --base-rate 20 --phases base:1:5,surge:20:10,base-again:1:5 \\");
+    println!("    --tenants critical:critical:10:sk-demo-critical,standard:standard:60:sk-demo-standard,sheddable:sheddable:30:sk-demo-sheddable");
+    println!("  curl -s http://{admin_listen}/metrics | grep -E 'breakwater_(refused|admitted)_total|queue_depth'");
     println!();
     println!("Ctrl-C stops everything.");
     serve(ServeOptions {

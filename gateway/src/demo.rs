@@ -26,6 +26,10 @@ pub fn policy_sources() -> Vec<(String, String)> {
             include_str!("../../policies/demo/gateway.toml"),
         ),
         (
+            "tenants.toml",
+            include_str!("../../policies/demo/tenants.toml"),
+        ),
+        (
             "us-east.toml",
             include_str!("../../policies/demo/us-east.toml"),
         ),
@@ -34,6 +38,14 @@ pub fn policy_sources() -> Vec<(String, String)> {
     .map(|(n, t)| (n.to_string(), t.to_string()))
     .collect()
 }
+
+/// The demo tenants' keys, as (tenant, priority, key): public, printed by the demo, and
+/// listed in `policies/demo/tenants.toml` only as digests.
+pub const DEMO_KEYS: [(&str, &str, &str); 3] = [
+    ("demo-critical", "critical", "sk-demo-critical"),
+    ("demo-standard", "standard", "sk-demo-standard"),
+    ("demo-sheddable", "sheddable", "sk-demo-sheddable"),
+];
 
 /// The compiled demo policy.
 pub fn policy() -> Result<Policy, PolicyError> {
@@ -220,5 +232,13 @@ mod tests {
         let caps: std::collections::HashSet<u64> =
             p.shards.iter().map(|s| s.capacity_tps as u64).collect();
         assert_eq!(caps.len(), p.shards.len(), "capacities differ");
+        // Every printed key belongs to the tenant it is printed for.
+        let tenants = crate::admission::tenant::Tenants::new(&p.tenants, &p.admission);
+        for (id, priority, key) in super::DEMO_KEYS {
+            let mut h = http::HeaderMap::new();
+            h.insert("authorization", format!("Bearer {key}").parse().unwrap());
+            let t = tenants.get(tenants.identify(&h).unwrap());
+            assert_eq!((t.id.as_str(), t.priority.as_str()), (id, priority));
+        }
     }
 }

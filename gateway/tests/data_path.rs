@@ -135,12 +135,15 @@ async fn the_first_event_reaches_the_client_while_the_shard_is_still_generating(
         "the shard finished before the client saw a byte"
     );
     assert_eq!(s.running, 1);
-    let mut rest = 0;
+    let mut rest = Vec::new();
     while let Some(chunk) = stream.next().await {
-        rest += chunk.unwrap().len();
+        rest.extend_from_slice(&chunk.unwrap());
     }
     let total = started.elapsed();
-    assert!(rest > 0);
+    // The rest of the stream arrived after the first event: more token events, the end.
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.matches("data: {").count() >= 1, "{rest}");
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
     assert!(
         first_at * 4 < total,
         "first event at {first_at:?} of {total:?}"

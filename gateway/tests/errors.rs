@@ -38,7 +38,23 @@ fn assert_openai_error(body: &Value, code: &str) {
         e["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{body}"
     );
-    assert!(e["type"].as_str().is_some(), "{body}");
+    // The `type` OpenAI clients switch on, for each code the gateway answers.
+    let kind = match code {
+        "invalid_request"
+        | "model_not_found"
+        | "request_too_large"
+        | "not_found"
+        | "method_not_allowed"
+        | "context_length_exceeded" => "invalid_request_error",
+        "invalid_api_key" => "authentication_error",
+        "rate_limit_exceeded" | "server_overloaded" | "overloaded" => "rate_limit_error",
+        "no_shard_available" | "upstream_error" | "upstream_timeout" | "gateway_overloaded" => {
+            "server_error"
+        }
+        other => panic!("no expected type for code {other}"),
+    };
+    assert_eq!(e["type"], kind, "{body}");
+    assert!(e.get("param").is_some(), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -135,9 +135,26 @@ async fn the_ledger_returns_to_zero_after_successes_failures_and_aborts_under_lo
             }
         }));
     }
+    // While they run, the ledger holds their tokens (a gateway that charged nothing would
+    // pass the end check alone).
+    let mut peak = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        peak = peak.max(gw.inflight_tokens().await);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     for t in tasks {
         t.await.unwrap();
     }
+    assert!(peak > 0, "nothing was ever charged");
+    let dispatched: u64 = gw.status().await["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["dispatched_requests_total"].as_u64().unwrap())
+        .sum();
+    // Every request that reached the gateway was charged once per attempt; the ones given
+    // up after 15 ms may not have arrived.
+    assert!(dispatched >= 32, "{dispatched} charges for 40 requests");
     assert_eq!(gw.wait_ledger_zero().await, 0);
 }
 

@@ -353,8 +353,24 @@ mod tests {
             (ShardState::Healthy, ShardState::Ejected)
         );
         assert_eq!(events[0].shard, "s0");
-        // Out-of-range shards are ignored, not a panic.
+        // Out-of-range shards are ignored, not a panic (and not a drop).
         m.report(9, fail());
         assert_eq!(m.dropped_signals(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn signals_past_a_full_queue_are_dropped_and_counted() {
+        // On a current-thread runtime the owner task cannot run until this test yields,
+        // so the channel fills: every failure past its capacity is dropped, never waited on.
+        let m = HealthMonitor::spawn(shards(1), HealthConfig::default(), |_| {});
+        let extra = 25;
+        for _ in 0..CHANNEL_CAPACITY + extra {
+            m.report(0, fail());
+        }
+        assert_eq!(m.dropped_signals(), extra as u64);
+        // Once the owner has drained the queue, signals flow again.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m.report(0, fail());
+        assert_eq!(m.dropped_signals(), extra as u64);
     }
 }

@@ -200,10 +200,23 @@ mod tests {
     #[test]
     fn backoff_doubles_and_is_capped() {
         let budget = RetryBudget::new(RetrySettings::default());
-        for _ in 0..100 {
-            assert!(budget.backoff(1) <= Duration::from_millis(25));
-            assert!(budget.backoff(3) <= Duration::from_millis(100));
-            assert!(budget.backoff(10) <= Duration::from_millis(250));
+        // Full jitter over 25 ms, 100 ms (25 × 2²) and the 250 ms cap: every draw within
+        // its ceiling, and the largest of many draws close to it (so neither zero nor a
+        // ceiling that stopped doubling passes).
+        for (retry, ceiling) in [(1, 25), (3, 100), (10, 250)] {
+            let draws: Vec<Duration> = (0..400).map(|_| budget.backoff(retry)).collect();
+            let ceiling = Duration::from_millis(ceiling);
+            assert!(draws.iter().all(|d| *d <= ceiling), "retry {retry}");
+            let max = draws.iter().max().copied().unwrap_or_default();
+            assert!(
+                max >= ceiling * 9 / 10,
+                "retry {retry}: largest draw {max:?}"
+            );
+            let mean = draws.iter().sum::<Duration>() / draws.len() as u32;
+            assert!(
+                mean >= ceiling * 2 / 5 && mean <= ceiling * 3 / 5,
+                "retry {retry}: mean {mean:?} is not that of a uniform draw"
+            );
         }
     }
 }
