@@ -6,8 +6,8 @@ Usage:  python3 bench/surge.py [--quick] [--only admission,no-admission,haproxy]
 
 The fleet: four llm-sim engines in two regions (two each), 16 batch slots, 1,000 tokens/s,
 50 ms base TTFT; each streamed request asks for 24 tokens, so an engine finishes about 37
-requests/s and the fleet about 150 (measured: the `capacity` line of the output is the
-fleet's goodput at 20x with admission on, and each target's figures are against it).
+requests/s and the fleet about 147 (16 slots / (50 ms + 24 x 16 ms), computed; HAProxy,
+told the slots, comes close to it at 10x).
 
 Arrivals: open-loop Poisson (bench/loadgen `surge`), stepped like a release week — base
 15 req/s (a tenth of capacity), 2x, 5x, 10x (about capacity), 20x (2x capacity), base

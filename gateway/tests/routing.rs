@@ -53,11 +53,14 @@ async fn a_shard_with_twice_the_capacity_gets_about_twice_the_tokens() {
     );
     let ratio = b as f64 / s.max(1) as f64;
     eprintln!("big {b} tokens, small {s} tokens, ratio {ratio:.2}, {total} requests");
-    // Tolerance: ±25 % around the capacity ratio of 2.
-    assert!(
-        (1.5..=2.5).contains(&ratio),
-        "big {b}, small {s}, ratio {ratio:.2} over {total} requests"
-    );
+    // Tolerance: ±25 % around the capacity ratio of 2. (On failure, the shards' state
+    // transitions say whether one was ejected and slow-starting meanwhile.)
+    if !(1.5..=2.5).contains(&ratio) {
+        panic!(
+            "big {b}, small {s}, ratio {ratio:.2} over {total} requests; events {}",
+            gw.events().await
+        );
+    }
     assert!(total > 100, "{total}");
     assert_eq!(gw.wait_ledger_zero().await, 0);
 }

@@ -184,15 +184,15 @@ impl Admission {
         }
     }
 
-    /// Places a request on a shard with room for it, skipping `tried`; `None` when none
-    /// has room. With admission off, any shard routing would pick counts as having room.
-    pub fn place(self: &Arc<Self>, route: &ModelRoute, cost: u64, tried: &[usize]) -> Option<Slot> {
+    /// Places a request's first attempt on a shard with room for it; `None` when none has
+    /// room. With admission off, any shard routing would pick counts as having room.
+    pub fn place(self: &Arc<Self>, route: &ModelRoute, cost: u64) -> Option<Slot> {
         let rng = &mut rand::thread_rng();
         let shard = if self.settings.enabled {
             self.router
-                .pick_fitting(route, tried, |i, h| self.fits(i, cost, h), rng)?
+                .pick_fitting(route, &[], |i, h| self.fits(i, cost, h), rng)?
         } else {
-            self.router.pick(route, tried, rng)?
+            self.router.pick(route, &[], rng)?
         };
         Some(self.charge(shard, cost))
     }
@@ -223,7 +223,7 @@ impl Admission {
 
     /// Queues a request that could not be placed, or refuses it at once when its
     /// predicted wait exceeds what it may wait (see the module's rule). `deadline` is the
-    /// request's own.
+    /// request's own. Only for admission that is enabled: with it off nothing waits.
     pub fn enqueue<'a>(
         self: &'a Arc<Self>,
         route: &ModelRoute,
@@ -231,9 +231,6 @@ impl Admission {
         cost: u64,
         deadline: Instant,
     ) -> Result<(Ticket<'a, Slot>, Instant), GatewayError> {
-        if !self.settings.enabled {
-            return Err(GatewayError::NoShard(String::new()));
-        }
         let now = Instant::now();
         let rate = self.drain.rate();
         let ahead = self.queue.tokens_ahead_of(priority) + cost;
@@ -262,16 +259,13 @@ impl Admission {
 
     fn place_queued(self: &Arc<Self>, model: usize, cost: u64) -> Option<Slot> {
         let route = self.router.route_by_index(model)?;
-        self.place(route, cost, &[])
+        self.place(route, cost)
     }
 
-    /// Offers room to the queue now, for room that appeared without a request ending
-    /// (health or engine readings changed).
-    pub fn recheck(self: &Arc<Self>) {
-        self.dispatch();
-    }
-
-    fn dispatch(self: &Arc<Self>) {
+    /// Offers the room there is now to the queue: run when a slot is released, and by
+    /// waiters now and then for room that appears without one (health or engine readings
+    /// changed).
+    pub fn dispatch(self: &Arc<Self>) {
         self.queue.dispatch(|m, c| self.place_queued(m, c));
     }
 

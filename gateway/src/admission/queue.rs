@@ -34,7 +34,6 @@ struct Waiter<G> {
     model: usize,
     cost: u64,
     deadline: Instant,
-    enqueued: Instant,
     tx: oneshot::Sender<Outcome<G>>,
 }
 
@@ -170,7 +169,6 @@ impl<G> WaitQueue<G> {
             model,
             cost,
             deadline,
-            enqueued: now,
             tx,
         });
         self.waiting[band].fetch_add(1, Ordering::Relaxed);
@@ -288,17 +286,6 @@ impl<G> WaitQueue<G> {
         if let Some(i) = inner.bands[band].iter().position(|w| w.id == id) {
             drop(self.take(&mut inner, band, i));
         }
-    }
-
-    /// How long the oldest waiter has waited.
-    pub fn oldest_wait(&self, now: Instant) -> Duration {
-        let inner = self.lock();
-        inner
-            .bands
-            .iter()
-            .filter_map(|b| b.front().map(|w| now.saturating_duration_since(w.enqueued)))
-            .max()
-            .unwrap_or_default()
     }
 }
 

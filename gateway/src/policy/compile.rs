@@ -629,30 +629,23 @@ impl Compiler {
             v.map(|v| Duration::from_millis(c.bounded(f, key, v, min, 3_600_000)))
                 .unwrap_or(d)
         };
-        let [crit, std, shed] = a.queue_timeout;
+        let [_, standard, sheddable] = a.queue_timeout;
+        // One key for the critical and standard bands (their defaults are equal).
         let queue = ms(
             self,
             "admission.queue_timeout_ms",
             raw.queue_timeout_ms,
             0,
-            std,
+            standard,
         );
         let shed = ms(
             self,
             "admission.sheddable_queue_timeout_ms",
             raw.sheddable_queue_timeout_ms,
             0,
-            shed,
+            sheddable,
         );
-        a.queue_timeout = [
-            if raw.queue_timeout_ms.is_some() {
-                queue
-            } else {
-                crit
-            },
-            queue,
-            shed,
-        ];
+        a.queue_timeout = [queue, queue, shed];
         a.queue_target = ms(
             self,
             "admission.queue_target_ms",

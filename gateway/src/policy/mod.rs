@@ -690,6 +690,121 @@ models = ["llama"]
     }
 
     #[test]
+    fn tenants_and_admission_compile_with_defaults() {
+        let digest = "a".repeat(64);
+        let text = format!(
+            "{BASE}\n[admission]\nrequire_api_key = true\nqueue_timeout_ms = 400\n\n\
+             [[tenants]]\nid = \"acme\"\napi_key_sha256 = [\"{digest}\"]\npriority = \"critical\"\nrpm = 60\ntimeout_ms = 5000\n\n\
+             [[tenants]]\nid = \"batch\"\n"
+        );
+        let p = one(&text).unwrap();
+        assert!(p.admission.enabled && p.admission.require_api_key);
+        assert_eq!(
+            p.admission.queue_timeout,
+            [
+                Duration::from_millis(400),
+                Duration::from_millis(400),
+                Duration::ZERO
+            ]
+        );
+        assert_eq!(p.tenants.len(), 2);
+        let acme = &p.tenants[0];
+        assert_eq!(
+            (acme.priority, acme.rpm, acme.tpm),
+            (Priority::Critical, Some(60), None)
+        );
+        assert_eq!(acme.key_digests, vec![[0xaa; 32]]);
+        assert_eq!(acme.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(p.tenants[1].priority, Priority::Standard);
+        let defaults = one(BASE).unwrap();
+        assert_eq!(defaults.admission, AdmissionSettings::default());
+        assert!(defaults.tenants.is_empty());
+    }
+
+    #[test]
+    fn bad_tenants_and_admission_settings_name_file_and_key() {
+        let tenant = |body: &str| format!("{BASE}\n[[tenants]]\nid = \"t\"\n{body}\n");
+        let good = "b".repeat(64);
+        for (text, key, needle) in [
+            (
+                tenant("api_key_sha256 = [\"sk-raw-key\"]"),
+                "tenants[0].api_key_sha256[0]",
+                "never the key itself",
+            ),
+            (
+                tenant(&format!("api_key_sha256 = [\"{}\"]", "B".repeat(64))),
+                "tenants[0].api_key_sha256[0]",
+                "lowercase hex",
+            ),
+            (
+                tenant(&format!("api_key_sha256 = [\"{}\"]", "b".repeat(63))),
+                "tenants[0].api_key_sha256[0]",
+                "64",
+            ),
+            (
+                tenant(&format!("api_key_sha256 = [\"{good}\", \"{good}\"]")),
+                "tenants[0].api_key_sha256[1]",
+                "already belongs",
+            ),
+            (
+                tenant("priority = \"urgent\""),
+                "tenants[0].priority",
+                "unknown priority",
+            ),
+            (tenant("rpm = 0"), "tenants[0].rpm", "must be within"),
+            (
+                format!("{BASE}\n[[tenants]]\nid = \"t\"\n[[tenants]]\nid = \"t\"\n"),
+                "tenants[1].id",
+                "duplicate tenant id",
+            ),
+            (
+                format!("{BASE}\n[admission]\nrequire_api_key = true\n"),
+                "admission.require_api_key",
+                "no [[tenants]] entry",
+            ),
+            (
+                format!("{BASE}\n[admission]\ndefault_priority = \"low\"\n"),
+                "admission.default_priority",
+                "unknown priority",
+            ),
+            (
+                format!("{BASE}\n[admission]\nmin_limit_ms = 900\n"),
+                "admission.initial_limit_ms",
+                "must hold",
+            ),
+            (
+                format!("{BASE}\n[admission]\nttft_tolerance_percent = 100\n"),
+                "admission.ttft_tolerance_percent",
+                "must be within",
+            ),
+            (
+                format!("{BASE}\n[admission]\nqueue_timout_ms = 5\n"),
+                "",
+                "queue_timout_ms",
+            ),
+            (
+                BASE.replace(
+                    "models = [\"llama\"]",
+                    "models = [\"llama\"]\ncontext_window = 8",
+                ),
+                "pools[0].context_window",
+                "must be within",
+            ),
+            (
+                format!("{BASE}\n[routing]\nprefill_speedup = 0\n"),
+                "routing.prefill_speedup",
+                "must be within",
+            ),
+        ] {
+            let i = issues(one(&text));
+            assert!(
+                i.iter().any(|s| s.contains(key) && s.contains(needle)),
+                "{key} / {needle}: {i:?}"
+            );
+        }
+    }
+
+    #[test]
     fn one_pool_per_model_and_region() {
         let text =
             format!("{BASE}\n[[pools]]\nid = \"p2\"\nregion = \"east\"\nmodels = [\"llama\"]\n");

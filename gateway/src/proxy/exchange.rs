@@ -221,7 +221,7 @@ async fn admit(
     let admission = &state.admission;
     let cost = r.cost.total();
     if !admission.must_queue(ctx.priority) {
-        if let Some(slot) = admission.place(r.route, cost, &[]) {
+        if let Some(slot) = admission.place(r.route, cost) {
             return Ok(Some(slot));
         }
     }
@@ -239,7 +239,7 @@ async fn admit(
             _ = client_gone(session) => return Ok(None),
             // Room can also come from outside the gateway's own ledger (an engine's queue
             // draining, a shard coming back): look again now and then.
-            _ = tokio::time::sleep(RECHECK_QUEUE) => admission.recheck(),
+            _ = tokio::time::sleep(RECHECK_QUEUE) => admission.dispatch(),
         }
     };
     ctx.queue_wait = Some(ticket.enqueued.elapsed());
