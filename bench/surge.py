@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -145,14 +146,48 @@ backend engines
 """)
 
 
+def sample_engines(samples, stop):
+    """Every 250 ms, the requests running and waiting on all engines together (llm-sim's
+    control `/stats`), with the time since the surge started."""
+    start = time.time()
+    while not stop.is_set():
+        running = waiting = 0
+        for _, _, port in ENGINES:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port + 1000}/stats", timeout=1) as r:
+                    st = json.load(r)
+                running += st["running"]
+                waiting += st["waiting"]
+            except Exception:
+                pass
+        samples.append((time.time() - start, running, waiting))
+        stop.wait(0.25)
+
+
 def surge():
     tenants = ",".join(f"{t}:{p}:{s}:{k}" for t, p, s, k in TENANTS)
     cmd = [os.path.join(REL, "surge"), "--url", f"http://127.0.0.1:{GATEWAY}",
            "--base-rate", str(BASE_RATE), "--phases", PHASES, "--tenants", tenants,
            "--max-tokens", str(MAX_TOKENS), "--model", MODEL]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
-    return json.loads(out.stdout)
+    samples, stop = [], threading.Event()
+    sampler = threading.Thread(target=sample_engines, args=(samples, stop), daemon=True)
+    sampler.start()
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    finally:
+        stop.set()
+        sampler.join()
+    result = json.loads(out.stdout)
+    # The engines' batch use per phase (phases run back to back from the start).
+    at = 0.0
+    for phase in result["phases"]:
+        inside = [s for s in samples if at <= s[0] < at + phase["seconds"]]
+        at += phase["seconds"]
+        if inside:
+            phase["engines_running_mean"] = sum(s[1] for s in inside) / len(inside)
+            phase["engines_waiting_mean"] = sum(s[2] for s in inside) / len(inside)
+    return result
 
 
 def refusal_reasons():
@@ -216,8 +251,8 @@ def table(results):
     for name, r in results.items():
         lines.append(f"\n**{name}**\n")
         lines.append("| phase | offered | good | good/s | TTFT p50 | TTFT p99 | refused (with Retry-After) "
-                     "| refusal p99 | 5xx | timeouts | cut | critical good |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     f"| refusal p99 | 5xx | timeouts | cut | critical good | engines: running (of {SLOTS * len(ENGINES)}), waiting |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for p in r["phases"]:
             crit = next(t for t in p["tenants"] if t["priority"] == "critical")
             crit_pct = 100.0 * crit["good"] / crit["offered"] if crit["offered"] else None
@@ -226,7 +261,8 @@ def table(results):
                 f"{p['good_per_s']:.1f} | {fmt(p['ttft_p50_ms'])} ms | {fmt(p['ttft_p99_ms'])} ms | "
                 f"{p['refused']:,} ({p['refused_with_retry_after']:,}) | {fmt(p['refusal_p99_ms'], 1)} ms | "
                 f"{p['status_5xx'] + p['status_503']} | {p['timeouts']} | {p['cut_streams']} | "
-                f"{fmt(crit_pct, 1)} % |")
+                f"{fmt(crit_pct, 1)} % | {fmt(p.get('engines_running_mean'), 1)}, "
+                f"{fmt(p.get('engines_waiting_mean'), 1)} |")
         if "refused_by_reason" in r:
             lines.append(f"\nrefusals by priority/reason (the gateway's metrics): {r['refused_by_reason']}")
             lines.append(f"\nlearned admission limits at the end, tokens: {r['admission_limit_tokens']}")
