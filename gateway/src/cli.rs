@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::policy::revision::Revision;
 use crate::policy::{self, PolicyError};
 use crate::server::{self, ServeOptions};
 
@@ -111,8 +112,12 @@ pub fn main() -> ExitCode {
             threads,
         } => {
             init_logging(cli.log_json);
-            let policy = match policy::load_dir(&dir) {
-                Ok(p) => p,
+            let loaded = policy::read_sources(&dir).and_then(|sources| {
+                let p = policy::from_sources(&sources)?;
+                Ok((p, Revision::of(Some(&dir), &sources)))
+            });
+            let (policy, revision) = match loaded {
+                Ok(ok) => ok,
                 Err(e) => {
                     print_policy_error(&e);
                     return ExitCode::FAILURE;
@@ -121,6 +126,8 @@ pub fn main() -> ExitCode {
             let (admin_token, _) = admin_token(false);
             serve(ServeOptions {
                 policy,
+                policy_dir: Some(dir),
+                revision,
                 listen,
                 admin_listen,
                 admin_token,
@@ -212,8 +219,11 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
     println!("  curl -s http://{admin_listen}/metrics | grep -E 'breakwater_(refused|admitted)_total|queue_depth'");
     println!();
     println!("Ctrl-C stops everything.");
+    let revision = Revision::of(None, &crate::demo::policy_sources());
     serve(ServeOptions {
         policy,
+        policy_dir: None,
+        revision,
         listen: Some(listen),
         admin_listen: Some(admin_listen),
         admin_token: token,

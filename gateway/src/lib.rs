@@ -20,5 +20,7 @@ pub mod demo;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod table;

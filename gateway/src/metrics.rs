@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use breakwater_health::{HealthMonitor, ShardState};
+use breakwater_health::ShardState;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -10,7 +10,7 @@ use prometheus::{
 
 use crate::admission::Admission;
 use crate::policy::Priority;
-use crate::routing::Router;
+use crate::table::Table;
 
 /// The gateway's metrics, registered in their own registry.
 pub struct Metrics {
@@ -30,6 +30,9 @@ pub struct Metrics {
     queue_wait_seconds: HistogramVec,
     queue_depth: IntGaugeVec,
     shard_admission_limit_tokens: IntGaugeVec,
+    shard_drained: IntGaugeVec,
+    policy_reloads_total: IntCounterVec,
+    policy_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -128,6 +131,30 @@ impl Metrics {
             ),
             &["shard", "region", "pool"],
         )?;
+        let shard_drained = IntGaugeVec::new(
+            Opts::new(
+                "shard_drained",
+                "1 while an operator has drained the shard.",
+            ),
+            &["shard"],
+        )?;
+        let policy_reloads_total = IntCounterVec::new(
+            Opts::new(
+                "policy_reloads_total",
+                "Policy reloads by trigger (watch, signal, admin) and result (applied, unchanged, rejected).",
+            ),
+            &["trigger", "result"],
+        )?;
+        let policy_info = IntGaugeVec::new(
+            Opts::new(
+                "policy_info",
+                "1 for the policy revision in force (its Git commit, or sha256: and a content hash).",
+            ),
+            &["revision"],
+        )?;
+        registry.register(Box::new(shard_drained.clone()))?;
+        registry.register(Box::new(policy_reloads_total.clone()))?;
+        registry.register(Box::new(policy_info.clone()))?;
         registry.register(Box::new(admitted_total.clone()))?;
         registry.register(Box::new(refused_total.clone()))?;
         registry.register(Box::new(queue_wait_seconds.clone()))?;
@@ -160,7 +187,25 @@ impl Metrics {
             queue_wait_seconds,
             queue_depth,
             shard_admission_limit_tokens,
+            shard_drained,
+            policy_reloads_total,
+            policy_info,
         })
+    }
+
+    /// Records a reload attempt.
+    pub fn reload(&self, trigger: &str, result: &str) {
+        self.policy_reloads_total
+            .with_label_values(&[trigger, result])
+            .inc();
+    }
+
+    /// The revision in force is `revision` (replacing `previous`).
+    pub fn policy_revision(&self, revision: &str, previous: Option<&str>) {
+        if let Some(p) = previous.filter(|p| *p != revision) {
+            let _ = self.policy_info.remove_label_values(&[p]);
+        }
+        self.policy_info.with_label_values(&[revision]).set(1);
     }
 
     /// Records a request admission let through.
@@ -215,7 +260,9 @@ impl Metrics {
 
     /// The text exposition, with per-shard gauges read from the ledger and the health
     /// snapshot now.
-    pub fn render(&self, router: &Router, health: &HealthMonitor, admission: &Admission) -> String {
+    pub fn render(&self, table: &Table, admission: &Admission) -> String {
+        let router = &table.router;
+        let health = router.monitor();
         let view = router.health();
         for (p, depth) in Priority::ALL.iter().zip(admission.queue_depths()) {
             self.queue_depth
@@ -226,8 +273,19 @@ impl Metrics {
             .set(health.transitions_total() as i64);
         self.health_dropped_signals_total
             .set(health.dropped_signals() as i64);
-        for (i, s) in router.shards().iter().enumerate() {
-            let h = view.get(i);
+        // Shards a reload removed must not linger as stale series.
+        for gauge in [
+            &self.shard_state,
+            &self.shard_ejections,
+            &self.shard_drained,
+            &self.shard_admission_limit_tokens,
+            &self.shard_inflight_tokens,
+            &self.shard_inflight_requests,
+        ] {
+            gauge.reset();
+        }
+        for s in router.shards() {
+            let h = view.get(s.key);
             for state in [
                 ShardState::Healthy,
                 ShardState::Degraded,
@@ -241,12 +299,13 @@ impl Metrics {
             self.shard_ejections
                 .with_label_values(&[s.id.as_str()])
                 .set(i64::from(h.ejection_count));
-        }
-        for (i, s) in router.shards().iter().enumerate() {
+            self.shard_drained
+                .with_label_values(&[s.id.as_str()])
+                .set(i64::from(s.is_drained()));
             let labels = [s.id.as_str(), s.region.as_str(), s.pool.as_str()];
             self.shard_admission_limit_tokens
                 .with_label_values(&labels)
-                .set(admission.limit_tokens(i) as i64);
+                .set(s.limit.tokens() as i64);
             self.shard_inflight_tokens
                 .with_label_values(&labels)
                 .set(s.load.inflight_tokens() as i64);

@@ -1,9 +1,14 @@
 //! Assembles the gateway from a policy and runs it on Pingora: the traffic listener (the
-//! proxy) and the admin listener, each a Pingora service.
+//! proxy) and the admin listener, each a Pingora service; the health thread; the policy
+//! reload triggers (the directory watch and `SIGHUP`; the admin API has the third); and
+//! the graceful shutdown.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use pingora::listeners::TcpSocketOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -12,22 +17,26 @@ use pingora::services::listening::Service;
 use crate::admin::Admin;
 use crate::demo::FaultControls;
 use crate::metrics::Metrics;
+use crate::policy::revision::Revision;
 use crate::policy::Policy;
-use breakwater_health::check::{spawn_checks, CheckTarget};
-use breakwater_health::engine::{spawn_scrapes, EngineMetrics, ScrapeTarget};
-use breakwater_health::gpu::{spawn_gpu_polls, GpuTarget};
-use breakwater_health::{HealthMonitor, ShardInfo};
+use crate::reload::{HealthUpdates, Reloader, Retuned, Trigger};
+use crate::routing::Fleet;
+use crate::table::Tables;
+use breakwater_health::{HealthMonitor, HealthView, Probes};
 
 use crate::proxy::budget::BodyBudget;
 use crate::proxy::retry::RetryBudget;
-use crate::proxy::upstream::UpstreamClient;
-use crate::proxy::{Gateway, State};
-use crate::routing::Router;
+use crate::proxy::{Gateway, Lifecycle, State};
 
 /// How to run one gateway process.
 pub struct ServeOptions {
     /// The validated policy.
     pub policy: Policy,
+    /// The directory it was read from, which reloads read again (`None`: a built-in
+    /// policy, which cannot be reloaded).
+    pub policy_dir: Option<PathBuf>,
+    /// The policy's revision.
+    pub revision: Revision,
     /// Traffic listener (overrides the policy's).
     pub listen: Option<SocketAddr>,
     /// Admin listener (overrides the policy's).
@@ -49,6 +58,9 @@ pub enum ServeError {
     /// The health monitor's thread or runtime could not start.
     #[error("starting the health monitor: {0}")]
     Health(#[source] std::io::Error),
+    /// The policy directory cannot be watched.
+    #[error(transparent)]
+    Watch(#[from] crate::policy::watch::WatchError),
     /// The traffic address is taken (or cannot be bound).
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -60,98 +72,79 @@ pub enum ServeError {
     },
 }
 
-/// Starts the health monitor and the active checks on their own thread and runtime (they
-/// must not depend on the traffic runtimes' load), publishing into `router`.
-fn start_health(policy: &Policy, router: Arc<Router>) -> Result<HealthMonitor, ServeError> {
-    let shards: Vec<ShardInfo> = policy
-        .shards
-        .iter()
-        .map(|s| ShardInfo {
-            id: s.id.clone(),
-            pool: s.pool.clone(),
-        })
-        .collect();
-    let targets: Vec<CheckTarget> = policy
-        .shards
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let path = policy
-                .pools
-                .iter()
-                .find(|p| p.id == s.pool)
-                .map_or("/health", |p| p.health_path.as_str());
-            CheckTarget {
-                shard: i,
-                url: format!("{}{}", s.url.as_str().trim_end_matches('/'), path),
-            }
-        })
-        .collect();
-    let gpu_targets: Vec<GpuTarget> = policy
-        .shards
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| {
-            s.gpu_probe.as_ref().map(|probe| GpuTarget {
-                shard: i,
-                probe: probe.as_str().trim_end_matches('/').to_string(),
-                devices: s.gpu_devices.clone(),
-            })
-        })
-        .collect();
-    let scrape_targets: Vec<ScrapeTarget> = policy
-        .shards
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| {
-            let pool = policy.pools.iter().find(|p| p.id == s.pool)?;
-            let kind = serde_json::to_value(pool.engine).ok()?;
-            Some(ScrapeTarget {
-                shard: i,
-                url: format!(
-                    "{}{}",
-                    s.url.as_str().trim_end_matches('/'),
-                    pool.metrics_path
-                ),
-                engine: EngineMetrics::for_engine(kind.as_str()?),
-            })
-        })
-        .collect();
-    let cfg = policy.health.clone();
+/// The health thread: its own single-threaded runtime (health must not depend on the
+/// traffic runtimes' load) running the monitor, the probes and the `SIGHUP` watch.
+struct HealthThread {
+    monitor: HealthMonitor,
+    runtime: tokio::runtime::Handle,
+    updates: HealthUpdates,
+}
+
+/// Starts the health thread. The monitor publishes into `cell`; the probes start once
+/// `initial` arrives on the returned thread's update channel.
+fn start_health(
+    policy: &Policy,
+    cell: Arc<ArcSwap<HealthView>>,
+) -> Result<HealthThread, ServeError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ServeError::Health)?;
-    let (tx, rx) = std::sync::mpsc::channel();
+    let monitor = {
+        let _inside = runtime.enter();
+        HealthMonitor::spawn(Vec::new(), policy.health.clone(), move |view| {
+            cell.store(Arc::new(view))
+        })
+    };
+    let (updates, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = runtime.handle().clone();
+    let for_probes = monitor.clone();
     std::thread::Builder::new()
         .name("health".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let monitor = HealthMonitor::spawn(shards, cfg.clone(), move |view| {
-                    router.publish_health(view)
-                });
-                spawn_checks(targets, &cfg, monitor.clone());
-                spawn_gpu_polls(gpu_targets, &cfg, monitor.clone());
-                spawn_scrapes(
-                    scrape_targets,
-                    cfg.metrics_interval,
-                    cfg.metrics_timeout,
-                    cfg.silent_death,
-                    monitor.clone(),
-                );
-                let _ = tx.send(monitor);
-                std::future::pending::<()>().await
+                // The first update is the fleet the gateway starts with.
+                let Some((initial, cfg)) = rx.recv().await else {
+                    return;
+                };
+                let mut probes = Probes::start(for_probes, initial, cfg);
+                while let Some((shards, cfg)) = rx.recv().await {
+                    probes.apply(shards, cfg);
+                }
             })
         })
         .map_err(ServeError::Health)?;
-    rx.recv()
-        .map_err(|_| ServeError::Health(std::io::Error::other("the health thread exited")))
+    Ok(HealthThread {
+        monitor,
+        runtime: handle,
+        updates,
+    })
 }
 
+/// Reloads on `SIGHUP`.
+fn reload_on_sighup(runtime: &tokio::runtime::Handle, reloader: Arc<Reloader>) {
+    runtime.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!(error = %e, "cannot watch SIGHUP"),
+        };
+        while hup.recv().await.is_some() {
+            let r = Arc::clone(&reloader);
+            let _ = tokio::task::spawn_blocking(move || r.reload(Trigger::Signal)).await;
+        }
+    });
+}
+
+/// How often the policy directory is read even without a change event.
+const POLICY_POLL: Duration = Duration::from_secs(10);
+/// Quiet after a change event before the directory is read.
+const POLICY_DEBOUNCE: Duration = Duration::from_millis(200);
+
 /// Builds the services and serves until the process gets SIGINT or SIGTERM (both stop it
-/// gracefully). Does not return on success.
+/// gracefully; see [`StopSignal`]). Does not return on success.
 pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
-    let policy = Arc::new(opts.policy);
+    let policy = opts.policy;
     let listen = opts.listen.unwrap_or(policy.listen);
     let admin_listen = opts.admin_listen.unwrap_or(policy.admin_listen);
     // The workers' listeners share the port through SO_REUSEPORT, which would also let a
@@ -161,32 +154,62 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         addr: listen,
         source,
     })?;
-    let router = Arc::new(Router::new(&policy));
     let metrics = Arc::new(Metrics::try_new()?);
-    let health = start_health(&policy, Arc::clone(&router))?;
-    let admission = crate::admission::Admission::new(&policy, Arc::clone(&router));
+    let cell = Arc::new(ArcSwap::from_pointee(HealthView::default()));
+    let health = start_health(&policy, Arc::clone(&cell))?;
+    let fleet = Fleet::new(health.monitor.clone(), cell);
+    let (max_buffered, retries) = (policy.limits.max_buffered_bytes, policy.retries.clone());
+    let tables = Tables::new(policy, opts.revision.label(), fleet);
+    {
+        let table = tables.peek();
+        let _ = health
+            .updates
+            .send((table.probes(), table.policy.health.clone()));
+    }
+    let admission = crate::admission::Admission::new(Arc::clone(&tables));
+    let lifecycle = Arc::new(Lifecycle::default());
     let state = Arc::new(State {
-        policy: Arc::clone(&policy),
-        router: Arc::clone(&router),
-        upstream: UpstreamClient::new(policy.timeouts.connect, policy.timeouts.pool_idle),
+        tables: Arc::clone(&tables),
         metrics: Arc::clone(&metrics),
-        body_budget: BodyBudget::new(policy.limits.max_buffered_bytes),
-        retry_budget: RetryBudget::new(policy.retries.clone()),
-        health: health.clone(),
-        shard_tags: crate::proxy::ShardTags::for_router(&router),
+        body_budget: BodyBudget::new(max_buffered),
+        retry_budget: RetryBudget::new(retries),
         admission: Arc::clone(&admission),
+        lifecycle: Arc::clone(&lifecycle),
     });
+    let reloader = Reloader::new(
+        opts.policy_dir.clone(),
+        Arc::clone(&tables),
+        opts.revision,
+        Retuned {
+            admission: Arc::clone(&admission),
+            body_budget: Arc::clone(&state.body_budget),
+            retry_budget: Arc::clone(&state.retry_budget),
+            metrics: Arc::clone(&metrics),
+            health: health.updates.clone(),
+        },
+    );
+    reload_on_sighup(&health.runtime, Arc::clone(&reloader));
+    if let Some(dir) = opts.policy_dir {
+        let r = Arc::clone(&reloader);
+        crate::policy::watch::spawn(dir, POLICY_DEBOUNCE, POLICY_POLL, move || {
+            let _ = r.reload(Trigger::Watch);
+        })?;
+    }
 
     let threads = opts.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
+    let grace = tables.peek().policy.shutdown.grace;
     let conf = ServerConf {
         threads: threads.max(1),
         // One single-threaded runtime per worker, so a request, its upstream connection
         // and their wake-ups stay on one thread (see `proxy::upstream`).
         work_stealing: false,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(5),
+        // After the listeners close, requests in flight have this long; the process exits
+        // as soon as none is left (see `StopSignal`), and a stream still running when
+        // `shutdown.grace` ends gets an error event first, hence the extra second.
+        grace_period_seconds: Some(grace.as_secs() + 2),
+        graceful_shutdown_timeout_seconds: Some(1),
         // Every Pingora timeout of a second or more on Tokio's timers: Pingora's own timer
         // wheel needs a thread that wakes every millisecond, busy or idle.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
@@ -218,12 +241,9 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         );
     }
     let admin = Admin::new(
-        router,
-        metrics,
-        health,
-        admission,
+        Arc::clone(&state),
+        reloader,
         opts.admin_token,
-        policy.home_region.clone(),
         opts.fault_controls,
     );
     let mut admin_service = Service::new("breakwater admin".to_string(), admin);
@@ -232,10 +252,10 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         server.add_service(service);
     }
     server.add_service(admin_service);
-    tracing::info!(%listen, %admin_listen, threads, "{}", policy.summary());
+    tracing::info!(%listen, %admin_listen, threads, "{}", tables.peek().policy.summary());
     tracing::info!("breakwater listening on http://{listen} (admin http://{admin_listen})");
     server.run(RunArgs {
-        shutdown_signal: Box::new(StopSignal),
+        shutdown_signal: Box::new(StopSignal { state }),
     });
     std::process::exit(0)
 }
@@ -253,12 +273,20 @@ fn listener_name(addr: SocketAddr, i: usize) -> String {
     }
 }
 
-/// Ctrl-C (SIGINT) and SIGTERM both stop the gateway gracefully: listeners stop accepting
-/// first, then in-flight requests get `graceful_shutdown_timeout_seconds` to finish.
-/// Pingora's own handling of SIGINT shuts the runtimes down at once, and its accept loops
-/// can then spin on "runtime is shutting down" errors and keep the process alive (seen
-/// under test: 15 s and a million log lines before it was killed).
-struct StopSignal;
+/// Ctrl-C (SIGINT) and SIGTERM both stop the gateway gracefully:
+/// 1. `/readyz` answers 503 at once, and answers say `connection: close`, while new
+///    connections are still accepted for `gateway.shutdown_delay_ms` (load balancers
+///    notice and stop sending);
+/// 2. the listeners close; requests and streams in flight have `gateway.shutdown_grace_ms`
+///    to finish, and the process exits as soon as none is left;
+/// 3. a stream still running when the grace ends gets an SSE error event (`shutting_down`)
+///    and is closed.
+///
+/// (Pingora's own handling of SIGINT shuts the runtimes down at once, and its accept loops
+/// can then spin on "runtime is shutting down" errors and keep the process alive.)
+struct StopSignal {
+    state: Arc<State>,
+}
 
 #[async_trait::async_trait]
 impl ShutdownSignalWatch for StopSignal {
@@ -279,6 +307,32 @@ impl ShutdownSignalWatch for StopSignal {
             _ = wait(SignalKind::interrupt()) => tracing::info!("SIGINT: stopping"),
             _ = wait(SignalKind::terminate()) => tracing::info!("SIGTERM: stopping"),
         }
+        let shutdown = self.state.tables.peek().policy.shutdown;
+        let lifecycle = Arc::clone(&self.state.lifecycle);
+        lifecycle.stop(shutdown.grace + shutdown.delay);
+        tracing::info!(
+            delay_ms = shutdown.delay.as_millis() as u64,
+            grace_ms = shutdown.grace.as_millis() as u64,
+            in_flight = lifecycle.in_flight(),
+            "not ready; closing the listeners after the delay"
+        );
+        tokio::time::sleep(shutdown.delay).await;
+        // Exit as soon as the last request in flight is done (Pingora would wait out its
+        // whole grace period otherwise).
+        std::thread::Builder::new()
+            .name("drain-exit".into())
+            .spawn(move || {
+                while lifecycle.in_flight() > 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                tracing::info!("shutdown: nothing left in flight, exiting");
+                std::process::exit(0);
+            })
+            .ok();
+        tracing::info!(
+            in_flight = self.state.lifecycle.in_flight(),
+            "closing the listeners"
+        );
         ShutdownSignal::GracefulTerminate
     }
 }

@@ -6,51 +6,46 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use rand::Rng;
+
+use tokio::task::JoinHandle;
 
 use crate::config::HealthConfig;
 use crate::monitor::HealthMonitor;
+use crate::probes::ProbeClient;
 use crate::tracker::Signal;
+use crate::view::ShardId;
 
 /// One shard to check.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckTarget {
-    /// Shard index (as the monitor numbers shards).
-    pub shard: usize,
+    /// The shard.
+    pub shard: ShardId,
     /// The full URL to `GET`, e.g. `http://10.0.0.1:8000/health`.
     pub url: String,
 }
 
-/// Starts one checking task per target on the current Tokio runtime. Does nothing when
-/// checks are off in `cfg`.
-pub fn spawn_checks(targets: Vec<CheckTarget>, cfg: &HealthConfig, monitor: HealthMonitor) {
-    if !cfg.checks_enabled() {
-        return;
-    }
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.check_timeout));
-    connector.set_nodelay(true);
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    for target in targets {
-        let (client, monitor) = (client.clone(), monitor.clone());
-        let (interval, timeout) = (cfg.check_interval, cfg.check_timeout);
-        tokio::spawn(async move {
-            // Spread the first checks over one interval.
-            let first = rand::thread_rng().gen_range(Duration::ZERO..=interval);
-            tokio::time::sleep(first).await;
-            loop {
-                let signal = check_once(&client, &target.url, timeout).await;
-                monitor.report(target.shard, signal);
-                let unit: f64 = rand::thread_rng().gen_range(0.0..=1.0);
-                tokio::time::sleep(jittered(interval, unit)).await;
-            }
-        });
-    }
+/// Starts checking one shard on the current Tokio runtime until the returned handle is
+/// aborted. The first check comes at a random point within one interval, so a fleet of
+/// gateways (or a reload that adds many shards) does not probe in lock-step.
+pub fn spawn_check(
+    target: CheckTarget,
+    client: ProbeClient,
+    cfg: &HealthConfig,
+    monitor: HealthMonitor,
+) -> JoinHandle<()> {
+    let (interval, timeout) = (cfg.check_interval, cfg.check_timeout);
+    tokio::spawn(async move {
+        let first = rand::thread_rng().gen_range(Duration::ZERO..=interval);
+        tokio::time::sleep(first).await;
+        loop {
+            let signal = check_once(&client, &target.url, timeout).await;
+            monitor.report(target.shard, signal);
+            let unit: f64 = rand::thread_rng().gen_range(0.0..=1.0);
+            tokio::time::sleep(jittered(interval, unit)).await;
+        }
+    })
 }
 
 /// `interval` ±10 %, for `unit` in 0..=1.
@@ -58,11 +53,7 @@ fn jittered(interval: Duration, unit: f64) -> Duration {
     interval.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0))
 }
 
-async fn check_once(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    url: &str,
-    timeout: Duration,
-) -> Signal {
+async fn check_once(client: &ProbeClient, url: &str, timeout: Duration) -> Signal {
     let Ok(uri) = url.parse::<hyper::Uri>() else {
         return Signal::CheckFailed {
             detail: format!("bad check URL {url}"),
@@ -120,8 +111,7 @@ mod tests {
                 s.write_all(resp.as_bytes()).await.unwrap();
             }
         });
-        let client: Client<_, Empty<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let client = crate::probes::client(Duration::from_secs(2), true);
         let url = format!("http://{addr}/health");
         let t = Duration::from_secs(2);
         assert_eq!(check_once(&client, &url, t).await, Signal::CheckPassed);

@@ -8,15 +8,79 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Limited};
 use serde::Serialize;
 
+use tokio::task::JoinHandle;
+
 use crate::monitor::HealthMonitor;
+use crate::probes::ProbeClient;
 use crate::tracker::Signal;
+use crate::view::ShardId;
+
+/// The engine behind a pool: what the policy's `pools[].engine` names, and what decides
+/// how a shard's health path and metrics are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// vLLM.
+    Vllm,
+    /// SGLang.
+    Sglang,
+    /// Hugging Face Text Generation Inference.
+    Tgi,
+    /// TensorRT-LLM (through its OpenAI server).
+    Trtllm,
+    /// Triton Inference Server.
+    Triton,
+    /// Ray Serve.
+    RayServe,
+    /// BentoML.
+    Bentoml,
+    /// Anything else that speaks the OpenAI API.
+    Generic,
+}
+
+impl EngineKind {
+    /// Every kind, in the order the policy documentation lists them.
+    pub const ALL: [EngineKind; 8] = [
+        Self::Vllm,
+        Self::Sglang,
+        Self::Tgi,
+        Self::Trtllm,
+        Self::Triton,
+        Self::RayServe,
+        Self::Bentoml,
+        Self::Generic,
+    ];
+
+    /// The kind's name in policy files, the admin API and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vllm => "vllm",
+            Self::Sglang => "sglang",
+            Self::Tgi => "tgi",
+            Self::Trtllm => "trtllm",
+            Self::Triton => "triton",
+            Self::RayServe => "ray_serve",
+            Self::Bentoml => "bentoml",
+            Self::Generic => "generic",
+        }
+    }
+
+    /// Parses a policy name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The health endpoint an engine of this kind serves.
+    pub fn default_health_path(self) -> &'static str {
+        match self {
+            Self::Triton => "/v2/health/ready",
+            _ => "/health",
+        }
+    }
+}
 
 /// Which metric names a shard's engine exposes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,14 +158,14 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 impl EngineMetrics {
-    /// The adapter for a policy engine name.
-    pub fn for_engine(kind: &str) -> Self {
+    /// The adapter for an engine kind.
+    pub fn for_engine(kind: EngineKind) -> Self {
         match kind {
-            "vllm" => Self::Vllm,
-            "sglang" => Self::Sglang,
-            "tgi" => Self::Tgi,
-            "trtllm" | "triton" => Self::TrtLlm,
-            _ => Self::Generic,
+            EngineKind::Vllm => Self::Vllm,
+            EngineKind::Sglang => Self::Sglang,
+            EngineKind::Tgi => Self::Tgi,
+            EngineKind::Trtllm | EngineKind::Triton => Self::TrtLlm,
+            EngineKind::RayServe | EngineKind::Bentoml | EngineKind::Generic => Self::Generic,
         }
     }
 
@@ -157,63 +221,52 @@ impl EngineMetrics {
 }
 
 /// One shard to scrape.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ScrapeTarget {
-    /// Shard index.
-    pub shard: usize,
+    /// The shard.
+    pub shard: ShardId,
     /// The full `/metrics` URL.
     pub url: String,
     /// The adapter.
     pub engine: EngineMetrics,
 }
 
-/// Starts one scraping task per target (generic engines are skipped) on the current
-/// Tokio runtime. `silent_death` zero turns the stall detector off.
-pub fn spawn_scrapes(
-    targets: Vec<ScrapeTarget>,
+/// Starts scraping one shard on the current Tokio runtime until the returned handle is
+/// aborted. `silent_death` zero turns the stall detector off.
+pub fn spawn_scrape(
+    target: ScrapeTarget,
+    client: ProbeClient,
     interval: Duration,
     timeout: Duration,
     silent_death: Duration,
     monitor: HealthMonitor,
-) {
-    if interval.is_zero() {
-        return;
-    }
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(timeout));
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    for target in targets
-        .into_iter()
-        .filter(|t| t.engine != EngineMetrics::Generic)
-    {
-        let (client, monitor) = (client.clone(), monitor.clone());
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut stall = StallWatch::default();
-            loop {
-                ticker.tick().await;
-                let Some(load) = scrape(&client, &target, timeout).await else {
-                    continue;
-                };
-                let now = tokio::time::Instant::now().into_std();
-                if let Some(detail) = stall.see(&load, now, silent_death) {
-                    monitor.report(target.shard, Signal::Stalled { detail });
-                }
-                monitor.report(
-                    target.shard,
-                    Signal::Engine(EngineLoad {
-                        taken: Some(now),
-                        ..load
-                    }),
-                );
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stall = StallWatch::default();
+        loop {
+            ticker.tick().await;
+            let Some(load) = scrape(&client, &target, timeout).await else {
+                continue;
+            };
+            let now = tokio::time::Instant::now().into_std();
+            if let Some(detail) = stall.see(&load, now, silent_death) {
+                monitor.report(target.shard, Signal::Stalled { detail });
             }
-        });
-    }
+            monitor.report(
+                target.shard,
+                Signal::Engine(EngineLoad {
+                    taken: Some(now),
+                    ..load
+                }),
+            );
+        }
+    })
 }
 
 async fn scrape(
-    client: &Client<HttpConnector, Empty<Bytes>>,
+    client: &ProbeClient,
     target: &ScrapeTarget,
     timeout: Duration,
 ) -> Option<EngineLoad> {
@@ -321,7 +374,7 @@ vllm:generation_tokens_total{model_name="a"} 1234
             None
         );
         assert_eq!(
-            EngineMetrics::for_engine("ray_serve"),
+            EngineMetrics::for_engine(EngineKind::RayServe),
             EngineMetrics::Generic
         );
     }

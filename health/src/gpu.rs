@@ -5,46 +5,46 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use gpu_probe::{NodeReport, Verdict};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Limited};
+
+use tokio::task::JoinHandle;
 
 use crate::config::HealthConfig;
 use crate::monitor::HealthMonitor;
+use crate::probes::ProbeClient;
 use crate::tracker::Signal;
-use crate::view::GpuSummary;
+use crate::view::{GpuSummary, ShardId};
 
 /// One shard's probe.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GpuTarget {
-    /// Shard index (as the monitor numbers shards).
-    pub shard: usize,
+    /// The shard.
+    pub shard: ShardId,
     /// The probe's base URL, e.g. `http://10.0.0.1:9400`.
     pub probe: String,
     /// Device indices the shard runs on; empty: every device on the node.
     pub devices: Vec<u32>,
 }
 
-/// Starts one polling task per target on the current Tokio runtime.
-pub fn spawn_gpu_polls(targets: Vec<GpuTarget>, cfg: &HealthConfig, monitor: HealthMonitor) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.gpu_timeout));
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    for target in targets {
-        let (client, monitor, cfg) = (client.clone(), monitor.clone(), cfg.clone());
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(cfg.gpu_interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
-                let summary = read_once(&client, &target, &cfg).await;
-                monitor.report(target.shard, Signal::Gpu(summary));
-            }
-        });
-    }
+/// Starts polling one shard's probe on the current Tokio runtime until the returned
+/// handle is aborted.
+pub fn spawn_gpu_poll(
+    target: GpuTarget,
+    client: ProbeClient,
+    cfg: &HealthConfig,
+    monitor: HealthMonitor,
+) -> JoinHandle<()> {
+    let cfg = cfg.clone();
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(cfg.gpu_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let summary = read_once(&client, &target, &cfg).await;
+            monitor.report(target.shard, Signal::Gpu(summary));
+        }
+    })
 }
 
 fn unknown(reason: String) -> GpuSummary {
@@ -55,11 +55,7 @@ fn unknown(reason: String) -> GpuSummary {
     }
 }
 
-async fn read_once(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    target: &GpuTarget,
-    cfg: &HealthConfig,
-) -> GpuSummary {
+async fn read_once(client: &ProbeClient, target: &GpuTarget, cfg: &HealthConfig) -> GpuSummary {
     let url = format!("{}/v1/gpus", target.probe.trim_end_matches('/'));
     let Ok(uri) = url.parse::<hyper::Uri>() else {
         return unknown(format!("bad probe URL {url}"));

@@ -14,6 +14,7 @@
 //! - [`engine`]: scraping each engine's own metrics (queue depth, KV use) and the
 //!   silent-death detector.
 //! - [`gpu`]: reading each shard's gpu-probe.
+//! - [`probes`]: every shard's probe tasks, owned, restarted on a reconfigure.
 //! - [`config`]: thresholds and timings, with their defaults.
 
 pub mod check;
@@ -21,11 +22,13 @@ pub mod config;
 pub mod engine;
 pub mod gpu;
 pub mod monitor;
+pub mod probes;
 pub mod tracker;
 pub mod view;
 
 pub use config::HealthConfig;
-pub use engine::EngineLoad;
-pub use monitor::{HealthMonitor, ShardInfo, Transition};
+pub use engine::{EngineKind, EngineLoad};
+pub use monitor::{HealthMonitor, Joining, ShardInfo, ShardReporter, Transition};
+pub use probes::{Probes, ShardProbes};
 pub use tracker::Signal;
-pub use view::{GpuSummary, HealthView, ShardHealth, ShardState};
+pub use view::{GpuSummary, HealthView, ShardHealth, ShardId, ShardState};

@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 
 use crate::config::HealthConfig;
 use crate::tracker::{EjectPermit, Signal, Tracker};
-use crate::view::{HealthView, ShardHealth, ShardState};
+use crate::view::{HealthView, ShardHealth, ShardId, ShardState};
+use slotmap::SecondaryMap;
 
 /// Transitions kept for `GET /admin/events`.
 const EVENTS_KEPT: usize = 256;
@@ -26,10 +27,12 @@ const CHANNEL_CAPACITY: usize = 4096;
 const TICK: Duration = Duration::from_millis(100);
 
 /// What the monitor needs to know about a shard.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShardInfo {
-    /// Shard id (for events and logs).
-    pub id: String,
+    /// The shard's key.
+    pub id: ShardId,
+    /// Its policy id (for events and logs).
+    pub name: String,
     /// Pool id (for the ejection cap).
     pub pool: String,
 }
@@ -49,52 +52,52 @@ pub struct Transition {
     pub reason: String,
 }
 
+/// How shards new to the monitor start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joining {
+    /// At full weight: the fleet the gateway started with.
+    AtFullWeight,
+    /// In slow start: shards a reload added, which may have just booted.
+    InSlowStart,
+}
+
+/// A new set of shards (and settings) for the monitor.
+struct Reconfigure {
+    shards: Vec<ShardInfo>,
+    cfg: HealthConfig,
+    joining: Joining,
+}
+
 /// A cheap handle on the monitor task; clones share it.
 #[derive(Clone)]
 pub struct HealthMonitor {
-    tx: mpsc::Sender<(usize, Signal)>,
+    tx: mpsc::Sender<(ShardId, Signal)>,
+    control: mpsc::UnboundedSender<Reconfigure>,
     events: Arc<Mutex<VecDeque<Transition>>>,
     dropped: Arc<AtomicU64>,
-    /// Per shard: a failure was reported since the last success that was passed on.
-    unsettled: Arc<Vec<AtomicBool>>,
     transitions: Arc<AtomicU64>,
 }
 
-impl HealthMonitor {
-    /// Starts the monitor task on the current Tokio runtime. `publish` receives every new
-    /// view (the gateway swaps it into its routing table).
-    pub fn spawn(
-        shards: Vec<ShardInfo>,
-        cfg: HealthConfig,
-        publish: impl Fn(HealthView) + Send + 'static,
-    ) -> Self {
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let events = Arc::new(Mutex::new(VecDeque::with_capacity(EVENTS_KEPT)));
-        let transitions = Arc::new(AtomicU64::new(0));
-        let owner = Owner {
-            trackers: vec![Tracker::new(); shards.len()],
-            last: vec![None; shards.len()],
-            shards,
-            cfg,
-            events: Arc::clone(&events),
-            transitions: Arc::clone(&transitions),
-        };
-        let unsettled = Arc::new(
-            (0..owner.shards.len())
-                .map(|_| AtomicBool::new(false))
-                .collect(),
-        );
-        tokio::spawn(owner.run(rx, publish));
-        Self {
-            tx,
-            events,
-            dropped: Arc::new(AtomicU64::new(0)),
-            unsettled,
-            transitions,
-        }
-    }
+/// Where the data path reports one shard's request outcomes: a [`HealthMonitor`] handle
+/// bound to the shard, with the flag that keeps a healthy shard's successes off the channel.
+#[derive(Clone)]
+pub struct ShardReporter {
+    shard: ShardId,
+    monitor: HealthMonitor,
+    /// A failure was reported since the last success that was passed on.
+    unsettled: Arc<AtomicBool>,
+}
 
-    /// Tells the monitor something about shard `shard`. Never waits.
+impl std::fmt::Debug for ShardReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardReporter")
+            .field("shard", &self.shard)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardReporter {
+    /// Tells the monitor how a request to the shard ended. Never waits.
     ///
     /// A success only matters to reset a run of failures, so it is passed on only when a
     /// failure came before it: a healthy fleet costs the data path no message (and the
@@ -102,15 +105,92 @@ impl HealthMonitor {
     // Racing: a success that reads the flag just before a concurrent failure sets it is
     // not passed on; the run of failures then looks one longer than it is until the next
     // success, which is harmless.
-    pub fn report(&self, shard: usize, signal: Signal) {
-        let Some(flag) = self.unsettled.get(shard) else {
-            return;
-        };
+    pub fn report(&self, signal: Signal) {
         match &signal {
-            Signal::Success if !flag.swap(false, Ordering::Relaxed) => return,
-            Signal::Failure { .. } => flag.store(true, Ordering::Relaxed),
+            Signal::Success if !self.unsettled.swap(false, Ordering::Relaxed) => return,
+            Signal::Failure { .. } => self.unsettled.store(true, Ordering::Relaxed),
             _ => {}
         }
+        self.monitor.report(self.shard, signal);
+    }
+
+    /// The shard it reports on.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+}
+
+impl HealthMonitor {
+    /// Starts the monitor task on the current Tokio runtime, watching `shards`. `publish`
+    /// receives every new view (the gateway swaps it into its routing state).
+    pub fn spawn(
+        shards: Vec<ShardInfo>,
+        cfg: HealthConfig,
+        publish: impl Fn(HealthView) + Send + 'static,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let events = Arc::new(Mutex::new(VecDeque::with_capacity(EVENTS_KEPT)));
+        let transitions = Arc::new(AtomicU64::new(0));
+        let mut owner = Owner {
+            entries: SecondaryMap::new(),
+            cfg,
+            events: Arc::clone(&events),
+            transitions: Arc::clone(&transitions),
+        };
+        for info in shards {
+            owner
+                .entries
+                .insert(info.id, Entry::new(info, Tracker::new()));
+        }
+        tokio::spawn(owner.run(rx, control_rx, publish));
+        Self {
+            tx,
+            control,
+            events,
+            dropped: Arc::new(AtomicU64::new(0)),
+            transitions,
+        }
+    }
+
+    /// A handle with no monitor behind it: every report is dropped (and counted). For
+    /// tools and tests that build routing tables without a health thread.
+    pub fn disconnected() -> Self {
+        let (tx, _) = mpsc::channel(1);
+        let (control, _) = mpsc::unbounded_channel();
+        Self {
+            tx,
+            control,
+            events: Arc::default(),
+            dropped: Arc::new(AtomicU64::new(0)),
+            transitions: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Replaces the set of shards watched (a policy reload). Shards in both sets keep
+    /// their state and history — an ejected shard stays ejected; shards no longer listed
+    /// are forgotten; new ones start healthy, at full weight or in slow start (ramping up
+    /// rather than taking a full share cold) as `joining` says.
+    pub fn reconfigure(&self, shards: Vec<ShardInfo>, cfg: HealthConfig, joining: Joining) {
+        let _ = self.control.send(Reconfigure {
+            shards,
+            cfg,
+            joining,
+        });
+    }
+
+    /// The data path's reporter for shard `shard`.
+    pub fn reporter(&self, shard: ShardId) -> ShardReporter {
+        ShardReporter {
+            shard,
+            monitor: self.clone(),
+            unsettled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Tells the monitor something about shard `shard` (a probe's reading). Never waits;
+    /// a shard the monitor does not know (removed by a reload) is ignored.
+    pub fn report(&self, shard: ShardId, signal: Signal) {
         if self.tx.try_send((shard, signal)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -135,10 +215,25 @@ impl HealthMonitor {
     }
 }
 
+/// One watched shard.
+struct Entry {
+    info: ShardInfo,
+    tracker: Tracker,
+    last: Option<Transition>,
+}
+
+impl Entry {
+    fn new(info: ShardInfo, tracker: Tracker) -> Self {
+        Self {
+            info,
+            tracker,
+            last: None,
+        }
+    }
+}
+
 struct Owner {
-    shards: Vec<ShardInfo>,
-    trackers: Vec<Tracker>,
-    last: Vec<Option<Transition>>,
+    entries: SecondaryMap<ShardId, Entry>,
     cfg: HealthConfig,
     events: Arc<Mutex<VecDeque<Transition>>>,
     transitions: Arc<AtomicU64>,
@@ -153,7 +248,8 @@ fn now_unix_ms() -> u64 {
 impl Owner {
     async fn run(
         mut self,
-        mut rx: mpsc::Receiver<(usize, Signal)>,
+        mut rx: mpsc::Receiver<(ShardId, Signal)>,
+        mut control: mpsc::UnboundedReceiver<Reconfigure>,
         publish: impl Fn(HealthView) + Send + 'static,
     ) {
         let mut ticker = tokio::time::interval(TICK);
@@ -161,9 +257,10 @@ impl Owner {
         loop {
             let changed = tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some((i, signal)) => self.apply(i, signal),
+                    Some((id, signal)) => self.apply(id, signal),
                     None => return,
                 },
+                Some(r) = control.recv() => self.reconfigure(r),
                 _ = ticker.tick() => self.tick(),
             };
             if changed {
@@ -172,16 +269,35 @@ impl Owner {
         }
     }
 
-    fn permit(&self, shard: usize) -> EjectPermit {
-        let pool = &self.shards[shard].pool;
-        let members: Vec<usize> = (0..self.shards.len())
-            .filter(|i| &self.shards[*i].pool == pool)
-            .collect();
-        let ejected = members
-            .iter()
-            .filter(|i| self.trackers[**i].is_ejected())
-            .count();
-        let cap = members.len() * self.cfg.max_ejection_percent as usize / 100;
+    fn reconfigure(&mut self, r: Reconfigure) -> bool {
+        let now = tokio::time::Instant::now().into_std();
+        let keep: Vec<ShardId> = r.shards.iter().map(|s| s.id).collect();
+        self.entries.retain(|id, _| keep.contains(&id));
+        for info in r.shards {
+            match self.entries.get_mut(info.id) {
+                Some(e) => e.info = info,
+                None => {
+                    let tracker = match r.joining {
+                        Joining::AtFullWeight => Tracker::new(),
+                        Joining::InSlowStart => Tracker::returning(now),
+                    };
+                    self.entries.insert(info.id, Entry::new(info, tracker));
+                }
+            }
+        }
+        self.cfg = r.cfg;
+        true
+    }
+
+    fn permit(&self, shard: ShardId) -> EjectPermit {
+        let pool = &self.entries[shard].info.pool;
+        let members = self.entries.values().filter(|e| &e.info.pool == pool);
+        let (mut total, mut ejected) = (0, 0);
+        for e in members {
+            total += 1;
+            ejected += usize::from(e.tracker.is_ejected());
+        }
+        let cap = total * self.cfg.max_ejection_percent as usize / 100;
         if ejected == 0 || ejected < cap {
             EjectPermit::Allowed
         } else {
@@ -189,8 +305,8 @@ impl Owner {
         }
     }
 
-    fn apply(&mut self, shard: usize, signal: Signal) -> bool {
-        if shard >= self.trackers.len() {
+    fn apply(&mut self, shard: ShardId, signal: Signal) -> bool {
+        if !self.entries.contains_key(shard) {
             return false;
         }
         let permit = self.permit(shard);
@@ -202,7 +318,8 @@ impl Owner {
         let now = tokio::time::Instant::now().into_std();
         // A GPU reading is news for the admin API even when the state stays.
         let is_reading = matches!(signal, Signal::Gpu(_) | Signal::Engine(_));
-        match self.trackers[shard].on(signal, now, &self.cfg, permit, jitter) {
+        let tracker = &mut self.entries[shard].tracker;
+        match tracker.on(signal, now, &self.cfg, permit, jitter) {
             Some((from, _)) => {
                 self.record(shard, from);
                 true
@@ -215,23 +332,25 @@ impl Owner {
         let now = tokio::time::Instant::now().into_std();
         // A shard in slow start needs its rising weight republished.
         let mut changed = self
-            .trackers
-            .iter()
-            .any(|t| t.slow_start_factor(now, &self.cfg) < 1.0);
-        for i in 0..self.trackers.len() {
-            if let Some((from, _)) = self.trackers[i].tick(now, &self.cfg) {
-                self.record(i, from);
+            .entries
+            .values()
+            .any(|e| e.tracker.slow_start_factor(now, &self.cfg) < 1.0);
+        let ids: Vec<ShardId> = self.entries.keys().collect();
+        for id in ids {
+            if let Some((from, _)) = self.entries[id].tracker.tick(now, &self.cfg) {
+                self.record(id, from);
                 changed = true;
             }
         }
         changed
     }
 
-    fn record(&mut self, shard: usize, from: ShardState) {
-        let t = &self.trackers[shard];
+    fn record(&mut self, shard: ShardId, from: ShardState) {
+        let entry = &mut self.entries[shard];
+        let t = &entry.tracker;
         let event = Transition {
             at_unix_ms: now_unix_ms(),
-            shard: self.shards[shard].id.clone(),
+            shard: entry.info.name.clone(),
             from,
             to: t.state(),
             reason: t.reason().to_string(),
@@ -251,30 +370,28 @@ impl Owner {
             }
             events.push_back(event.clone());
         }
-        self.last[shard] = Some(event);
+        entry.last = Some(event);
     }
 
     fn view(&self) -> HealthView {
         let now = tokio::time::Instant::now().into_std();
-        HealthView::from_entries(
-            self.trackers
-                .iter()
-                .zip(&self.last)
-                .map(|(t, last)| ShardHealth {
-                    state: t.state(),
-                    reason: t.reason().to_string(),
-                    weight_factor: match t.state() {
-                        ShardState::Healthy => 1.0,
-                        ShardState::Degraded => self.cfg.gpu_degraded_weight,
-                        ShardState::Ejected | ShardState::Draining => 0.0,
-                    } * t.slow_start_factor(now, &self.cfg),
-                    ejection_count: t.ejections(),
-                    last_transition: last.clone(),
-                    gpu: t.gpu().cloned(),
-                    engine: t.engine().copied(),
-                })
-                .collect(),
-        )
+        HealthView::from_entries(self.entries.iter().map(|(id, e)| {
+            let t = &e.tracker;
+            let health = ShardHealth {
+                state: t.state(),
+                reason: t.reason().to_string(),
+                weight_factor: match t.state() {
+                    ShardState::Healthy => 1.0,
+                    ShardState::Degraded => self.cfg.gpu_degraded_weight,
+                    ShardState::Ejected | ShardState::Draining => 0.0,
+                } * t.slow_start_factor(now, &self.cfg),
+                ejection_count: t.ejections(),
+                last_transition: e.last.clone(),
+                gpu: t.gpu().cloned(),
+                engine: t.engine().copied(),
+            };
+            (id, health)
+        }))
     }
 }
 
@@ -282,13 +399,19 @@ impl Owner {
 mod tests {
     use super::*;
 
-    fn shards(n: usize) -> Vec<ShardInfo> {
-        (0..n)
-            .map(|i| ShardInfo {
-                id: format!("s{i}"),
+    fn shards(n: usize) -> (Vec<ShardId>, Vec<ShardInfo>) {
+        let mut keys = slotmap::SlotMap::<ShardId, ()>::with_key();
+        let ids: Vec<ShardId> = (0..n).map(|_| keys.insert(())).collect();
+        let infos = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ShardInfo {
+                id: *id,
+                name: format!("s{i}"),
                 pool: "p".into(),
             })
-            .collect()
+            .collect();
+        (ids, infos)
     }
 
     fn fail() -> Signal {
@@ -303,23 +426,25 @@ mod tests {
         // Successes are only passed on after a failure; this one must be, or the four
         // failures around it would add up to an ejection (3 local failures in a row).
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let m = HealthMonitor::spawn(shards(2), HealthConfig::default(), move |v| {
+        let (ids, infos) = shards(2);
+        let m = HealthMonitor::spawn(infos, HealthConfig::default(), move |v| {
             let _ = tx.send(v);
         });
-        m.report(0, Signal::Success);
-        m.report(0, fail());
-        m.report(0, fail());
-        m.report(0, Signal::Success);
-        m.report(0, Signal::Success);
-        m.report(0, fail());
-        m.report(0, fail());
+        let r = m.reporter(ids[0]);
+        r.report(Signal::Success);
+        r.report(fail());
+        r.report(fail());
+        r.report(Signal::Success);
+        r.report(Signal::Success);
+        r.report(fail());
+        r.report(fail());
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             rx.try_recv().is_err(),
             "ejected although no 3 failures were consecutive"
         );
-        m.report(0, fail());
-        assert!(!rx.recv().await.unwrap().takes_new_requests(0));
+        r.report(fail());
+        assert!(!rx.recv().await.unwrap().takes_new_requests(ids[0]));
     }
 
     #[tokio::test(start_paused = true)]
@@ -330,19 +455,20 @@ mod tests {
             ejection_jitter: Duration::ZERO,
             ..HealthConfig::default()
         };
-        let m = HealthMonitor::spawn(shards(2), cfg, move |v| {
+        let (ids, infos) = shards(2);
+        let m = HealthMonitor::spawn(infos, cfg, move |v| {
             let _ = tx.send(v);
         });
         for _ in 0..3 {
-            m.report(0, fail());
+            m.report(ids[0], fail());
         }
         let view = rx.recv().await.unwrap();
-        assert!(!view.takes_new_requests(0));
-        assert!(view.takes_new_requests(1));
-        assert_eq!(view.get(0).ejection_count, 1);
+        assert!(!view.takes_new_requests(ids[0]));
+        assert!(view.takes_new_requests(ids[1]));
+        assert_eq!(view.get(ids[0]).ejection_count, 1);
         // Half of a two-shard pool is ejected: the second may not be.
         for _ in 0..10 {
-            m.report(1, fail());
+            m.report(ids[1], fail());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(rx.try_recv().is_err());
@@ -353,24 +479,72 @@ mod tests {
             (ShardState::Healthy, ShardState::Ejected)
         );
         assert_eq!(events[0].shard, "s0");
-        // Out-of-range shards are ignored, not a panic (and not a drop).
-        m.report(9, fail());
+        // Unknown shards are ignored, not a panic (and not a drop).
+        let (stranger, _) = shards(3);
+        m.report(stranger[2], fail());
         assert_eq!(m.dropped_signals(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconfigure_keeps_known_shards_forgets_removed_ones_and_slow_starts_new_ones() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let cfg = HealthConfig {
+            ejection_jitter: Duration::ZERO,
+            slow_start: Duration::from_secs(10),
+            ..HealthConfig::default()
+        };
+        let (ids, infos) = shards(3);
+        let m = HealthMonitor::spawn(infos[..2].to_vec(), cfg.clone(), move |v| {
+            let _ = tx.send(v);
+        });
+        for _ in 0..3 {
+            m.report(ids[0], fail());
+        }
+        let view = rx.recv().await.unwrap();
+        assert!(!view.takes_new_requests(ids[0]));
+        // s1 leaves, s2 joins; s0 (ejected) is kept as it is.
+        m.reconfigure(
+            vec![infos[0].clone(), infos[2].clone()],
+            cfg,
+            Joining::InSlowStart,
+        );
+        let view = loop {
+            let v = rx.recv().await.unwrap();
+            if v.len() == 2 {
+                break v;
+            }
+        };
+        assert!(
+            !view.takes_new_requests(ids[0]),
+            "an ejected shard stayed ejected"
+        );
+        assert_eq!(view.get(ids[0]).ejection_count, 1);
+        assert!(view.takes_new_requests(ids[2]));
+        assert!(view.weight_factor(ids[2]) < 0.2, "a new shard starts slow");
+        // Signals for the removed shard are ignored.
+        for _ in 0..3 {
+            m.report(ids[1], fail());
+        }
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let view = rx.recv().await.unwrap();
+        assert_eq!(view.len(), 2);
+        assert!(m.events().iter().all(|e| e.shard != "s1"));
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn signals_past_a_full_queue_are_dropped_and_counted() {
         // On a current-thread runtime the owner task cannot run until this test yields,
         // so the channel fills: every failure past its capacity is dropped, never waited on.
-        let m = HealthMonitor::spawn(shards(1), HealthConfig::default(), |_| {});
+        let (ids, infos) = shards(1);
+        let m = HealthMonitor::spawn(infos, HealthConfig::default(), |_| {});
         let extra = 25;
         for _ in 0..CHANNEL_CAPACITY + extra {
-            m.report(0, fail());
+            m.report(ids[0], fail());
         }
         assert_eq!(m.dropped_signals(), extra as u64);
         // Once the owner has drained the queue, signals flow again.
         tokio::time::sleep(Duration::from_millis(10)).await;
-        m.report(0, fail());
+        m.report(ids[0], fail());
         assert_eq!(m.dropped_signals(), extra as u64);
     }
 }

@@ -117,6 +117,15 @@ impl Tracker {
         }
     }
 
+    /// A healthy shard that has just joined (added by a policy reload): in slow start
+    /// from `now`, like a shard back from an ejection.
+    pub fn returning(now: Instant) -> Self {
+        Self {
+            returned_at: Some(now),
+            ..Self::new()
+        }
+    }
+
     /// Slow start: the share of its full weight a shard that just returned takes, rising
     /// linearly from 10 % to 100 % over `cfg.slow_start` (Envoy's slow start with
     /// aggression 1 and a 10 % floor), so a recovering engine is not flooded with a cold

@@ -88,51 +88,64 @@ impl ShardHealth {
     }
 }
 
-/// A snapshot of every shard's health, indexed like the routing table's shards. Built whole
-/// and swapped whole; readers never see half an update.
+slotmap::new_key_type! {
+    /// A shard's identity for as long as it is in the policy with the same URL: the key
+    /// every per-shard record (health, load, probes, admission limits) is filed under. A
+    /// shard removed, or whose URL changes, gets a new id; an id is never mistaken for a
+    /// later one (slot map keys carry a version).
+    pub struct ShardId;
+}
+
+/// A snapshot of every shard's health, keyed by [`ShardId`]. Built whole and swapped
+/// whole; readers never see half an update.
 #[derive(Debug, Clone, Default)]
 pub struct HealthView {
-    shards: Vec<ShardHealth>,
+    shards: slotmap::SecondaryMap<ShardId, ShardHealth>,
 }
 
 impl HealthView {
-    /// Every one of `shards` shards healthy.
-    pub fn all_healthy(shards: usize) -> Self {
+    /// A view from explicit entries.
+    pub fn from_entries(shards: impl IntoIterator<Item = (ShardId, ShardHealth)>) -> Self {
         Self {
-            shards: vec![ShardHealth::healthy(); shards],
+            shards: shards.into_iter().collect(),
         }
     }
 
-    /// A view from explicit entries (index = shard index).
-    pub fn from_entries(shards: Vec<ShardHealth>) -> Self {
-        Self { shards }
-    }
-
-    /// The health of shard `index`; a shard the view does not know is treated as healthy,
+    /// The health of shard `id`; a shard the view does not know is treated as healthy,
     /// so a view one generation behind a policy reload never takes a new shard out.
-    pub fn get(&self, index: usize) -> ShardHealth {
+    pub fn get(&self, id: ShardId) -> ShardHealth {
         self.shards
-            .get(index)
+            .get(id)
             .cloned()
             .unwrap_or_else(ShardHealth::healthy)
     }
 
-    /// The share of traffic shard `index` takes relative to a healthy one (1.0 when the
+    /// The share of traffic shard `id` takes relative to a healthy one (1.0 when the
     /// view does not know it). Read on every routing decision: no copy.
-    pub fn weight_factor(&self, index: usize) -> f64 {
-        self.shards.get(index).map_or(1.0, |h| h.weight_factor)
+    pub fn weight_factor(&self, id: ShardId) -> f64 {
+        self.shards.get(id).map_or(1.0, |h| h.weight_factor)
     }
 
-    /// Shard `index`'s last engine reading, if any.
-    pub fn engine(&self, index: usize) -> Option<&crate::EngineLoad> {
-        self.shards.get(index).and_then(|h| h.engine.as_ref())
+    /// Shard `id`'s last engine reading, if any.
+    pub fn engine(&self, id: ShardId) -> Option<&crate::EngineLoad> {
+        self.shards.get(id).and_then(|h| h.engine.as_ref())
     }
 
-    /// Whether shard `index` may take new requests.
-    pub fn takes_new_requests(&self, index: usize) -> bool {
+    /// Whether shard `id` may take new requests.
+    pub fn takes_new_requests(&self, id: ShardId) -> bool {
         self.shards
-            .get(index)
+            .get(id)
             .is_none_or(|h| h.state.takes_new_requests())
+    }
+
+    /// The shards the view knows.
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether the view knows no shard.
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
     }
 }
 
@@ -150,14 +163,23 @@ mod tests {
 
     #[test]
     fn unknown_shards_read_as_healthy() {
-        let view = HealthView::from_entries(vec![ShardHealth {
-            state: ShardState::Draining,
-            reason: "gpu failing".into(),
-            weight_factor: 0.0,
-            ..ShardHealth::healthy()
-        }]);
-        assert!(!view.takes_new_requests(0));
-        assert!(view.takes_new_requests(7));
-        assert_eq!(view.get(7).state, ShardState::Healthy);
+        let mut ids = slotmap::SlotMap::<ShardId, ()>::with_key();
+        let (known, other) = (ids.insert(()), ids.insert(()));
+        let view = HealthView::from_entries([(
+            known,
+            ShardHealth {
+                state: ShardState::Draining,
+                reason: "gpu failing".into(),
+                weight_factor: 0.0,
+                ..ShardHealth::healthy()
+            },
+        )]);
+        assert!(!view.takes_new_requests(known));
+        assert!(view.takes_new_requests(other));
+        assert_eq!(view.get(other).state, ShardState::Healthy);
+        // A removed shard's slot, reused, is another shard.
+        ids.remove(known);
+        let reused = ids.insert(());
+        assert!(view.takes_new_requests(reused));
     }
 }

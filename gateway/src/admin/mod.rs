@@ -1,6 +1,7 @@
-//! The admin listener, separate from traffic: `GET /admin/status` and `GET /admin/events`
-//! (bearer token),
-//! `POST /admin/shards/{id}/fault` (demo mode only) and `GET /metrics` (Prometheus).
+//! The admin listener, separate from traffic. With the bearer token: `GET /admin/status`,
+//! `GET /admin/events`, `POST /admin/reload`, `POST /admin/shards/{id}/drain` and
+//! `/undrain`, and (demo mode only) `POST /admin/shards/{id}/fault`. Open: `GET /metrics`
+//! (Prometheus).
 //!
 //! The token comes from `BREAKWATER_ADMIN_TOKEN`; it is compared in constant time and
 //! never logged. `/metrics` carries no secrets and is left open for scrapers, as Envoy's
@@ -18,49 +19,62 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
-use breakwater_health::HealthMonitor;
+use std::sync::atomic::Ordering;
 
-use crate::admission::Admission;
+use breakwater_health::ShardState;
+
 use crate::demo::FaultControls;
-use crate::metrics::Metrics;
 use crate::policy::Priority;
 use crate::proxy::error::{error_json, GatewayError};
-use crate::routing::Router;
+use crate::proxy::State;
+use crate::reload::{ReloadError, Reloader, Trigger};
+use crate::table::Table;
 
 /// Largest admin request body, bytes.
 const MAX_ADMIN_BODY_BYTES: usize = 64 << 10;
 
 /// The admin application.
 pub struct Admin {
-    router: Arc<Router>,
-    metrics: Arc<Metrics>,
-    health: HealthMonitor,
-    admission: Arc<Admission>,
+    state: Arc<State>,
+    reloader: Arc<Reloader>,
     token: String,
-    home_region: String,
     /// Demo mode: where each simulated shard and probe takes faults.
     fault_controls: FaultControls,
 }
 
+/// An operator action on one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShardAction {
+    Drain,
+    Undrain,
+    Fault,
+}
+
+/// `/admin/shards/{id}/{action}` → the id and the action.
+fn shard_action(path: &str) -> Option<(&str, ShardAction)> {
+    let (id, action) = path.strip_prefix("/admin/shards/")?.rsplit_once('/')?;
+    let action = match action {
+        "drain" => ShardAction::Drain,
+        "undrain" => ShardAction::Undrain,
+        "fault" => ShardAction::Fault,
+        _ => return None,
+    };
+    (!id.is_empty() && !id.contains('/')).then_some((id, action))
+}
+
 impl Admin {
-    /// An admin API guarded by `token`. `fault_controls` is empty outside demo mode, which
-    /// turns the fault endpoint off.
+    /// An admin API over the gateway's state, guarded by `token`. `fault_controls` is
+    /// empty outside demo mode, which turns the fault endpoint off.
     pub fn new(
-        router: Arc<Router>,
-        metrics: Arc<Metrics>,
-        health: HealthMonitor,
-        admission: Arc<Admission>,
+        state: Arc<State>,
+        reloader: Arc<Reloader>,
         token: String,
-        home_region: String,
         fault_controls: FaultControls,
     ) -> Self {
         Self {
-            router,
-            metrics,
-            health,
-            admission,
+            state,
+            reloader,
             token,
-            home_region,
             fault_controls,
         }
     }
@@ -77,22 +91,30 @@ impl Admin {
     }
 
     fn status(&self) -> serde_json::Value {
-        let health = self.router.health();
-        let shards: Vec<_> = self
-            .router
+        let table = self.state.tables.load();
+        let router = &table.router;
+        let health = router.health();
+        let shards: Vec<_> = router
             .shards()
             .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let h = health.get(i);
+            .map(|s| {
+                let h = health.get(s.key);
+                let state = if s.is_drained() {
+                    ShardState::Draining
+                } else {
+                    h.state
+                };
                 json!({
                     "id": s.id,
                     "region": s.region,
                     "pool": s.pool,
                     "url": s.url.as_str(),
-                    "state": h.state.as_str(),
-                    "reason": h.reason,
+                    "state": state.as_str(),
+                    "reason": if s.is_drained() { "drained by an operator" } else { h.reason.as_str() },
+                    "drained": s.is_drained(),
+                    "health_state": h.state.as_str(),
                     "ejection_count": h.ejection_count,
+                    "weight_factor": h.weight_factor,
                     "gpu": h.gpu,
                     "queue_depth": h.engine.and_then(|e| e.queue_depth),
                     "running": h.engine.and_then(|e| e.running),
@@ -101,32 +123,36 @@ impl Admin {
                     "inflight_tokens": s.load.inflight_tokens(),
                     "inflight_requests": s.load.inflight_requests(),
                     "capacity_tps": s.capacity_tps,
-                    "admission_limit_tokens": self.admission.limit_tokens(i),
+                    "admission_limit_tokens": s.limit.tokens(),
                     "dispatched_requests_total": s.load.dispatched_requests_total(),
                     "dispatched_tokens_total": s.load.dispatched_tokens_total(),
                 })
             })
             .collect();
         json!({
-            "home_region": self.home_region,
-            "ready": self.router.ready(),
+            "home_region": table.policy.home_region,
+            "ready": !self.state.lifecycle.is_stopping() && router.ready(),
+            "stopping": self.state.lifecycle.is_stopping(),
+            "in_flight": self.state.lifecycle.in_flight(),
+            "policy": self.reloader.status(),
             "shards": shards,
-            "admission": self.admission_status(),
+            "admission": self.admission_status(&table),
         })
     }
 
     /// Admission's state: settings, queue depths, tenants (ids, priorities, limits and
     /// what is left of them; never keys).
-    fn admission_status(&self) -> serde_json::Value {
-        let a = &self.admission;
+    fn admission_status(&self, table: &Table) -> serde_json::Value {
+        let a = &self.state.admission;
+        let settings = &table.policy.admission;
         let depths = a.queue_depths();
         let queue: serde_json::Map<String, serde_json::Value> = Priority::ALL
             .iter()
             .zip(depths)
             .map(|(p, d)| (p.as_str().to_string(), json!(d)))
             .collect();
-        let tenants: Vec<_> = a
-            .tenants()
+        let tenants: Vec<_> = table
+            .tenants
             .all()
             .iter()
             .map(|t| {
@@ -141,12 +167,70 @@ impl Admin {
             })
             .collect();
         json!({
-            "enabled": a.settings().enabled,
-            "require_api_key": a.settings().require_api_key,
+            "enabled": settings.enabled,
+            "require_api_key": settings.require_api_key,
             "queue_depth": queue,
             "drain_tokens_per_s": a.drain_tps().round(),
             "tenants": tenants,
         })
+    }
+
+    /// `POST /admin/reload`: the policy directory read again now.
+    async fn reload(&self) -> Response<Vec<u8>> {
+        let reloader = Arc::clone(&self.reloader);
+        let done = tokio::task::spawn_blocking(move || reloader.reload(Trigger::Admin)).await;
+        match done {
+            Ok(Ok(applied)) => reply(StatusCode::OK, json!(applied).to_string().into_bytes()),
+            Ok(Err(ReloadError::NoDirectory)) => error(
+                StatusCode::CONFLICT,
+                &ReloadError::NoDirectory.to_string(),
+                "no_policy_directory",
+            ),
+            Ok(Err(e)) => error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("the policy set was not applied (the running one stays): {e}"),
+                "invalid_policy",
+            ),
+            Err(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the reload did not finish",
+                "internal",
+            ),
+        }
+    }
+
+    /// `POST /admin/shards/{id}/drain` and `/undrain`: no new requests for the shard (in
+    /// flight ones finish), or back to normal. Kept across reloads until undone.
+    fn drain(&self, id: &str, drain: bool) -> Response<Vec<u8>> {
+        let table = self.state.tables.load();
+        let Some(shard) = table.router.shard(id) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("no shard {id:?} in the policy in force"),
+                "not_found",
+            );
+        };
+        let was = shard.drained.swap(drain, Ordering::Relaxed);
+        tracing::info!(
+            target: "admin",
+            shard = %shard.id,
+            action = if drain { "drain" } else { "undrain" },
+            drained_before = was,
+            drained_after = drain,
+            inflight_requests = shard.load.inflight_requests(),
+            "operator action"
+        );
+        if !drain {
+            // Room for the queue, if anyone waits.
+            self.state.admission.dispatch();
+        }
+        let body = json!({
+            "id": shard.id,
+            "drained": drain,
+            "changed": was != drain,
+            "inflight_requests": shard.load.inflight_requests(),
+        });
+        reply(StatusCode::OK, body.to_string().into_bytes())
     }
 
     async fn fault(&self, shard: &str, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -297,12 +381,9 @@ impl ServeHttp for Admin {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         if method == http::Method::GET && path == "/metrics" {
-            let mut r = reply(
-                StatusCode::OK,
-                self.metrics
-                    .render(&self.router, &self.health, &self.admission)
-                    .into_bytes(),
-            );
+            let table = self.state.tables.load();
+            let text = self.state.metrics.render(&table, &self.state.admission);
+            let mut r = reply(StatusCode::OK, text.into_bytes());
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -325,19 +406,22 @@ impl ServeHttp for Admin {
             );
             return r;
         }
-        let fault_target = path
-            .strip_prefix("/admin/shards/")
-            .and_then(|rest| rest.strip_suffix("/fault"))
-            .map(str::to_string);
-        match (&method, path.as_str(), fault_target) {
+        let monitor = self.state.tables.fleet().monitor();
+        match (&method, path.as_str(), shard_action(&path)) {
             (&http::Method::GET, "/admin/status", _) => {
                 reply(StatusCode::OK, self.status().to_string().into_bytes())
             }
             (&http::Method::GET, "/admin/events", _) => {
-                let events = json!({"events": self.health.events(), "dropped_signals": self.health.dropped_signals()});
+                let events = json!({"events": monitor.events(), "dropped_signals": monitor.dropped_signals()});
                 reply(StatusCode::OK, events.to_string().into_bytes())
             }
-            (&http::Method::POST, _, Some(shard)) => self.fault(&shard, session).await,
+            (&http::Method::POST, "/admin/reload", _) => self.reload().await,
+            (&http::Method::POST, _, Some((id, ShardAction::Drain))) => self.drain(id, true),
+            (&http::Method::POST, _, Some((id, ShardAction::Undrain))) => self.drain(id, false),
+            (&http::Method::POST, _, Some((id, ShardAction::Fault))) => {
+                let id = id.to_string();
+                self.fault(&id, session).await
+            }
             _ => error(
                 StatusCode::NOT_FOUND,
                 &format!("no route for {method} {path}"),
@@ -349,7 +433,27 @@ impl ServeHttp for Admin {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, shard_action, ShardAction};
+
+    #[test]
+    fn shard_action_paths() {
+        assert_eq!(
+            shard_action("/admin/shards/w-1/drain"),
+            Some(("w-1", ShardAction::Drain))
+        );
+        assert_eq!(
+            shard_action("/admin/shards/w-1/undrain"),
+            Some(("w-1", ShardAction::Undrain))
+        );
+        assert_eq!(
+            shard_action("/admin/shards/w-1/fault"),
+            Some(("w-1", ShardAction::Fault))
+        );
+        assert_eq!(shard_action("/admin/shards//drain"), None);
+        assert_eq!(shard_action("/admin/shards/a/b/drain"), None);
+        assert_eq!(shard_action("/admin/shards/w-1/explode"), None);
+        assert_eq!(shard_action("/admin/shards/w-1"), None);
+    }
 
     #[test]
     fn token_comparison() {

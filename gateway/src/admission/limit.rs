@@ -32,9 +32,6 @@ pub struct ShardLimit {
     /// The limit now, tokens (read on every admission without a lock).
     tokens: AtomicU64,
     state: Mutex<Gradient>,
-    floor: f64,
-    ceiling: f64,
-    tolerance: f64,
 }
 
 #[derive(Debug)]
@@ -42,6 +39,11 @@ struct Gradient {
     limit: f64,
     /// The shard's low TTFT, seconds; 0 until the first sample.
     baseline: f64,
+    /// The capacity the bounds were computed for, tokens/s.
+    capacity_tps: f64,
+    floor: f64,
+    ceiling: f64,
+    tolerance: f64,
 }
 
 impl ShardLimit {
@@ -62,11 +64,27 @@ impl ShardLimit {
             state: Mutex::new(Gradient {
                 limit,
                 baseline: 0.0,
+                capacity_tps,
+                floor: tokens(min),
+                ceiling: tokens(max),
+                tolerance,
             }),
-            floor: tokens(min),
-            ceiling: tokens(max),
-            tolerance,
         }
+    }
+
+    /// New bounds from a reloaded policy, keeping what was learned: the limit scales with
+    /// a changed capacity (it is tokens of work, capacity × time) and is clamped to the new
+    /// floor and ceiling; the TTFT baseline stays.
+    pub fn reconfigure(&self, capacity_tps: f64, min: Duration, max: Duration, tolerance: f64) {
+        let tokens = |d: Duration| (capacity_tps * d.as_secs_f64()).max(1.0);
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let scale = capacity_tps / g.capacity_tps.max(1e-9);
+        g.capacity_tps = capacity_tps;
+        g.floor = tokens(min);
+        g.ceiling = tokens(max);
+        g.tolerance = tolerance;
+        g.limit = (g.limit * scale).clamp(g.floor, g.ceiling);
+        self.tokens.store(g.limit as u64, Ordering::Relaxed);
     }
 
     /// The limit now, tokens.
@@ -88,26 +106,25 @@ impl ShardLimit {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if g.baseline == 0.0 || sample < g.baseline {
             g.baseline = sample;
-        } else if sample < 2.0 * self.tolerance * g.baseline {
+        } else if sample < 2.0 * g.tolerance * g.baseline {
             // A slow drift (longer prompts, a busier engine) is learned; samples far above
             // are queueing, and learning them would make queueing the new normal.
             g.baseline += (sample - g.baseline) * BASELINE_RISE;
         }
-        let gradient = (self.tolerance * g.baseline / sample).clamp(0.5, 1.0);
+        let gradient = (g.tolerance * g.baseline / sample).clamp(0.5, 1.0);
         let headroom = 2.0 * avg_request_tokens.max(1.0);
         if gradient >= 1.0 && (inflight as f64) < g.limit / 2.0 {
             return; // no evidence the shard could take more: it is not being used
         }
         let target = g.limit * gradient + headroom;
-        g.limit =
-            (g.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(self.floor, self.ceiling);
+        g.limit = (g.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(g.floor, g.ceiling);
         self.tokens.store(g.limit as u64, Ordering::Relaxed);
     }
 
     /// The shard answered 429: it is over-admitted; cut the limit by a fifth.
     pub fn overloaded(&self) {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        g.limit = (g.limit * 0.8).max(self.floor);
+        g.limit = (g.limit * 0.8).max(g.floor);
         self.tokens.store(g.limit as u64, Ordering::Relaxed);
     }
 }

@@ -26,24 +26,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use breakwater_health::HealthView;
+use breakwater_health::{HealthView, ShardId};
 
-use crate::policy::{AdmissionSettings, Policy, Priority};
+use crate::policy::Priority;
 use crate::proxy::error::{GatewayError, RateLimited, ShedReason};
 use crate::routing::ledger::LoadCharge;
-use crate::routing::{ModelRoute, Router};
-use limit::ShardLimit;
+use crate::routing::{ModelRoute, ShardEntry};
+use crate::table::{Table, Tables};
 use queue::{Ticket, WaitQueue};
 use rate::Quota;
-use tenant::{KeyProblem, Tenants};
+use tenant::KeyProblem;
 
-/// Admission control for one gateway process (limits are per replica).
+/// Admission control for one gateway process (limits are per replica). The queue and the
+/// drain rate outlive policy reloads; everything the policy says is read from the table a
+/// request started with (a queued request is granted room by the table in force).
 pub struct Admission {
-    settings: AdmissionSettings,
-    tenants: Tenants,
-    limits: Vec<ShardLimit>,
-    queue: WaitQueue<Slot>,
-    router: Arc<Router>,
+    tables: Arc<Tables>,
+    queue: WaitQueue<Arc<str>, Slot>,
     drain: DrainRate,
 }
 
@@ -52,7 +51,7 @@ pub struct Admission {
 pub struct Slot {
     admission: Arc<Admission>,
     /// The shard.
-    pub shard: usize,
+    pub shard: Arc<ShardEntry>,
     charge: Option<LoadCharge>,
 }
 
@@ -62,54 +61,39 @@ impl Drop for Slot {
             let tokens = charge.tokens();
             drop(charge);
             self.admission.drain.released(tokens);
-            if self.admission.settings.enabled {
+            if self.admission.tables.peek().policy.admission.enabled {
                 self.admission.dispatch();
             }
         }
     }
 }
 
+/// The fleet's declared capacity (capacity × weight over every shard), tokens/s.
+fn capacity_tps(table: &Table) -> f64 {
+    table
+        .router
+        .shards()
+        .iter()
+        .map(|s| s.effective_capacity)
+        .sum()
+}
+
 impl Admission {
-    /// Admission for a policy's tenants and settings over `router`'s shards.
-    pub fn new(policy: &Policy, router: Arc<Router>) -> Arc<Self> {
-        let s = &policy.admission;
-        let limits = router
-            .shards()
-            .iter()
-            .map(|sh| {
-                ShardLimit::new(
-                    sh.effective_capacity,
-                    s.initial_limit,
-                    s.min_limit,
-                    s.max_limit,
-                    s.ttft_tolerance,
-                )
-            })
-            .collect();
-        let capacity: f64 = router.shards().iter().map(|s| s.effective_capacity).sum();
+    /// Admission over the tables in `tables`.
+    pub fn new(tables: Arc<Tables>) -> Arc<Self> {
+        let capacity = capacity_tps(&tables.peek());
         Arc::new(Self {
-            settings: s.clone(),
-            tenants: Tenants::new(&policy.tenants, s),
-            limits,
+            tables,
             queue: WaitQueue::default(),
-            router,
             drain: DrainRate::new(capacity),
         })
     }
 
-    /// The settings in force.
-    pub fn settings(&self) -> &AdmissionSettings {
-        &self.settings
-    }
-
-    /// The tenants.
-    pub fn tenants(&self) -> &Tenants {
-        &self.tenants
-    }
-
-    /// Shard `i`'s admission limit now, tokens.
-    pub fn limit_tokens(&self, shard: usize) -> u64 {
-        self.limits.get(shard).map_or(0, ShardLimit::tokens)
+    /// A new table is in force: the drain rate's floor follows its capacity, and its
+    /// room (new shards, higher limits) is offered to the queue.
+    pub fn retune(self: &Arc<Self>, table: &Table) {
+        self.drain.set_capacity(capacity_tps(table));
+        self.dispatch();
     }
 
     /// Requests queued per priority, most important first.
@@ -124,8 +108,13 @@ impl Admission {
 
     /// The tenant a request's headers name. 401 when keys are required and the key is
     /// missing or unknown.
-    pub fn identify(&self, headers: &http::HeaderMap) -> Result<usize, GatewayError> {
-        self.tenants
+    pub fn identify(
+        &self,
+        table: &Table,
+        headers: &http::HeaderMap,
+    ) -> Result<usize, GatewayError> {
+        table
+            .tenants
             .identify(headers)
             .map_err(|p| GatewayError::InvalidApiKey {
                 missing: p == KeyProblem::Missing,
@@ -134,65 +123,68 @@ impl Admission {
 
     /// What the request header alone decides, before any body is read: the tenant's
     /// request budget (one is taken), a token budget already spent, a full queue.
-    pub fn precheck(&self, tenant: usize) -> Result<(), GatewayError> {
-        let t = self.tenants.get(tenant);
+    pub fn precheck(&self, table: &Table, tenant: usize) -> Result<(), GatewayError> {
+        let t = table.tenants.get(tenant);
         let requests = match &t.rpm {
-            Some(b) => Some(b.take(1).map_err(|q| {
-                rate_limited(t.tpm.as_ref().map(rate::Bucket::peek), Some(q), false)
-            })?),
+            Some(b) => Some(
+                b.take(1)
+                    .map_err(|q| rate_limited(t.tpm.as_ref().map(|b| b.peek()), Some(q), false))?,
+            ),
             None => None,
         };
         if let Some(b) = &t.tpm {
             b.check_not_empty()
                 .map_err(|q| rate_limited(Some(q), requests, true))?;
         }
-        if self.settings.enabled && self.queue.len() >= self.settings.max_queued {
+        let settings = &table.policy.admission;
+        if settings.enabled && self.queue.len() >= settings.max_queued {
             return Err(self.shed(ShedReason::QueueFull, 0));
         }
         Ok(())
     }
 
     /// Charges a request's estimated tokens to its tenant's token budget.
-    pub fn charge_tokens(&self, tenant: usize, tokens: u64) -> Result<(), GatewayError> {
-        let t = self.tenants.get(tenant);
+    pub fn charge_tokens(
+        &self,
+        table: &Table,
+        tenant: usize,
+        tokens: u64,
+    ) -> Result<(), GatewayError> {
+        let t = table.tenants.get(tenant);
         if let Some(b) = &t.tpm {
             b.take(tokens)
-                .map_err(|q| rate_limited(Some(q), t.rpm.as_ref().map(rate::Bucket::peek), true))?;
+                .map_err(|q| rate_limited(Some(q), t.rpm.as_ref().map(|b| b.peek()), true))?;
         }
         Ok(())
     }
 
     /// Corrects a tenant's token budget once the answer's usage is known.
-    pub fn correct_tokens(&self, tenant: usize, charged: u64, used: u64) {
-        if let Some(b) = &self.tenants.get(tenant).tpm {
+    pub fn correct_tokens(&self, table: &Table, tenant: usize, charged: u64, used: u64) {
+        if let Some(b) = &table.tenants.get(tenant).tpm {
             b.correct(charged, used);
         }
     }
 
-    /// Whether shard `i` has room for `cost` more tokens now.
-    fn fits(&self, i: usize, cost: u64, health: &HealthView) -> bool {
-        let inflight = self.router.shards()[i].load.inflight_tokens();
-        self.limits[i].fits(inflight, cost) && self.router.has_headroom(i, health)
-    }
-
-    fn charge(self: &Arc<Self>, shard: usize, cost: u64) -> Slot {
-        let charge = self.router.shards()[shard].load.charge(cost);
+    fn charge(self: &Arc<Self>, shard: &Arc<ShardEntry>, cost: u64) -> Slot {
         Slot {
             admission: Arc::clone(self),
-            shard,
-            charge: Some(charge),
+            shard: Arc::clone(shard),
+            charge: Some(shard.load.charge(cost)),
         }
     }
 
-    /// Places a request's first attempt on a shard with room for it; `None` when none has
-    /// room. With admission off, any shard routing would pick counts as having room.
-    pub fn place(self: &Arc<Self>, route: &ModelRoute, cost: u64) -> Option<Slot> {
+    /// Places a request's first attempt on a shard of `table` with room for it; `None`
+    /// when none has room. With admission off, any shard routing would pick has room.
+    pub fn place(self: &Arc<Self>, table: &Table, route: &ModelRoute, cost: u64) -> Option<Slot> {
         let rng = &mut rand::thread_rng();
-        let shard = if self.settings.enabled {
-            self.router
-                .pick_fitting(route, &[], |i, h| self.fits(i, cost, h), rng)?
+        let router = &table.router;
+        let shard = if table.policy.admission.enabled {
+            let fits = |s: &ShardEntry, h: &HealthView| {
+                s.limit.fits(s.load.inflight_tokens(), cost) && router.has_headroom(s, h)
+            };
+            router.pick_fitting(route, &[], fits, rng)?
         } else {
-            self.router.pick(route, &[], rng)?
+            router.pick(route, &[], rng)?
         };
         Some(self.charge(shard, cost))
     }
@@ -200,25 +192,27 @@ impl Admission {
     /// Places a retry: any shard routing picks, room or not (the retry budget bounds them).
     pub fn place_retry(
         self: &Arc<Self>,
+        table: &Table,
         route: &ModelRoute,
         cost: u64,
-        tried: &[usize],
+        tried: &[ShardId],
     ) -> Option<Slot> {
-        let shard = self.router.pick(route, tried, &mut rand::thread_rng())?;
+        let shard = table.router.pick(route, tried, &mut rand::thread_rng())?;
         Some(self.charge(shard, cost))
     }
 
     /// Whether routing has any shard for `route`, room or not.
-    pub fn can_serve(&self, route: &ModelRoute) -> bool {
-        self.router
+    pub fn can_serve(&self, table: &Table, route: &ModelRoute) -> bool {
+        table
+            .router
             .pick(route, &[], &mut rand::thread_rng())
             .is_some()
     }
 
     /// Whether a new request of `priority` may take room now, or must queue behind
     /// waiters of its priority or above.
-    pub fn must_queue(&self, priority: Priority) -> bool {
-        self.settings.enabled && self.queue.ahead_of(priority) > 0
+    pub fn must_queue(&self, table: &Table, priority: Priority) -> bool {
+        table.policy.admission.enabled && self.queue.ahead_of(priority) > 0
     }
 
     /// Queues a request that could not be placed, or refuses it at once when its
@@ -226,47 +220,57 @@ impl Admission {
     /// request's own. Only for admission that is enabled: with it off nothing waits.
     pub fn enqueue<'a>(
         self: &'a Arc<Self>,
+        table: &Table,
         route: &ModelRoute,
         priority: Priority,
         cost: u64,
         deadline: Instant,
-    ) -> Result<(Ticket<'a, Slot>, Instant), GatewayError> {
+    ) -> Result<(Ticket<'a, Arc<str>, Slot>, Instant), GatewayError> {
+        let settings = &table.policy.admission;
         let now = Instant::now();
         let rate = self.drain.rate();
         let ahead = self.queue.tokens_ahead_of(priority) + cost;
         let predicted = Duration::from_secs_f64(ahead as f64 / rate);
-        let timeout = self.settings.queue_timeout[priority.index()];
+        let timeout = settings.queue_timeout[priority.index()];
         // Critical requests wait only behind critical ones, so a standing queue of others
         // does not shorten their wait; the others may join a standing queue only briefly.
         let allowed = match priority {
             Priority::Critical => timeout,
             Priority::Sheddable if self.queue.standing(now) => Duration::ZERO,
-            _ if self.queue.standing(now) => self.settings.queue_target.min(timeout),
+            _ if self.queue.standing(now) => settings.queue_target.min(timeout),
             _ => timeout,
         };
         let queue_deadline = (now + timeout).min(deadline);
         if predicted > allowed || now + predicted > queue_deadline {
             return Err(self.shed(ShedReason::Overloaded, cost));
         }
-        let model = route.model;
-        let ticket = self
-            .queue
-            .enqueue(priority, model, cost, queue_deadline, rate, |m, c| {
-                self.place_queued(m, c)
-            });
+        let current = self.tables.load();
+        let ticket = self.queue.enqueue(
+            priority,
+            Arc::clone(&route.name),
+            cost,
+            queue_deadline,
+            rate,
+            |m, c| self.place_queued(&current, m, c),
+        );
         Ok((ticket, queue_deadline))
     }
 
-    fn place_queued(self: &Arc<Self>, model: usize, cost: u64) -> Option<Slot> {
-        let route = self.router.route_by_index(model)?;
-        self.place(route, cost)
+    /// Places a queued request of model `model` in the table in force.
+    fn place_queued(self: &Arc<Self>, table: &Table, model: &Arc<str>, cost: u64) -> Option<Slot> {
+        let route = table.router.route(model)?;
+        self.place(table, route, cost)
     }
 
     /// Offers the room there is now to the queue: run when a slot is released, and by
     /// waiters now and then for room that appears without one (health or engine readings
-    /// changed).
+    /// changed, a reload).
     pub fn dispatch(self: &Arc<Self>) {
-        self.queue.dispatch(|m, c| self.place_queued(m, c));
+        if self.queue.is_empty() {
+            return;
+        }
+        let table = self.tables.load();
+        self.queue.dispatch(|m, c| self.place_queued(&table, m, c));
     }
 
     /// A refusal by admission, with `Retry-After` from the time the fleet needs to drain
@@ -281,25 +285,22 @@ impl Admission {
     }
 
     /// Learns from a request's time to first token on `shard`, less its estimated prefill.
-    pub fn observe_ttft(&self, shard: usize, ttft: Duration, prefill: Duration) {
-        let Some(limit) = self.limits.get(shard) else {
-            return;
-        };
-        let load = &self.router.shards()[shard].load;
+    pub fn observe_ttft(&self, shard: &ShardEntry, ttft: Duration, prefill: Duration) {
+        let load = &shard.load;
         let (tokens, requests) = (load.inflight_tokens(), load.inflight_requests());
         let avg = if requests > 0 {
             tokens as f64 / requests as f64
         } else {
             0.0
         };
-        limit.observe(ttft.saturating_sub(prefill), tokens, avg);
+        shard
+            .limit
+            .observe(ttft.saturating_sub(prefill), tokens, avg);
     }
 
     /// `shard` answered 429: it took more than it can start.
-    pub fn shard_overloaded(&self, shard: usize) {
-        if let Some(l) = self.limits.get(shard) {
-            l.overloaded();
-        }
+    pub fn shard_overloaded(&self, shard: &ShardEntry) {
+        shard.limit.overloaded();
     }
 }
 
@@ -317,7 +318,8 @@ fn rate_limited(tokens: Option<Quota>, requests: Option<Quota>, by_tokens: bool)
 struct DrainRate {
     released: AtomicU64,
     state: Mutex<DrainState>,
-    floor: f64,
+    /// A tenth of the declared capacity, tokens/s (f64 bits).
+    floor: AtomicU64,
 }
 
 struct DrainState {
@@ -338,8 +340,17 @@ impl DrainRate {
                 seen: 0,
                 rate: capacity_tps.max(1.0),
             }),
-            floor: (capacity_tps / 10.0).max(1.0),
+            floor: AtomicU64::new(Self::floor_for(capacity_tps).to_bits()),
         }
+    }
+
+    fn floor_for(capacity_tps: f64) -> f64 {
+        (capacity_tps / 10.0).max(1.0)
+    }
+
+    fn set_capacity(&self, capacity_tps: f64) {
+        let floor = Self::floor_for(capacity_tps).to_bits();
+        self.floor.store(floor, Ordering::Relaxed);
     }
 
     fn released(&self, tokens: u64) {
@@ -363,6 +374,7 @@ impl DrainRate {
             s.at = now;
             s.seen = total;
         }
-        s.rate.max(self.floor)
+        s.rate
+            .max(f64::from_bits(self.floor.load(Ordering::Relaxed)))
     }
 }

@@ -29,24 +29,24 @@ pub struct Evicted;
 /// What a waiter receives.
 pub type Outcome<G> = Result<G, Evicted>;
 
-struct Waiter<G> {
+struct Waiter<K, G> {
     id: u64,
-    model: usize,
+    model: K,
     cost: u64,
     deadline: Instant,
     tx: oneshot::Sender<Outcome<G>>,
 }
 
-struct Inner<G> {
-    bands: [VecDeque<Waiter<G>>; 3],
+struct Inner<K, G> {
+    bands: [VecDeque<Waiter<K, G>>; 3],
     next_id: u64,
     /// Since when the queue has held someone without a break.
     nonempty_since: Option<Instant>,
 }
 
 /// The queue, shared by every worker thread.
-pub struct WaitQueue<G> {
-    inner: Mutex<Inner<G>>,
+pub struct WaitQueue<K, G> {
+    inner: Mutex<Inner<K, G>>,
     /// Waiters per band, readable without the lock.
     waiting: [AtomicUsize; 3],
     /// Tokens queued per band.
@@ -54,8 +54,8 @@ pub struct WaitQueue<G> {
 }
 
 /// One queued request. Dropping it leaves the queue.
-pub struct Ticket<'q, G> {
-    queue: &'q WaitQueue<G>,
+pub struct Ticket<'q, K, G> {
+    queue: &'q WaitQueue<K, G>,
     id: u64,
     band: usize,
     rx: oneshot::Receiver<Outcome<G>>,
@@ -63,7 +63,7 @@ pub struct Ticket<'q, G> {
     pub enqueued: Instant,
 }
 
-impl<G> Ticket<'_, G> {
+impl<K, G> Ticket<'_, K, G> {
     /// Waits for the grant (or the eviction). `None`: the queue dropped the waiter without
     /// an answer, which only happens when the gateway is going away.
     pub async fn granted(&mut self) -> Option<Outcome<G>> {
@@ -71,13 +71,13 @@ impl<G> Ticket<'_, G> {
     }
 }
 
-impl<G> Drop for Ticket<'_, G> {
+impl<K, G> Drop for Ticket<'_, K, G> {
     fn drop(&mut self) {
         self.queue.remove(self.band, self.id);
     }
 }
 
-impl<G> Default for WaitQueue<G> {
+impl<K, G> Default for WaitQueue<K, G> {
     fn default() -> Self {
         Self {
             inner: Mutex::new(Inner {
@@ -91,11 +91,7 @@ impl<G> Default for WaitQueue<G> {
     }
 }
 
-impl<G> WaitQueue<G> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<G>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
+impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
     /// Waiters in each band, most important first.
     pub fn depths(&self) -> [usize; 3] {
         [0, 1, 2].map(|b| self.waiting[b].load(Ordering::Relaxed))
@@ -149,12 +145,12 @@ impl<G> WaitQueue<G> {
     pub fn enqueue(
         &self,
         priority: Priority,
-        model: usize,
+        model: K,
         cost: u64,
         deadline: Instant,
         rate: f64,
-        place: impl FnMut(usize, u64) -> Option<G>,
-    ) -> Ticket<'_, G> {
+        place: impl FnMut(&K, u64) -> Option<G>,
+    ) -> Ticket<'_, K, G> {
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
         let band = priority.index();
@@ -194,7 +190,7 @@ impl<G> WaitQueue<G> {
     }
 
     /// Grants room to waiters, most important first, while `place` finds some.
-    pub fn dispatch(&self, place: impl FnMut(usize, u64) -> Option<G>) {
+    pub fn dispatch(&self, place: impl FnMut(&K, u64) -> Option<G>) {
         if self.is_empty() {
             return;
         }
@@ -207,12 +203,12 @@ impl<G> WaitQueue<G> {
 
     fn grant(
         &self,
-        inner: &mut Inner<G>,
-        mut place: impl FnMut(usize, u64) -> Option<G>,
+        inner: &mut Inner<K, G>,
+        mut place: impl FnMut(&K, u64) -> Option<G>,
         sends: &mut Vec<(oneshot::Sender<Outcome<G>>, Outcome<G>)>,
     ) {
         // A model whose oldest waiter did not fit: its younger waiters wait behind it.
-        let mut blocked: Vec<usize> = Vec::new();
+        let mut blocked: Vec<K> = Vec::new();
         let mut scanned = 0;
         for band in 0..3 {
             let mut i = 0;
@@ -226,7 +222,7 @@ impl<G> WaitQueue<G> {
                     i += 1;
                     continue;
                 }
-                match place(w.model, w.cost) {
+                match place(&w.model, w.cost) {
                     Some(g) => {
                         if let Some(w) = self.take(inner, band, i) {
                             sends.push((w.tx, Ok(g)));
@@ -234,7 +230,7 @@ impl<G> WaitQueue<G> {
                         scanned = 0;
                     }
                     None => {
-                        blocked.push(w.model);
+                        blocked.push(w.model.clone());
                         scanned += 1;
                         i += 1;
                     }
@@ -247,7 +243,7 @@ impl<G> WaitQueue<G> {
     /// would be served after their deadline.
     fn evict_overdue(
         &self,
-        inner: &mut Inner<G>,
+        inner: &mut Inner<K, G>,
         now: Instant,
         rate: f64,
         sends: &mut Vec<(oneshot::Sender<Outcome<G>>, Outcome<G>)>,
@@ -270,8 +266,14 @@ impl<G> WaitQueue<G> {
             }
         }
     }
+}
 
-    fn take(&self, inner: &mut Inner<G>, band: usize, i: usize) -> Option<Waiter<G>> {
+impl<K, G> WaitQueue<K, G> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<K, G>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self, inner: &mut Inner<K, G>, band: usize, i: usize) -> Option<Waiter<K, G>> {
         let w = inner.bands[band].remove(i)?;
         self.waiting[band].fetch_sub(1, Ordering::Relaxed);
         self.tokens[band].fetch_sub(w.cost as usize, Ordering::Relaxed);
@@ -308,8 +310,8 @@ mod tests {
 
     #[tokio::test]
     async fn grants_go_to_the_most_important_band_first_and_fifo_within_it() {
-        let q: WaitQueue<u32> = WaitQueue::default();
-        let never = |_, _| None;
+        let q: WaitQueue<usize, u32> = WaitQueue::default();
+        let never = |_: &usize, _: u64| None;
         let mut s1 = q.enqueue(Priority::Sheddable, 0, 10, far(), 1e6, never);
         let mut a1 = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, never);
         let mut a2 = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, never);
@@ -337,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_that_leaves_is_gone_and_never_granted() {
-        let q: WaitQueue<u32> = WaitQueue::default();
+        let q: WaitQueue<usize, u32> = WaitQueue::default();
         let t = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, |_, _| None);
         assert_eq!(q.len(), 1);
         drop(t);
@@ -353,12 +355,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_model_whose_head_does_not_fit_does_not_block_another_model() {
-        let q: WaitQueue<u32> = WaitQueue::default();
+        let q: WaitQueue<usize, u32> = WaitQueue::default();
         let mut big = q.enqueue(Priority::Standard, 0, 1000, far(), 1e6, |_, _| None);
         let mut small_same = q.enqueue(Priority::Standard, 0, 1, far(), 1e6, |_, _| None);
         let mut other = q.enqueue(Priority::Standard, 1, 10, far(), 1e6, |_, _| None);
         // Only model 1 has room; model 0's small request must not overtake its big one.
-        q.dispatch(|model, _| (model == 1).then_some(7));
+        q.dispatch(|model, _| (*model == 1).then_some(7));
         assert_eq!(other.granted().await, Some(Ok(7)));
         assert_eq!(q.depths(), [0, 2, 0]);
         q.dispatch(|_, _| Some(3));
@@ -368,7 +370,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_critical_arrival_evicts_the_waiters_it_pushes_past_their_deadline() {
-        let q: WaitQueue<u32> = WaitQueue::default();
+        let q: WaitQueue<usize, u32> = WaitQueue::default();
         // 1,000 tokens/s drain: a 100-token standard waiter is due in 100 ms.
         let soon = Instant::now() + Duration::from_millis(300);
         let mut std1 = q.enqueue(Priority::Standard, 0, 100, soon, 1000.0, |_, _| None);
@@ -382,7 +384,7 @@ mod tests {
 
     #[test]
     fn a_queue_that_never_empties_becomes_standing() {
-        let q: WaitQueue<u32> = WaitQueue::default();
+        let q: WaitQueue<usize, u32> = WaitQueue::default();
         let now = Instant::now();
         assert!(!q.standing(now));
         let _t = q.enqueue(Priority::Standard, 0, 1, far(), 1e6, |_, _| None);

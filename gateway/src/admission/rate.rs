@@ -50,6 +50,11 @@ impl Bucket {
         }
     }
 
+    /// The allowance per minute.
+    pub fn per_minute(&self) -> u64 {
+        self.per_minute
+    }
+
     fn rate_per_s(&self) -> f64 {
         self.per_minute as f64 / 60.0
     }

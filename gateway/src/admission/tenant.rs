@@ -3,6 +3,7 @@
 //! clear, and keys never reach logs, metrics or the admin API — only tenant ids do.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -25,19 +26,27 @@ pub struct TenantState {
     /// Deadline of a request that brings none.
     pub timeout: Option<Duration>,
     /// Requests per minute.
-    pub rpm: Option<Bucket>,
+    pub rpm: Option<Arc<Bucket>>,
     /// Tokens per minute.
-    pub tpm: Option<Bucket>,
+    pub tpm: Option<Arc<Bucket>>,
 }
 
 impl TenantState {
-    fn new(t: &Tenant) -> Self {
+    /// Tenant `t`, keeping the buckets of `old` (the same tenant in the previous table)
+    /// whose allowance is unchanged: a reload neither refills nor empties them.
+    fn new(t: &Tenant, old: Option<&TenantState>) -> Self {
+        let bucket = |per_minute: Option<u64>, old: Option<&Arc<Bucket>>| {
+            per_minute.map(|n| match old {
+                Some(b) if b.per_minute() == n => Arc::clone(b),
+                _ => Arc::new(Bucket::new(n)),
+            })
+        };
         Self {
             id: t.id.clone(),
             priority: t.priority,
             timeout: t.timeout,
-            rpm: t.rpm.map(Bucket::new),
-            tpm: t.tpm.map(Bucket::new),
+            rpm: bucket(t.rpm, old.and_then(|o| o.rpm.as_ref())),
+            tpm: bucket(t.tpm, old.and_then(|o| o.tpm.as_ref())),
         }
     }
 }
@@ -64,7 +73,21 @@ pub enum KeyProblem {
 impl Tenants {
     /// The tenants of a policy, plus the default one.
     pub fn new(tenants: &[Tenant], settings: &AdmissionSettings) -> Self {
-        let mut states: Vec<TenantState> = tenants.iter().map(TenantState::new).collect();
+        Self::carried(tenants, settings, None)
+    }
+
+    /// [`Tenants::new`], keeping the rate buckets `previous` has for tenants of the same
+    /// id and allowance.
+    pub fn carried(
+        tenants: &[Tenant],
+        settings: &AdmissionSettings,
+        previous: Option<&Tenants>,
+    ) -> Self {
+        let old = |id: &str| previous.and_then(|p| p.tenants.iter().find(|t| t.id == id));
+        let mut states: Vec<TenantState> = tenants
+            .iter()
+            .map(|t| TenantState::new(t, old(&t.id)))
+            .collect();
         let mut by_digest = HashMap::new();
         for (i, t) in tenants.iter().enumerate() {
             for d in &t.key_digests {

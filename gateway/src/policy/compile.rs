@@ -11,7 +11,7 @@ use super::raw::{RawAdmission, RawTenant};
 use super::raw::{RawFile, RawShard};
 use super::{
     AdmissionSettings, EngineKind, Limits, Policy, PolicyIssue, Pool, Priority, Region,
-    RetrySettings, RoutingSettings, Shard, Tenant, Timeouts,
+    RetrySettings, RoutingSettings, Shard, Shutdown, Tenant, Timeouts,
 };
 
 /// Compiles parsed files (name, contents) into one policy, or every problem found.
@@ -147,7 +147,7 @@ impl Compiler {
                         None => {
                             let msg = format!(
                                 "unknown engine {kind:?}; expected one of {}",
-                                EngineKind::NAMES.join(", ")
+                                EngineKind::ALL.map(EngineKind::as_str).join(", ")
                             );
                             self.issue(name, at("engine"), msg);
                             EngineKind::Generic
@@ -256,6 +256,24 @@ impl Compiler {
             gw.admin_listen.as_deref(),
             "127.0.0.1:9091",
         );
+
+        let ms = |c: &mut Self, key: &str, v: Option<u64>, default: u64| {
+            Duration::from_millis(v.map_or(default, |v| c.bounded(gw_file, key, v, 0, 600_000)))
+        };
+        let shutdown = Shutdown {
+            delay: ms(
+                self,
+                "gateway.shutdown_delay_ms",
+                gw.shutdown_delay_ms,
+                5_000,
+            ),
+            grace: ms(
+                self,
+                "gateway.shutdown_grace_ms",
+                gw.shutdown_grace_ms,
+                30_000,
+            ),
+        };
 
         let mut lim = Limits::default();
         if let Some((f, l)) = limits {
@@ -582,6 +600,7 @@ impl Compiler {
             home_region: gw.home_region.clone(),
             listen,
             admin_listen,
+            shutdown,
             limits: lim,
             timeouts: t,
             routing: r,

@@ -2,10 +2,14 @@
 //!
 //! Two stages: [`raw`] mirrors the TOML (unknown keys are errors); `compile` checks
 //! references, ids, URLs and numbers and builds the runtime types with defaults applied.
-//! Nothing downstream re-validates. This module does not watch files or swap tables.
+//! Nothing downstream re-validates. [`revision`] names a set (its Git commit or content
+//! hash); [`watch`] notices changes. Swapping tables is [`crate::table`]'s and
+//! [`crate::reload`]'s.
 
 mod compile;
 pub mod raw;
+pub mod revision;
+pub mod watch;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -52,64 +56,7 @@ pub enum PolicyError {
     Invalid(Vec<PolicyIssue>),
 }
 
-/// The engine behind a pool; chooses how its metrics are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EngineKind {
-    /// vLLM.
-    Vllm,
-    /// SGLang.
-    Sglang,
-    /// Hugging Face Text Generation Inference.
-    Tgi,
-    /// TensorRT-LLM (through its OpenAI server).
-    Trtllm,
-    /// Triton Inference Server.
-    Triton,
-    /// Ray Serve.
-    RayServe,
-    /// BentoML.
-    Bentoml,
-    /// Anything else that speaks the OpenAI API.
-    Generic,
-}
-
-impl EngineKind {
-    /// The names accepted in `pools[].engine`.
-    pub const NAMES: [&'static str; 8] = [
-        "vllm",
-        "sglang",
-        "tgi",
-        "trtllm",
-        "triton",
-        "ray_serve",
-        "bentoml",
-        "generic",
-    ];
-
-    /// The health endpoint an engine of this kind serves.
-    pub fn default_health_path(self) -> &'static str {
-        match self {
-            Self::Triton => "/v2/health/ready",
-            _ => "/health",
-        }
-    }
-
-    /// Parses a policy name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "vllm" => Self::Vllm,
-            "sglang" => Self::Sglang,
-            "tgi" => Self::Tgi,
-            "trtllm" => Self::Trtllm,
-            "triton" => Self::Triton,
-            "ray_serve" => Self::RayServe,
-            "bentoml" => Self::Bentoml,
-            "generic" => Self::Generic,
-            _ => return None,
-        })
-    }
-}
+pub use breakwater_health::EngineKind;
 
 /// A failure domain.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,6 +103,15 @@ pub struct Shard {
     pub gpu_probe: Option<Url>,
     /// Device indices the shard runs on.
     pub gpu_devices: Vec<u32>,
+}
+
+/// What the gateway does on SIGTERM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shutdown {
+    /// `/readyz` answers 503 while new connections are still accepted, this long.
+    pub delay: Duration,
+    /// Then requests in flight have this long to finish.
+    pub grace: Duration,
 }
 
 /// Bounds on what the gateway buffers.
@@ -380,6 +336,8 @@ pub struct Policy {
     pub listen: SocketAddr,
     /// Admin listener.
     pub admin_listen: SocketAddr,
+    /// Graceful shutdown timings.
+    pub shutdown: Shutdown,
     /// Buffering bounds.
     pub limits: Limits,
     /// Upstream timeouts.
@@ -447,32 +405,76 @@ pub fn from_sources(sources: &[(String, String)]) -> Result<Policy, PolicyError>
     compile::compile(&files).map_err(PolicyError::Invalid)
 }
 
-/// Reads every `*.toml` file in `dir` (sorted by name; subdirectories ignored) and compiles
-/// the set.
-pub fn load_dir(dir: &Path) -> Result<Policy, PolicyError> {
-    let io = |source| PolicyError::Io {
-        path: dir.to_path_buf(),
-        source,
+/// Largest policy file read, bytes: a policy is kilobytes; a file past this is a mistake
+/// (or an attack) and is refused before it is parsed.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+/// Largest policy set read, bytes.
+pub const MAX_SET_BYTES: u64 = 16 << 20;
+
+/// Reads every `*.toml` file in `dir` (sorted by name; subdirectories and dot-files
+/// ignored; symbolic links followed, as Kubernetes ConfigMaps and git-sync use them) as
+/// (file name, contents). A file that cannot be read, is not UTF-8, is empty or is too
+/// large is an error: a half-written or broken file must not pass for a smaller policy.
+pub fn read_sources(dir: &Path) -> Result<Vec<(String, String)>, PolicyError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PolicyError::Io { path, source }
     };
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io)?
+        .map_err(io(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            name.is_some_and(|n| !n.starts_with('.') && n.ends_with(".toml")) && !p.is_dir()
+        })
         .collect();
     paths.sort();
     let mut sources = Vec::with_capacity(paths.len());
+    let mut total = 0;
+    let mut issues = Vec::new();
     for p in paths {
-        let text = std::fs::read_to_string(&p).map_err(|source| PolicyError::Io {
-            path: p.clone(),
-            source,
-        })?;
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let issue = |message: String| PolicyIssue {
+            file: name.clone(),
+            key: String::new(),
+            message,
+        };
+        let size = std::fs::metadata(&p).map_err(io(&p))?.len();
+        total += size;
+        if size > MAX_FILE_BYTES {
+            issues.push(issue(format!(
+                "the file is {size} bytes; a policy file may have at most {MAX_FILE_BYTES}"
+            )));
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+        if text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            issues.push(issue("the file is empty (a policy file that says nothing is a mistake, or a write still in progress)".into()));
+        }
         sources.push((name, text));
     }
-    from_sources(&sources)
+    if total > MAX_SET_BYTES {
+        issues.push(PolicyIssue {
+            file: String::new(),
+            key: String::new(),
+            message: format!("the set is {total} bytes; at most {MAX_SET_BYTES} are read"),
+        });
+    }
+    if !issues.is_empty() {
+        return Err(PolicyError::Invalid(issues));
+    }
+    Ok(sources)
+}
+
+/// Reads and compiles the policy set in `dir` (see [`read_sources`]).
+pub fn load_dir(dir: &Path) -> Result<Policy, PolicyError> {
+    from_sources(&read_sources(dir)?)
 }
 
 /// A TOML error on one line: `line L, column C: message`.

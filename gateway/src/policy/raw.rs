@@ -49,6 +49,12 @@ pub struct RawGateway {
     pub listen: Option<String>,
     /// Admin listener, `IP:PORT`. Default `127.0.0.1:9091`.
     pub admin_listen: Option<String>,
+    /// On SIGTERM: how long `/readyz` answers 503 while connections are still accepted, so
+    /// load balancers stop sending, ms. Default 5000.
+    pub shutdown_delay_ms: Option<u64>,
+    /// On SIGTERM, after the delay: how long requests and streams in flight may take to
+    /// finish before the rest are ended with an error event, ms. Default 30000.
+    pub shutdown_grace_ms: Option<u64>,
 }
 
 /// `[limits]`

@@ -10,7 +10,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct BodyBudget {
     used: AtomicUsize,
-    limit: usize,
+    limit: AtomicUsize,
 }
 
 impl BodyBudget {
@@ -18,8 +18,18 @@ impl BodyBudget {
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
             used: AtomicUsize::new(0),
-            limit,
+            limit: AtomicUsize::new(limit),
         })
+    }
+
+    /// A new limit (a reloaded policy). Bodies already held stay; new ones are measured
+    /// against it.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
     }
 
     /// Bytes held now.
@@ -46,7 +56,7 @@ pub struct Reservation {
 impl Reservation {
     /// The budget's limit, bytes (for the error message).
     pub fn budget_limit(&self) -> usize {
-        self.budget.limit
+        self.budget.limit()
     }
 
     /// Takes `n` more bytes; `false` (and nothing taken) when the budget cannot cover them.
@@ -54,7 +64,7 @@ impl Reservation {
         let b = &self.budget;
         let mut current = b.used.load(Ordering::Relaxed);
         loop {
-            let Some(next) = current.checked_add(n).filter(|next| *next <= b.limit) else {
+            let Some(next) = current.checked_add(n).filter(|next| *next <= b.limit()) else {
                 return false;
             };
             match b

@@ -8,7 +8,7 @@
 //! complete `data:` event has arrived, so a shard that answers 200 and then dies is
 //! invisible to the client.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
@@ -23,11 +23,12 @@ use super::error::{
 };
 use super::request::{self, Endpoint, InferenceRequest};
 use super::upstream::{framing, UpstreamResponse};
-use super::{sse, RequestCtx, ShardTags, State, REGION_HEADER, REQUEST_ID_HEADER, SHARD_HEADER};
+use super::{sse, RequestCtx, State, REGION_HEADER, REQUEST_ID_HEADER, SHARD_HEADER};
 use crate::admission::queue::Evicted;
 use crate::admission::Slot;
 use crate::routing::estimate::TokenCost;
 use crate::routing::{ModelRoute, ShardEntry};
+use crate::table::Table;
 
 /// Request headers not forwarded to a shard: hop-by-hop ones, and those the gateway sets.
 const SKIPPED_REQUEST_HEADERS: [&str; 12] = [
@@ -99,22 +100,28 @@ struct Resolved<'r> {
 /// header alone decides → read the body → resolve (model, cost, deadline) → admit (a shard
 /// with room, a short wait in the queue, or a fast refusal) → attempts → respond. Always
 /// leaves a response written (or the client gone); never panics on bad input.
-pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, endpoint: Endpoint) {
+pub async fn serve(
+    state: &State,
+    table: &Table,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    endpoint: Endpoint,
+) {
     let admission = &state.admission;
-    let tenant = match admission.identify(&session.req_header().headers) {
+    let tenant = match admission.identify(table, &session.req_header().headers) {
         Ok(t) => t,
         Err(e) => return refuse_before_body(session, ctx, &e).await,
     };
     ctx.tenant = Some(tenant);
-    ctx.priority = admission.tenants().get(tenant).priority;
-    if let Err(e) = admission.precheck(tenant) {
+    ctx.priority = table.tenants.get(tenant).priority;
+    if let Err(e) = admission.precheck(table, tenant) {
         return refuse_before_body(session, ctx, &e).await;
     }
     // Held until the exchange ends: the body stays in memory for retries until then.
     let mut reservation = state.body_budget.reservation();
     let body = match read_body(
         session,
-        state.policy.limits.max_body_bytes,
+        table.policy.limits.max_body_bytes,
         &mut reservation,
     )
     .await
@@ -126,25 +133,25 @@ pub async fn serve(state: &State, session: &mut Session, ctx: &mut RequestCtx, e
             return discard_unread_body(session).await;
         }
     };
-    let resolved = match resolve(state, session, ctx, endpoint, &body) {
+    let resolved = match resolve(table, session, ctx, endpoint, &body) {
         Ok(r) => r,
         Err(e) => return respond_refusal(session, ctx, &e).await,
     };
-    if let Err(e) = admission.charge_tokens(tenant, resolved.cost.total()) {
+    if let Err(e) = admission.charge_tokens(table, tenant, resolved.cost.total()) {
         return respond_refusal(session, ctx, &e).await;
     }
-    let slot = match admit(state, session, ctx, &resolved).await {
+    let slot = match admit(state, table, session, ctx, &resolved).await {
         Ok(Some(slot)) => slot,
-        Ok(None) => return admission.correct_tokens(tenant, resolved.cost.total(), 0),
+        Ok(None) => return admission.correct_tokens(table, tenant, resolved.cost.total(), 0),
         Err(e) => {
-            admission.correct_tokens(tenant, resolved.cost.total(), 0);
+            admission.correct_tokens(table, tenant, resolved.cost.total(), 0);
             return respond_refusal(session, ctx, &e).await;
         }
     };
-    let result = attempts(state, session, ctx, &resolved, &body, slot).await;
+    let result = attempts(state, table, session, ctx, &resolved, &body, slot).await;
     // The token budget pays what the answer reported (or the estimate, if it said nothing).
     let used = ctx.used_tokens.unwrap_or(resolved.cost.total());
-    admission.correct_tokens(tenant, resolved.cost.total(), used);
+    admission.correct_tokens(table, tenant, resolved.cost.total(), used);
     if let Err(e) = result {
         super::respond_error(session, ctx, &e).await;
     }
@@ -165,20 +172,20 @@ async fn respond_refusal(session: &mut Session, ctx: &mut RequestCtx, e: &Gatewa
 
 /// Parses the body and works out the route, the token cost and the deadline. Errors: a bad
 /// body (400), an unknown model (404), a request over the context window (400).
-fn resolve<'s>(
-    state: &'s State,
+fn resolve<'t>(
+    table: &'t Table,
     session: &Session,
     ctx: &mut RequestCtx,
     endpoint: Endpoint,
     body: &[u8],
-) -> Result<Resolved<'s>, GatewayError> {
+) -> Result<Resolved<'t>, GatewayError> {
     let req = request::parse(endpoint, body)?;
     ctx.model = Some(req.model.clone());
-    let route = state
+    let route = table
         .router
         .route(&req.model)
         .ok_or_else(|| GatewayError::ModelNotFound(req.model.clone()))?;
-    let cost = state.router.estimator().estimate(route.model, &req.size);
+    let cost = table.router.estimator().estimate(route.model, &req.size);
     ctx.estimated_tokens = cost.total();
     if let Some(window) = route.context_window {
         // The completion the client asked for, not the learned average: the engine
@@ -186,7 +193,7 @@ fn resolve<'s>(
         let asked = if req.size.generates {
             req.size
                 .max_completion_tokens
-                .unwrap_or(state.policy.routing.default_completion_tokens)
+                .unwrap_or(table.policy.routing.default_completion_tokens)
         } else {
             0
         };
@@ -195,13 +202,11 @@ fn resolve<'s>(
             return Err(GatewayError::ContextLength { tokens, window });
         }
     }
-    let tenant_timeout = ctx
-        .tenant
-        .and_then(|t| state.admission.tenants().get(t).timeout);
+    let tenant_timeout = ctx.tenant.and_then(|t| table.tenants.get(t).timeout);
     let budget = request::client_timeout(&session.req_header().headers)
         .or(tenant_timeout)
-        .unwrap_or(state.policy.timeouts.total)
-        .min(state.policy.timeouts.total);
+        .unwrap_or(table.policy.timeouts.total)
+        .min(table.policy.timeouts.total);
     Ok(Resolved {
         req,
         route,
@@ -214,23 +219,24 @@ fn resolve<'s>(
 /// deadline passes or the client leaves. `Ok(None)`: the client left while queued.
 async fn admit(
     state: &State,
+    table: &Table,
     session: &mut Session,
     ctx: &mut RequestCtx,
     r: &Resolved<'_>,
 ) -> Result<Option<Slot>, GatewayError> {
     let admission = &state.admission;
     let cost = r.cost.total();
-    if !admission.must_queue(ctx.priority) {
-        if let Some(slot) = admission.place(r.route, cost) {
+    if !admission.must_queue(table, ctx.priority) {
+        if let Some(slot) = admission.place(table, r.route, cost) {
             return Ok(Some(slot));
         }
     }
     // Nothing at all to serve it (no shard, room or not): 503, not an overload.
-    if !admission.settings().enabled || !admission.can_serve(r.route) {
+    if !table.policy.admission.enabled || !admission.can_serve(table, r.route) {
         return Err(GatewayError::NoShard(r.req.model.clone()));
     }
     let (mut ticket, queue_deadline) =
-        admission.enqueue(r.route, ctx.priority, cost, r.deadline.into_std())?;
+        admission.enqueue(table, r.route, ctx.priority, cost, r.deadline.into_std())?;
     let until = Instant::from_std(queue_deadline);
     let outcome = loop {
         tokio::select! {
@@ -256,6 +262,7 @@ async fn admit(
 /// error to answer.
 async fn attempts(
     state: &State,
+    table: &Table,
     session: &mut Session,
     ctx: &mut RequestCtx,
     r: &Resolved<'_>,
@@ -268,21 +275,19 @@ async fn attempts(
     let mut in_flight = state.retry_budget.request();
     let mut next = Some(first);
     let mut first_byte_timeouts = 0;
-    let max_attempts = state.policy.routing.max_attempts as usize;
+    let max_attempts = table.policy.routing.max_attempts as usize;
     while let Some(slot) = next.take() {
-        let shard_idx = slot.shard;
-        tried.push(shard_idx);
-        let shard = &state.router.shards()[shard_idx];
-        ctx.shard = Some(shard_idx);
+        let shard = Arc::clone(&slot.shard);
+        tried.push(shard.key);
+        ctx.shard = Some(Arc::clone(&shard));
         ctx.attempts += 1;
         let call = Call {
             state,
-            shard_idx,
-            shard,
-            tags: &state.shard_tags[shard_idx],
+            table,
+            shard: &shard,
             req: &r.req,
             route_model: r.route.model,
-            prefill: state.prefill_time(shard_idx, r.cost.prompt),
+            prefill: table.prefill_time(&shard, r.cost.prompt),
             deadline: r.deadline,
         };
         let outcome = call.attempt(session, ctx, body).await;
@@ -292,7 +297,7 @@ async fn attempts(
             if signal == Signal::Success {
                 state.retry_budget.deposit();
             }
-            state.health.report(shard_idx, signal);
+            shard.reporter.report(signal);
         }
         let cause = match outcome {
             Attempt::Finished(_) | Attempt::ClientGone => return Ok(()),
@@ -303,8 +308,8 @@ async fn attempts(
             // An overloaded answer: the shard took more than it can start. Trying the rest
             // of a pool that is saturated everywhere would only add load; the retry goes to
             // another region, or the client gets a fast 429.
-            state.admission.shard_overloaded(shard_idx);
-            tried.extend(state.router.saturated_peers(r.route, shard_idx));
+            state.admission.shard_overloaded(&shard);
+            tried.extend(table.router.saturated_peers(r.route, shard.key));
         }
         if matches!(cause, UpstreamFailure::FirstByteTimeout(_)) {
             first_byte_timeouts += 1;
@@ -312,7 +317,7 @@ async fn attempts(
         let rule = cause.retry(RetryContext {
             prompt_tokens: r.cost.prompt,
             first_byte_timeouts,
-            max_retry_prompt_tokens: state.policy.routing.max_retry_prompt_tokens,
+            max_retry_prompt_tokens: table.policy.routing.max_retry_prompt_tokens,
         });
         failures.push(AttemptFailure {
             shard: shard.id.clone(),
@@ -337,7 +342,9 @@ async fn attempts(
                 _ = client_gone(session) => return Ok(()),
             }
         }
-        next = state.admission.place_retry(r.route, r.cost.total(), &tried);
+        next = state
+            .admission
+            .place_retry(table, r.route, r.cost.total(), &tried);
     }
     Err(if failures.is_empty() {
         GatewayError::NoShard(r.req.model.clone())
@@ -431,9 +438,8 @@ async fn client_gone(session: &mut Session) {
 /// One attempt's fixed inputs.
 struct Call<'a> {
     state: &'a State,
-    shard_idx: usize,
+    table: &'a Table,
     shard: &'a ShardEntry,
-    tags: &'a ShardTags,
     req: &'a InferenceRequest,
     route_model: usize,
     /// The estimated prefill time on this shard: the first-byte deadline grows by it.
@@ -464,7 +470,7 @@ impl Call<'_> {
     /// the request's estimated prefill, so a long prompt is not abandoned (and prefilled
     /// again elsewhere) while it is being read.
     fn first_byte_timeout(&self) -> std::time::Duration {
-        self.state.policy.timeouts.first_byte + self.prefill
+        self.table.policy.timeouts.first_byte + self.prefill
     }
 
     fn first_byte_deadline(&self) -> Instant {
@@ -483,7 +489,7 @@ impl Call<'_> {
         let head = self.upstream_head(session, ctx, body.len());
         let sent = std::time::Instant::now();
         let first_byte = self.first_byte_deadline();
-        let send = self.state.upstream.send(&self.shard.authority, &head, body);
+        let send = self.table.upstream.send(&self.shard.authority, &head, body);
         // `biased`: the exchange is polled first, so while it is ready the check for a
         // departed client is not even polled (that check may cost a read system call).
         let response = tokio::select! {
@@ -512,14 +518,14 @@ impl Call<'_> {
     }
 
     fn idle_deadline(&self) -> Instant {
-        (Instant::now() + self.state.policy.timeouts.idle).min(self.deadline)
+        (Instant::now() + self.table.policy.timeouts.idle).min(self.deadline)
     }
 
     fn idle_failure(&self) -> UpstreamFailure {
         if Instant::now() >= self.deadline {
             UpstreamFailure::Deadline
         } else {
-            UpstreamFailure::IdleTimeout(self.state.policy.timeouts.idle.as_millis())
+            UpstreamFailure::IdleTimeout(self.table.policy.timeouts.idle.as_millis())
         }
     }
 
@@ -531,7 +537,7 @@ impl Call<'_> {
         ctx: &mut RequestCtx,
         mut response: UpstreamResponse<'_>,
     ) -> Attempt {
-        let limit = self.state.policy.limits.max_response_bytes;
+        let limit = self.table.policy.limits.max_response_bytes;
         let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         loop {
@@ -599,7 +605,7 @@ impl Call<'_> {
             .size
             .generates
             .then_some(u.completion_tokens.unwrap_or(0));
-        self.state.router.estimator().observe(
+        self.table.router.estimator().observe(
             self.route_model,
             self.req.size.prompt_bytes,
             u.prompt_tokens.unwrap_or(0),
@@ -610,8 +616,8 @@ impl Call<'_> {
     /// The routing headers every answer from a shard carries, with room for `more`.
     fn routing_headers(&self, ctx: &RequestCtx, more: usize) -> HeaderMap {
         let mut h = HeaderMap::with_capacity(3 + more);
-        h.insert(SHARD_HEADER, self.tags.shard.clone());
-        h.insert(REGION_HEADER, self.tags.region.clone());
+        h.insert(SHARD_HEADER, self.shard.tags.shard.clone());
+        h.insert(REGION_HEADER, self.shard.tags.region.clone());
         if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
             h.insert(REQUEST_ID_HEADER, id);
         }
@@ -660,7 +666,7 @@ impl Call<'_> {
         // what the shard can start promptly.
         self.state
             .admission
-            .observe_ttft(self.shard_idx, sent.elapsed(), self.prefill);
+            .observe_ttft(self.shard, sent.elapsed(), self.prefill);
         let mut headers = self.routing_headers(ctx, 3);
         let fixed = [
             (http::header::CONTENT_TYPE, "text/event-stream"),
@@ -686,12 +692,19 @@ impl Call<'_> {
         {
             return Attempt::ClientGone;
         }
-        // After it: forward complete events; a failure ends the stream with an error event.
+        // After it: forward complete events; a failure ends the stream with an error event,
+        // and so does the end of a shutdown's grace period.
+        let mut ended = self.state.lifecycle.watch_end();
+        let mut shutting_down = false;
         let failure = loop {
             let next = tokio::select! {
                 biased;
                 c = timeout_at(self.idle_deadline(), response.chunk()) => c,
                 _ = client_gone(session) => return Attempt::ClientGone,
+                _ = ended.wait_for(|e| *e) => {
+                    shutting_down = true;
+                    break None;
+                }
             };
             let chunk = match next {
                 Err(_) => break Some(self.idle_failure()),
@@ -714,6 +727,13 @@ impl Call<'_> {
             }
         };
         let tail = match &failure {
+            None if shutting_down => {
+                ctx.stream_error = Some("the gateway is shutting down".into());
+                sse::error_event(
+                    "the gateway is shutting down; retry the request",
+                    "shutting_down",
+                )
+            }
             // A clean end: pass on whatever the shard sent last, complete or not.
             None => pending.freeze(),
             // A partial event is dropped so the error event starts at an event boundary.
@@ -740,7 +760,7 @@ impl Call<'_> {
     fn learn_from_stream(&self, ctx: &mut RequestCtx, tally: &StreamTally) {
         match tally.usage {
             Some(u) => self.learn(ctx, u),
-            None if tally.data_events > 0 => self.state.router.estimator().observe(
+            None if tally.data_events > 0 => self.table.router.estimator().observe(
                 self.route_model,
                 self.req.size.prompt_bytes,
                 0,

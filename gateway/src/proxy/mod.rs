@@ -31,65 +31,97 @@ use pingora::protocols::http::ServerSession as Session;
 use pingora::server::ShutdownWatch;
 use serde_json::json;
 
+use std::sync::atomic::Ordering;
+
 use crate::metrics::Metrics;
-use crate::policy::{Policy, Priority};
-use crate::routing::Router;
+use crate::policy::Priority;
+use crate::routing::ShardEntry;
+use crate::table::{Table, Tables};
 use error::GatewayError;
 use request::Route;
-use upstream::UpstreamClient;
 
 /// Everything a request needs, shared by all requests.
 pub struct State {
-    /// The policy in force.
-    pub policy: Arc<Policy>,
-    /// Routing table, loads and health.
-    pub router: Arc<Router>,
-    /// The upstream client.
-    pub upstream: UpstreamClient,
+    /// The routing table in force (a request loads it once and keeps it).
+    pub tables: Arc<Tables>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// The global budget for buffered request bodies.
     pub body_budget: Arc<budget::BodyBudget>,
     /// The retry budget.
     pub retry_budget: Arc<retry::RetryBudget>,
-    /// Where attempt outcomes are reported.
-    pub health: breakwater_health::HealthMonitor,
-    /// Each shard's routing headers, by shard index, built once.
-    pub shard_tags: Vec<ShardTags>,
-    /// Tenants, rate limits, shard limits and the queue.
+    /// The queue and the drain rate.
     pub admission: Arc<crate::admission::Admission>,
+    /// Serving or stopping, and the requests in flight.
+    pub lifecycle: Arc<Lifecycle>,
 }
 
-impl State {
-    /// The estimated prefill time of `prompt_tokens` on shard `shard`: prefill runs
-    /// `routing.prefill_speedup` times faster than the shard's decode capacity.
-    pub fn prefill_time(&self, shard: usize, prompt_tokens: u64) -> std::time::Duration {
-        let rate = self.router.shards()[shard].capacity_tps * self.policy.routing.prefill_speedup;
-        std::time::Duration::from_secs_f64(prompt_tokens as f64 / rate.max(1.0))
+/// Where the process is in its life: serving, or stopping (`/readyz` answers 503, answers
+/// close their connections) and, once the grace period is over, ending the streams left.
+pub struct Lifecycle {
+    stopping: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            stopping: Default::default(),
+            in_flight: Default::default(),
+            ended: tokio::sync::watch::Sender::new(false),
+        }
     }
 }
 
-/// The values of `x-breakwater-shard` and `x-breakwater-region` for one shard.
-pub struct ShardTags {
-    /// The shard id.
-    pub shard: HeaderValue,
-    /// The shard's region.
-    pub region: HeaderValue,
+impl Lifecycle {
+    /// Starts stopping: not ready from now, and the streams still running `end_after`
+    /// from now are ended.
+    pub fn stop(self: &Arc<Self>, end_after: std::time::Duration) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let me = Arc::clone(self);
+        let ender = std::thread::Builder::new()
+            .name("grace-end".into())
+            .spawn(move || {
+                std::thread::sleep(end_after);
+                tracing::info!(
+                    in_flight = me.in_flight(),
+                    "shutdown grace over: ending what is left"
+                );
+                me.ended.send_replace(true);
+            });
+        if let Err(e) = ender {
+            tracing::warn!(error = %e, "cannot time the shutdown grace; streams end with the process");
+        }
+    }
+
+    /// Whether the gateway is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Requests being answered now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that turns `true` when the grace period is over.
+    pub fn watch_end(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ended.subscribe()
+    }
+
+    fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
 }
 
-impl ShardTags {
-    /// One entry per shard of `router`, in its order.
-    pub fn for_router(router: &Router) -> Vec<ShardTags> {
-        // Policy ids are ASCII letters, digits, `-`, `_` and `.`: always valid values.
-        let value = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("?"));
-        router
-            .shards()
-            .iter()
-            .map(|s| ShardTags {
-                shard: value(&s.id),
-                region: value(&s.region),
-            })
-            .collect()
+/// One request being answered.
+struct InFlight(Arc<Lifecycle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -108,8 +140,10 @@ pub struct RequestCtx {
     pub started: std::time::Instant,
     /// The model asked for.
     pub model: Option<String>,
-    /// The last shard tried (index).
-    pub shard: Option<usize>,
+    /// The routing table the request runs under, once loaded.
+    pub table: Option<Arc<Table>>,
+    /// The last shard tried.
+    pub shard: Option<Arc<ShardEntry>>,
     /// Attempts made.
     pub attempts: u32,
     /// Status sent to the client (0: none).
@@ -168,6 +202,7 @@ impl RequestCtx {
             request_id: String::new(),
             started: std::time::Instant::now(),
             model: None,
+            table: None,
             shard: None,
             attempts: 0,
             status: 0,
@@ -198,13 +233,14 @@ impl Gateway {
                 respond_json(session, ctx, 200, json!({"status": "ok"}).to_string()).await
             }
             Ok(Route::Readyz) => {
-                let ready = self.state.router.ready();
+                let stopping = self.state.lifecycle.is_stopping();
+                let ready = !stopping && self.state.tables.peek().router.ready();
                 let body = json!({"ready": ready}).to_string();
                 respond_json(session, ctx, if ready { 200 } else { 503 }, body).await
             }
             Ok(Route::Models) => {
-                let data: Vec<_> = self
-                    .state
+                let table = self.state.tables.peek();
+                let data: Vec<_> = table
                     .router
                     .model_names()
                     .iter()
@@ -214,15 +250,17 @@ impl Gateway {
                 respond_json(session, ctx, 200, body).await
             }
             Ok(Route::Inference(endpoint)) => {
-                worker_tick::ensure(self.state.upstream.pool_idle());
-                exchange::serve(&self.state, session, ctx, endpoint).await
+                let table = self.state.tables.load();
+                worker_tick::ensure(table.upstream.pool_idle());
+                ctx.table = Some(Arc::clone(&table));
+                exchange::serve(&self.state, &table, session, ctx, endpoint).await
             }
         }
     }
 
     /// Metrics and the access log line for a finished request.
     fn log(&self, ctx: &RequestCtx) {
-        let shard = ctx.shard.map(|i| &self.state.router.shards()[i]);
+        let shard = ctx.shard.as_deref();
         let ttft_ms = ctx
             .first_byte_at
             .map(|t| (t - ctx.started).as_secs_f64() * 1e3);
@@ -232,9 +270,10 @@ impl Gateway {
             total,
             ctx.first_byte_at.map(|t| t - ctx.started),
         );
-        let tenant = ctx
-            .tenant
-            .map(|t| self.state.admission.tenants().get(t).id.as_str());
+        let tenant = match (&ctx.table, ctx.tenant) {
+            (Some(table), Some(t)) => Some(table.tenants.get(t).id.as_str()),
+            _ => None,
+        };
         match (tenant, ctx.refusal) {
             // Refused before a tenant was known: a missing or unknown key.
             (None, Some(reason)) => self.state.metrics.refused("unknown", "none", reason),
@@ -317,9 +356,10 @@ impl HttpServerApp for Gateway {
                 return None;
             }
         }
-        if *shutdown.borrow() {
+        if *shutdown.borrow() || self.state.lifecycle.is_stopping() {
             session.set_keepalive(None);
         }
+        let _counted = self.state.lifecycle.enter();
         let mut ctx = RequestCtx::new();
         self.answer(&mut session, &mut ctx).await;
         self.log(&ctx);

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rand::Rng;
 
 use crate::policy::RetrySettings;
@@ -25,7 +26,7 @@ pub struct RetryBudget {
     retrying: AtomicU64,
     /// Earned retries, in thousandths.
     reserve_milli: AtomicU64,
-    settings: RetrySettings,
+    settings: ArcSwap<RetrySettings>,
 }
 
 /// Most retries the reserve holds.
@@ -38,8 +39,13 @@ impl RetryBudget {
             active: AtomicU64::new(0),
             retrying: AtomicU64::new(0),
             reserve_milli: AtomicU64::new(0),
-            settings,
+            settings: ArcSwap::from_pointee(settings),
         })
+    }
+
+    /// New settings (a reloaded policy); what is in flight and in reserve stays.
+    pub fn reconfigure(&self, settings: RetrySettings) {
+        self.settings.store(Arc::new(settings));
     }
 
     /// Counts a request in flight until the guard drops.
@@ -53,7 +59,7 @@ impl RetryBudget {
 
     /// A request succeeded: it earns the reserve a share of a retry.
     pub fn deposit(&self) {
-        let add = (self.settings.budget_ratio * 1000.0) as u64;
+        let add = (self.settings.load().budget_ratio * 1000.0) as u64;
         let _ = self
             .reserve_milli
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
@@ -71,17 +77,18 @@ impl RetryBudget {
 
     fn allowance(&self) -> u64 {
         let active = self.active.load(Ordering::Relaxed) as f64;
-        ((active * self.settings.budget_ratio) as u64).max(self.settings.min_concurrent)
+        let s = self.settings.load();
+        ((active * s.budget_ratio) as u64).max(s.min_concurrent)
     }
 
     /// The backoff before retry number `retry` (1 for the first): full jitter over
     /// `base × 2^(retry-1)`, capped.
     pub fn backoff(&self, retry: u32) -> Duration {
-        let ceiling = self
-            .settings
+        let s = self.settings.load();
+        let ceiling = s
             .backoff_base
             .saturating_mul(1 << retry.saturating_sub(1).min(16))
-            .min(self.settings.backoff_max);
+            .min(s.backoff_max);
         if ceiling.is_zero() {
             return ceiling;
         }

@@ -13,6 +13,7 @@
 //! the same model at once may lose one sample; that is harmless for an average.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Weight of a new sample in the moving averages.
 const ALPHA: f64 = 0.1;
@@ -46,8 +47,9 @@ impl TokenCost {
     }
 }
 
+/// What has been learned of one model's requests; shared by the tables that route it.
 #[derive(Debug)]
-struct ModelStats {
+pub struct ModelStats {
     /// Reported prompt tokens ÷ uncalibrated estimate (f64 bits).
     prompt_ratio: AtomicU64,
     /// Average reported completion tokens (f64 bits); 0 until the first sample.
@@ -77,7 +79,7 @@ fn store(a: &AtomicU64, v: f64) {
 pub struct Estimator {
     bytes_per_token: f64,
     default_completion_tokens: u64,
-    models: Vec<ModelStats>,
+    models: Vec<Arc<ModelStats>>,
 }
 
 impl Estimator {
@@ -86,7 +88,33 @@ impl Estimator {
         Self {
             bytes_per_token,
             default_completion_tokens,
-            models: (0..models).map(|_| ModelStats::default()).collect(),
+            models: (0..models).map(|_| Arc::default()).collect(),
+        }
+    }
+
+    /// An estimator for the models `names` that keeps what `previous` (another table's
+    /// names and estimator) learned of the models both have.
+    pub fn carried(
+        names: &[String],
+        bytes_per_token: f64,
+        default_completion_tokens: u64,
+        previous: Option<(&[String], &Estimator)>,
+    ) -> Self {
+        let models = names
+            .iter()
+            .map(|name| {
+                previous
+                    .and_then(|(old, e)| {
+                        let i = old.iter().position(|n| n == name)?;
+                        e.models.get(i).cloned()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        Self {
+            bytes_per_token,
+            default_completion_tokens,
+            models,
         }
     }
 

@@ -14,20 +14,27 @@ pub mod ledger;
 pub mod select;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use breakwater_health::{EngineLoad, HealthView};
+use breakwater_health::{EngineLoad, HealthMonitor, HealthView, ShardId, ShardReporter};
+use http::HeaderValue;
 use rand::Rng;
+use slotmap::SlotMap;
 use url::Url;
 
-use crate::policy::Policy;
+use crate::admission::limit::ShardLimit;
+use crate::policy::{Policy, Shard};
 use estimate::Estimator;
 use ledger::ShardLoad;
 
-/// A shard as routing sees it.
+/// A shard as routing sees it: what the policy says of it (fixed for one table) and its
+/// live state (carried from table to table while the shard keeps its id and URL).
 #[derive(Debug)]
 pub struct ShardEntry {
+    /// The shard's key beyond this table: health, probes and logs of in-flight requests.
+    pub key: ShardId,
     /// Shard id.
     pub id: String,
     /// Region id.
@@ -42,40 +49,114 @@ pub struct ShardEntry {
     pub effective_capacity: f64,
     /// Declared capacity, tokens/s.
     pub capacity_tps: f64,
+    /// `x-breakwater-shard` and `x-breakwater-region`, made once.
+    pub tags: ShardTags,
     /// Live load.
     pub load: Arc<ShardLoad>,
+    /// Admission's limit on the tokens in flight, learned.
+    pub limit: Arc<ShardLimit>,
+    /// An operator drained it: no new requests until undrained.
+    pub drained: Arc<AtomicBool>,
+    /// Where request outcomes on it are reported.
+    pub reporter: ShardReporter,
+}
+
+impl ShardEntry {
+    /// Whether an operator has drained the shard.
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+}
+
+/// The values of `x-breakwater-shard` and `x-breakwater-region` for one shard.
+#[derive(Debug, Clone)]
+pub struct ShardTags {
+    /// The shard id.
+    pub shard: HeaderValue,
+    /// The shard's region.
+    pub region: HeaderValue,
+}
+
+impl ShardTags {
+    fn new(shard: &str, region: &str) -> Self {
+        // Policy ids are ASCII letters, digits, `-`, `_` and `.`: always valid values.
+        let value = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("?"));
+        Self {
+            shard: value(shard),
+            region: value(region),
+        }
+    }
 }
 
 /// The shards that may serve one model, grouped by region in the order they are tried.
 #[derive(Debug)]
 pub struct ModelRoute {
+    /// The model's name.
+    pub name: Arc<str>,
     /// Index into the estimator's per-model statistics.
     pub model: usize,
     /// `tiers[0]` is the home region (if it serves the model), then other regions in
-    /// policy order. Each tier lists shard indices.
+    /// policy order. Each tier lists positions in [`Router::shards`].
     pub tiers: Vec<Vec<usize>>,
     /// The smallest context window the model's pools declare, tokens.
     pub context_window: Option<u64>,
 }
 
-impl ModelRoute {
-    /// Whether `shard` is one of this route's.
-    pub fn has_shard(&self, shard: usize) -> bool {
-        self.tiers.iter().any(|t| t.contains(&shard))
+/// What outlives every routing table: the shard ids handed out, the health snapshot the
+/// monitor publishes, and the monitor itself.
+pub struct Fleet {
+    ids: Mutex<SlotMap<ShardId, ()>>,
+    health: Arc<HealthCell>,
+    monitor: HealthMonitor,
+}
+
+/// Where the health monitor publishes its snapshots.
+pub type HealthCell = ArcSwap<HealthView>;
+
+impl Fleet {
+    /// A fleet whose shards report to `monitor`, which publishes into `health`.
+    pub fn new(monitor: HealthMonitor, health: Arc<HealthCell>) -> Arc<Self> {
+        Arc::new(Self {
+            ids: Mutex::new(SlotMap::with_key()),
+            health,
+            monitor,
+        })
+    }
+
+    /// A fleet with no monitor behind it (reports go nowhere): tools and tests.
+    pub fn detached() -> Arc<Self> {
+        let health = Arc::new(ArcSwap::from_pointee(HealthView::default()));
+        Self::new(HealthMonitor::disconnected(), health)
+    }
+
+    /// The health snapshot routing uses now.
+    pub fn health(&self) -> Arc<HealthView> {
+        self.health.load_full()
+    }
+
+    /// Publishes a new health snapshot (swapped whole).
+    pub fn publish_health(&self, view: HealthView) {
+        self.health.store(Arc::new(view));
+    }
+
+    /// The health monitor.
+    pub fn monitor(&self) -> &HealthMonitor {
+        &self.monitor
     }
 }
 
 /// The compiled routing table plus the live state routing reads: loads, learned token
-/// statistics and the health snapshot.
+/// statistics and the health snapshot. Immutable once built; a policy reload builds the
+/// next one from the previous ([`Router::build`]).
 pub struct Router {
-    shards: Vec<ShardEntry>,
+    shards: Vec<Arc<ShardEntry>>,
     /// Routes by model index (the estimator's numbering).
     routes: Vec<ModelRoute>,
     /// Model name → index into `routes`.
-    models: HashMap<String, usize>,
+    models: HashMap<Arc<str>, usize>,
     model_names: Vec<String>,
     estimator: Estimator,
-    health: ArcSwap<HealthView>,
+    fleet: Arc<Fleet>,
     /// Engine readings older than this are ignored.
     engine_stale_after: std::time::Duration,
     /// Tokens assumed per engine-reported request when the ledger has none to average.
@@ -92,25 +173,35 @@ pub struct Router {
 const KV_PRESSURE_FROM: f64 = 0.8;
 
 impl Router {
-    /// Builds the table from a validated policy.
+    /// A first table from a validated policy, on a fleet of its own with no monitor.
     pub fn new(policy: &Policy) -> Self {
-        let shards: Vec<ShardEntry> = policy
+        Self::build(policy, None, &Fleet::detached())
+    }
+
+    /// Builds the table for `policy`. A shard that `previous` has with the same id and URL
+    /// keeps its key and live state (load, admission limit, drain); any other shard is new.
+    /// Shards of `previous` that are gone give their ids back; their entries live on in
+    /// the tables that in-flight requests still hold. Model statistics carry by name.
+    pub fn build(policy: &Policy, previous: Option<&Router>, fleet: &Arc<Fleet>) -> Self {
+        let mut ids = fleet.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let shards: Vec<Arc<ShardEntry>> = policy
             .shards
             .iter()
-            .map(|s| ShardEntry {
-                id: s.id.clone(),
-                region: s.region.clone(),
-                pool: s.pool.clone(),
-                authority: match s.url.port_or_known_default() {
-                    Some(p) => format!("{}:{p}", s.url.host_str().unwrap_or_default()),
-                    None => s.url.host_str().unwrap_or_default().to_string(),
-                },
-                url: s.url.clone(),
-                effective_capacity: s.capacity_tps * s.weight,
-                capacity_tps: s.capacity_tps,
-                load: Arc::new(ShardLoad::default()),
+            .map(|s| {
+                let old = previous.and_then(|p| p.shards.iter().find(|o| o.id == s.id));
+                Arc::new(shard_entry(policy, s, old, &mut ids, &fleet.monitor))
             })
             .collect();
+        if let Some(p) = previous {
+            for gone in p
+                .shards
+                .iter()
+                .filter(|o| !shards.iter().any(|n| n.key == o.key))
+            {
+                ids.remove(gone.key);
+            }
+        }
+        drop(ids);
         // Region order: home first, then the policy's order.
         let mut regions: Vec<&str> = vec![policy.home_region.as_str()];
         regions.extend(
@@ -154,29 +245,31 @@ impl Router {
                     .filter_map(|p| p.context_window)
                     .min();
                 ModelRoute {
+                    name: Arc::from(model.as_str()),
                     model: idx,
                     tiers,
                     context_window,
                 }
             })
             .collect();
-        let models = model_names
+        let models = routes
             .iter()
             .enumerate()
-            .map(|(i, m)| (m.clone(), i))
+            .map(|(i, r)| (Arc::clone(&r.name), i))
             .collect();
-        let estimator = Estimator::new(
-            model_names.len(),
+        let estimator = Estimator::carried(
+            &model_names,
             policy.routing.bytes_per_token,
             policy.routing.default_completion_tokens,
+            previous.map(|p| (p.model_names.as_slice(), &p.estimator)),
         );
         Self {
-            health: ArcSwap::from_pointee(HealthView::all_healthy(shards.len())),
             shards,
             routes,
             models,
             model_names,
             estimator,
+            fleet: Arc::clone(fleet),
             engine_stale_after: policy.health.metrics_stale_after(),
             default_request_tokens: policy.routing.default_completion_tokens as f64,
             overprovisioning: policy.routing.overprovisioning_factor,
@@ -190,19 +283,19 @@ impl Router {
         self.models.get(model).map(|i| &self.routes[*i])
     }
 
-    /// The route of model number `model` (as [`ModelRoute::model`] numbers them).
-    pub fn route_by_index(&self, model: usize) -> Option<&ModelRoute> {
-        self.routes.get(model)
-    }
-
     /// Every model some pool serves, sorted.
     pub fn model_names(&self) -> &[String] {
         &self.model_names
     }
 
-    /// Every shard, by index.
-    pub fn shards(&self) -> &[ShardEntry] {
+    /// Every shard, in policy order.
+    pub fn shards(&self) -> &[Arc<ShardEntry>] {
         &self.shards
+    }
+
+    /// The shard with policy id `id`.
+    pub fn shard(&self, id: &str) -> Option<&Arc<ShardEntry>> {
+        self.shards.iter().find(|s| s.id == id)
     }
 
     /// The token estimator.
@@ -212,24 +305,39 @@ impl Router {
 
     /// The health snapshot routing uses now.
     pub fn health(&self) -> Arc<HealthView> {
-        self.health.load_full()
+        self.fleet.health()
     }
 
     /// Publishes a new health snapshot (swapped whole).
     pub fn publish_health(&self, view: HealthView) {
-        self.health.store(Arc::new(view));
+        self.fleet.publish_health(view);
     }
 
-    /// Shard `shard`'s engine reading, if it is recent enough to act on (three scrapes);
+    /// The health monitor the shards report to.
+    pub fn monitor(&self) -> &HealthMonitor {
+        self.fleet.monitor()
+    }
+
+    /// Shard `i`'s engine reading, if it is recent enough to act on (three scrapes);
     /// an older one is unknown.
-    fn fresh_engine<'h>(&self, shard: usize, health: &'h HealthView) -> Option<&'h EngineLoad> {
-        health.engine(shard).filter(|e| {
+    fn fresh_engine<'h>(&self, i: usize, health: &'h HealthView) -> Option<&'h EngineLoad> {
+        self.fresh(self.shards[i].key, health)
+    }
+
+    fn fresh<'h>(&self, key: ShardId, health: &'h HealthView) -> Option<&'h EngineLoad> {
+        health.engine(key).filter(|e| {
             e.taken
                 .is_some_and(|t| t.elapsed() <= self.engine_stale_after)
         })
     }
 
-    /// The load score of a shard: tokens of work on it per token/s of effective capacity
+    /// Whether shard `i` may take new requests: health admits it and no operator drained it.
+    fn admitted(&self, i: usize, health: &HealthView) -> bool {
+        let s = &self.shards[i];
+        !s.is_drained() && health.takes_new_requests(s.key)
+    }
+
+    /// The load score of shard `i`: tokens of work on it per token/s of effective capacity
     /// (roughly, seconds of work queued), scaled up for a shard health has degraded.
     ///
     /// The work is the larger of this gateway's ledger and what the engine itself reports
@@ -237,13 +345,13 @@ impl Router {
     /// gateway the two agree; with several replicas, or clients that bypass the gateway,
     /// only the engine sees everything. KV-cache use past 80 % adds up to 100 % more, as
     /// the engine is about to preempt. Engine readings older than three scrapes are ignored.
-    pub fn score(&self, shard: usize, health: &HealthView) -> f64 {
-        let s = &self.shards[shard];
-        let factor = health.weight_factor(shard).clamp(0.01, 1.0);
+    pub fn score(&self, i: usize, health: &HealthView) -> f64 {
+        let s = &self.shards[i];
+        let factor = health.weight_factor(s.key).clamp(0.01, 1.0);
         let ledger = s.load.inflight_tokens() as f64;
         let mut work = ledger;
         let mut pressure = 1.0;
-        if let Some(e) = self.fresh_engine(shard, health) {
+        if let Some(e) = self.fresh_engine(i, health) {
             let requests = s.load.inflight_requests();
             let per_request = if requests > 0 {
                 ledger / requests as f64
@@ -263,13 +371,14 @@ impl Router {
     /// that health admits and this request has not tried yet, then power-of-two-choices
     /// within it. When health admits no shard of the model anywhere, it picks as if every
     /// shard were healthy (Envoy's "panic" routing): an outage of the health signals must
-    /// not become an outage of serving. `None`: nothing left to try.
+    /// not become an outage of serving. A shard an operator drained is never picked.
+    /// `None`: nothing left to try.
     pub fn pick<R: Rng + ?Sized>(
         &self,
         route: &ModelRoute,
-        tried: &[usize],
+        tried: &[ShardId],
         rng: &mut R,
-    ) -> Option<usize> {
+    ) -> Option<&Arc<ShardEntry>> {
         self.pick_fitting(route, tried, |_, _| true, rng)
     }
 
@@ -279,13 +388,16 @@ impl Router {
     pub fn pick_fitting<R: Rng + ?Sized>(
         &self,
         route: &ModelRoute,
-        tried: &[usize],
-        fits: impl Fn(usize, &HealthView) -> bool,
+        tried: &[ShardId],
+        fits: impl Fn(&ShardEntry, &HealthView) -> bool,
         rng: &mut R,
-    ) -> Option<usize> {
-        let health = self.health.load();
-        let admitted = |i: usize| health.takes_new_requests(i);
-        let panic = !route.tiers.iter().flatten().any(|i| admitted(*i));
+    ) -> Option<&Arc<ShardEntry>> {
+        let health = self.fleet.health.load();
+        let panic = !route
+            .tiers
+            .iter()
+            .flatten()
+            .any(|i| self.admitted(*i, &health));
         let mut candidates = Vec::with_capacity(8);
         // A first attempt may start in a later region: the share of traffic each region
         // keeps follows its healthy capacity (see `region_shares`). Retries go in order.
@@ -301,13 +413,17 @@ impl Router {
             .chain(route.tiers.iter().take(first_tier))
         {
             candidates.clear();
-            candidates.extend(
-                tier.iter()
-                    .copied()
-                    .filter(|i| !tried.contains(i) && (panic || admitted(*i)) && fits(*i, &health)),
-            );
+            candidates.extend(tier.iter().copied().filter(|i| {
+                let s = &self.shards[*i];
+                let allowed = if panic {
+                    !s.is_drained()
+                } else {
+                    self.admitted(*i, &health)
+                };
+                allowed && !tried.contains(&s.key) && fits(s, &health)
+            }));
             if let Some(i) = select::p2c(&candidates, |i| self.score(i, &health), rng) {
-                return Some(i);
+                return Some(&self.shards[i]);
             }
         }
         None
@@ -332,8 +448,11 @@ impl Router {
                 .sum();
             let healthy: f64 = tier
                 .iter()
-                .filter(|i| health.takes_new_requests(**i) && self.has_headroom(**i, health))
-                .map(|i| self.shards[*i].effective_capacity * health.weight_factor(*i))
+                .filter(|i| self.admitted(**i, health) && self.has_room(**i, health))
+                .map(|i| {
+                    let s = &self.shards[*i];
+                    s.effective_capacity * health.weight_factor(s.key)
+                })
                 .sum();
             let share = if total > 0.0 {
                 (healthy / total * self.overprovisioning).min(rest)
@@ -352,8 +471,8 @@ impl Router {
     /// Whether a shard's engine has room: fresh metrics below both saturation thresholds
     /// (queue depth and KV use; GIE's defaults 5 and 0.8). Unknown metrics count as room —
     /// nothing is held against a shard for a signal that is missing.
-    pub fn has_headroom(&self, shard: usize, health: &HealthView) -> bool {
-        match self.fresh_engine(shard, health) {
+    pub fn has_headroom(&self, shard: &ShardEntry, health: &HealthView) -> bool {
+        match self.fresh(shard.key, health) {
             Some(e) => {
                 e.queue_depth
                     .is_none_or(|q| q < self.saturation_queue_depth)
@@ -363,18 +482,29 @@ impl Router {
         }
     }
 
+    fn has_room(&self, i: usize, health: &HealthView) -> bool {
+        self.has_headroom(&self.shards[i], health)
+    }
+
     /// The other shards of `shard`'s tier for `route` when that whole tier is saturated
     /// (no admitted shard with headroom), so a 429 is not retried into it; empty otherwise.
-    pub fn saturated_peers(&self, route: &ModelRoute, shard: usize) -> Vec<usize> {
-        let health = self.health.load();
-        let Some(tier) = route.tiers.iter().find(|t| t.contains(&shard)) else {
+    pub fn saturated_peers(&self, route: &ModelRoute, shard: ShardId) -> Vec<ShardId> {
+        let health = self.fleet.health.load();
+        let Some(tier) = route
+            .tiers
+            .iter()
+            .find(|t| t.iter().any(|i| self.shards[*i].key == shard))
+        else {
             return Vec::new();
         };
         let saturated = !tier
             .iter()
-            .any(|i| health.takes_new_requests(*i) && self.has_headroom(*i, &health));
+            .any(|i| self.admitted(*i, &health) && self.has_room(*i, &health));
         if saturated {
-            tier.iter().copied().filter(|i| *i != shard).collect()
+            tier.iter()
+                .map(|i| self.shards[*i].key)
+                .filter(|k| *k != shard)
+                .collect()
         } else {
             Vec::new()
         }
@@ -382,8 +512,75 @@ impl Router {
 
     /// Whether any shard may take traffic now (`/readyz`).
     pub fn ready(&self) -> bool {
-        let health = self.health.load();
-        (0..self.shards.len()).any(|i| health.takes_new_requests(i))
+        let health = self.fleet.health.load();
+        (0..self.shards.len()).any(|i| self.admitted(i, &health))
+    }
+}
+
+/// The entry for policy shard `s`. `old`, the previous table's shard of the same id, lends
+/// its key and live state when its URL is the same (its admission limit is rescaled to a
+/// new capacity); an operator's drain is kept even across a URL change.
+fn shard_entry(
+    policy: &Policy,
+    s: &Shard,
+    old: Option<&Arc<ShardEntry>>,
+    ids: &mut SlotMap<ShardId, ()>,
+    monitor: &HealthMonitor,
+) -> ShardEntry {
+    let a = &policy.admission;
+    let effective_capacity = s.capacity_tps * s.weight;
+    let (key, load, limit, drained, reporter) = match old.filter(|o| o.url == s.url) {
+        Some(o) => {
+            o.limit.reconfigure(
+                effective_capacity,
+                a.min_limit,
+                a.max_limit,
+                a.ttft_tolerance,
+            );
+            (
+                o.key,
+                Arc::clone(&o.load),
+                Arc::clone(&o.limit),
+                Arc::clone(&o.drained),
+                o.reporter.clone(),
+            )
+        }
+        None => {
+            let key = ids.insert(());
+            let limit = ShardLimit::new(
+                effective_capacity,
+                a.initial_limit,
+                a.min_limit,
+                a.max_limit,
+                a.ttft_tolerance,
+            );
+            let drained = old.is_some_and(|o| o.is_drained());
+            (
+                key,
+                Arc::new(ShardLoad::default()),
+                Arc::new(limit),
+                Arc::new(AtomicBool::new(drained)),
+                monitor.reporter(key),
+            )
+        }
+    };
+    ShardEntry {
+        key,
+        id: s.id.clone(),
+        region: s.region.clone(),
+        pool: s.pool.clone(),
+        authority: match s.url.port_or_known_default() {
+            Some(p) => format!("{}:{p}", s.url.host_str().unwrap_or_default()),
+            None => s.url.host_str().unwrap_or_default().to_string(),
+        },
+        url: s.url.clone(),
+        effective_capacity,
+        capacity_tps: s.capacity_tps,
+        tags: ShardTags::new(&s.id, &s.region),
+        load,
+        limit,
+        drained,
+        reporter,
     }
 }
 
@@ -393,6 +590,21 @@ mod tests {
     use breakwater_health::{ShardHealth, ShardState};
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
+
+    /// The position of a picked shard.
+    fn pos(r: &Router, picked: Option<&Arc<ShardEntry>>) -> Option<usize> {
+        picked.map(|s| r.shards().iter().position(|o| o.key == s.key).unwrap())
+    }
+
+    /// The keys of the shards at `positions`.
+    fn keys(r: &Router, positions: &[usize]) -> Vec<ShardId> {
+        positions.iter().map(|i| r.shards()[*i].key).collect()
+    }
+
+    /// A health view of the router's shards, in policy order.
+    fn view(r: &Router, entries: Vec<ShardHealth>) -> HealthView {
+        HealthView::from_entries(r.shards().iter().map(|s| s.key).zip(entries))
+    }
 
     fn policy() -> Policy {
         crate::policy::from_sources(&[(
@@ -452,7 +664,7 @@ capacity_tps = 100
         let home_share = |r: &Router, rng: &mut SmallRng| {
             let n = 10_000;
             let home = (0..n)
-                .filter(|_| matches!(r.pick(route, &[], rng), Some(1 | 2)))
+                .filter(|_| matches!(pos(r, r.pick(route, &keys(r, &[]), rng)), Some(1 | 2)))
                 .count();
             home as f64 / n as f64
         };
@@ -460,16 +672,16 @@ capacity_tps = 100
         // w1 (100 of the region's 300 tok/s) out: 2/3 healthy × 1.4 = 93 % stays home.
         let mut entries = vec![ShardHealth::healthy(); 4];
         entries[1].state = ShardState::Ejected;
-        r.publish_health(HealthView::from_entries(entries.clone()));
+        r.publish_health(view(&r, entries.clone()));
         assert!((home_share(&r, &mut rng) - 0.933).abs() < 0.02);
         // w2 (200 of 300) out instead: 1/3 × 1.4 = 47 % stays; the rest spills to east
         // first (it keeps all it is offered: east is fully healthy).
         entries[1].state = ShardState::Healthy;
         entries[2].state = ShardState::Ejected;
-        r.publish_health(HealthView::from_entries(entries.clone()));
+        r.publish_health(view(&r, entries.clone()));
         assert!((home_share(&r, &mut rng) - 0.467).abs() < 0.02);
         // Retries still go home first while it has an untried shard.
-        assert_eq!(r.pick(route, &[0], &mut rng), Some(1));
+        assert_eq!(pos(&r, r.pick(route, &keys(&r, &[0]), &mut rng)), Some(1));
     }
 
     #[test]
@@ -485,27 +697,33 @@ capacity_tps = 100
         };
         let mut entries = vec![ShardHealth::healthy(); 4];
         entries[1].engine = Some(full);
-        r.publish_health(HealthView::from_entries(entries.clone()));
+        r.publish_health(view(&r, entries.clone()));
         // One home shard saturated: w2 (2/3 of home) × 1.4 still covers home.
-        assert!(r.saturated_peers(route, 1).is_empty());
+        assert!(r.saturated_peers(route, keys(&r, &[1])[0]).is_empty());
         entries[2].engine = Some(breakwater_health::EngineLoad {
             kv_usage: Some(0.95),
             taken: Some(now),
             ..Default::default()
         });
-        r.publish_health(HealthView::from_entries(entries.clone()));
-        assert_eq!(r.saturated_peers(route, 1), vec![2]);
+        r.publish_health(view(&r, entries.clone()));
+        assert_eq!(r.saturated_peers(route, keys(&r, &[1])[0]), keys(&r, &[2]));
         for _ in 0..50 {
             assert!(
-                matches!(r.pick(route, &[], &mut rng), Some(0 | 3)),
+                matches!(
+                    pos(&r, r.pick(route, &keys(&r, &[]), &mut rng)),
+                    Some(0 | 3)
+                ),
                 "a saturated home keeps nothing"
             );
         }
         // Everything saturated: stay home.
         entries[0].engine = Some(full);
         entries[3].engine = Some(full);
-        r.publish_health(HealthView::from_entries(entries));
-        assert!(matches!(r.pick(route, &[], &mut rng), Some(1 | 2)));
+        r.publish_health(view(&r, entries));
+        assert!(matches!(
+            pos(&r, r.pick(route, &keys(&r, &[]), &mut rng)),
+            Some(1 | 2)
+        ));
     }
 
     #[test]
@@ -524,11 +742,11 @@ capacity_tps = 100
         // w2 (200 tok/s) is idle in our ledger but its engine reports 14 requests.
         let mut entries = vec![ShardHealth::healthy(); 4];
         entries[2].engine = Some(busy);
-        r.publish_health(HealthView::from_entries(entries.clone()));
+        r.publish_health(view(&r, entries.clone()));
         let h = r.health();
         assert!(r.score(2, &h) > r.score(1, &h));
         for _ in 0..20 {
-            assert_eq!(r.pick(route, &[], &mut rng), Some(1));
+            assert_eq!(pos(&r, r.pick(route, &keys(&r, &[]), &mut rng)), Some(1));
         }
         // KV near full doubles the score at 100 %.
         entries[2].engine = Some(breakwater_health::EngineLoad {
@@ -537,7 +755,7 @@ capacity_tps = 100
             taken: Some(now),
             ..Default::default()
         });
-        r.publish_health(HealthView::from_entries(entries.clone()));
+        r.publish_health(view(&r, entries.clone()));
         let with_kv = r.score(2, &r.health());
         entries[2].engine = Some(breakwater_health::EngineLoad {
             kv_usage: Some(0.5),
@@ -545,7 +763,7 @@ capacity_tps = 100
             taken: Some(now),
             ..Default::default()
         });
-        r.publish_health(HealthView::from_entries(entries.clone()));
+        r.publish_health(view(&r, entries.clone()));
         assert!((with_kv / r.score(2, &r.health()) - 2.0).abs() < 1e-9);
         // A reading from long ago counts for nothing.
         let old = now
@@ -555,7 +773,7 @@ capacity_tps = 100
             taken: Some(old),
             ..busy
         });
-        r.publish_health(HealthView::from_entries(entries));
+        r.publish_health(view(&r, entries));
         assert_eq!(r.score(2, &r.health()), 0.0);
     }
 
@@ -582,24 +800,33 @@ capacity_tps = 100
         // w1 (100 tok/s) holds 100 tokens = 1 s of work; w2 (200 tok/s) holds 150 = 0.75 s.
         let _a = r.shards()[1].load.charge(100);
         let _b = r.shards()[2].load.charge(150);
-        assert_eq!(r.pick(route, &[], &mut rng), Some(2));
-        assert_eq!(r.pick(route, &[2], &mut rng), Some(1));
-        assert_eq!(r.pick(route, &[1, 2], &mut rng), Some(0));
-        assert_eq!(r.pick(route, &[0, 1, 2], &mut rng), Some(3));
-        assert_eq!(r.pick(route, &[0, 1, 2, 3], &mut rng), None);
+        assert_eq!(pos(&r, r.pick(route, &keys(&r, &[]), &mut rng)), Some(2));
+        assert_eq!(pos(&r, r.pick(route, &keys(&r, &[2]), &mut rng)), Some(1));
+        assert_eq!(
+            pos(&r, r.pick(route, &keys(&r, &[1, 2]), &mut rng)),
+            Some(0)
+        );
+        assert_eq!(
+            pos(&r, r.pick(route, &keys(&r, &[0, 1, 2]), &mut rng)),
+            Some(3)
+        );
+        assert_eq!(
+            pos(&r, r.pick(route, &keys(&r, &[0, 1, 2, 3]), &mut rng)),
+            None
+        );
         // Health that takes the home shards out moves traffic to the next region.
         let mut entries = vec![ShardHealth::healthy(); 4];
         entries[1].state = ShardState::Ejected;
         entries[2].state = ShardState::Draining;
-        r.publish_health(HealthView::from_entries(entries.clone()));
-        assert_eq!(r.pick(route, &[], &mut rng), Some(0));
+        r.publish_health(view(&r, entries.clone()));
+        assert_eq!(pos(&r, r.pick(route, &keys(&r, &[]), &mut rng)), Some(0));
         assert!(r.ready());
         // Nothing admitted anywhere: route as if all were healthy, home first.
         for e in &mut entries {
             e.state = ShardState::Ejected;
         }
-        r.publish_health(HealthView::from_entries(entries));
-        assert_eq!(r.pick(route, &[2], &mut rng), Some(1));
+        r.publish_health(view(&r, entries));
+        assert_eq!(pos(&r, r.pick(route, &keys(&r, &[2]), &mut rng)), Some(1));
         assert!(!r.ready());
     }
 }

@@ -88,7 +88,8 @@ impl SendError {
 
 impl UpstreamClient {
     /// A client that gives up connecting after `connect_timeout` and keeps idle connections
-    /// for `pool_idle` (the policy's `timeouts.pool_idle_ms`).
+    /// for `pool_idle` (the policy's `timeouts.connect_ms` and `timeouts.pool_idle_ms`; each routing
+    /// table has its own, so a reload changes them).
     pub fn new(connect_timeout: Duration, pool_idle: Duration) -> Self {
         Self {
             connect_timeout,
