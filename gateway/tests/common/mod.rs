@@ -135,6 +135,8 @@ pub struct Gateway {
     child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The policy directory.
+    dir: PathBuf,
     _dir: tempfile::TempDir,
     log: PathBuf,
 }
@@ -142,9 +144,17 @@ pub struct Gateway {
 impl Gateway {
     /// Writes `policy` to a temporary directory and starts the gateway on free ports.
     pub async fn start(policy: &str) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
-        let log = dir.path().join("gateway.log");
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("policy");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("policy.toml"), policy).unwrap();
+        Self::start_in(root, dir).await
+    }
+
+    /// Starts the gateway on the policy directory `dir` (under `root`, which holds the
+    /// log and lives as long as the gateway).
+    pub async fn start_in(root: tempfile::TempDir, dir: PathBuf) -> Gateway {
+        let log = root.path().join("gateway.log");
         // A port picked this way can be taken by someone else before the gateway binds
         // it; a few tries make that harmless.
         for _ in 0..5 {
@@ -152,7 +162,7 @@ impl Gateway {
             let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
                 .arg("serve")
                 .arg("--policy")
-                .arg(dir.path())
+                .arg(&dir)
                 .arg("--listen")
                 .arg(addr.to_string())
                 .arg("--admin-listen")
@@ -170,7 +180,8 @@ impl Gateway {
                     child,
                     addr,
                     admin,
-                    _dir: dir,
+                    dir,
+                    _dir: root,
                     log,
                 };
             }
@@ -185,6 +196,58 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// The policy directory the gateway reads (and reloads).
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
+    /// Replaces the policy file atomically (written aside, then renamed over it).
+    pub fn write_policy(&self, policy: &str) {
+        let tmp = self._dir.path().join("policy.toml.tmp");
+        std::fs::write(&tmp, policy).unwrap();
+        std::fs::rename(&tmp, self.dir.join("policy.toml")).unwrap();
+    }
+
+    /// `POST` an admin route with the token: the status and the JSON answer.
+    pub async fn admin_post(&self, path: &str) -> (u16, Value) {
+        let r = client()
+            .post(format!("http://{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `POST /admin/reload`.
+    pub async fn reload(&self) -> (u16, Value) {
+        self.admin_post("/admin/reload").await
+    }
+
+    /// Sends the process a signal (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits (bounded) for the process to exit; its exit status, if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn log(&self) -> String {
