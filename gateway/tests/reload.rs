@@ -338,6 +338,8 @@ async fn a_removed_shard_finishes_its_streams_and_gets_nothing_new_and_an_added_
     gw.write_policy(&policy_text(&[&a, &c], "[health]\nslow_start_ms = 0\n"));
     let (code, body) = gw.reload().await;
     assert_eq!(code, 200, "{body}");
+    // The kept shard's ledger came along: its streams in flight are still counted.
+    assert!(gw.shard("a").await["inflight_requests"].as_u64() > Some(0));
     assert_eq!(body["removed"], serde_json::json!(["b"]));
     assert_eq!(body["added"], serde_json::json!(["c"]));
     let served_by_b_before = b.stats().requests_total;
