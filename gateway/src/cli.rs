@@ -1,4 +1,4 @@
-//! The command line: `serve`, `validate` and `demo`.
+//! The command line: `serve`, `validate`, `policy diff` and `demo`.
 
 #![allow(clippy::print_stdout)] // printing to the terminal is this module's job
 
@@ -47,6 +47,12 @@ pub enum Command {
         /// Directory of policy `*.toml` files.
         dir: PathBuf,
     },
+    /// Work with policy directories.
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Run the gateway in front of a built-in simulated fleet (two regions) on 127.0.0.1.
     Demo {
         /// Traffic listener.
@@ -56,6 +62,82 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:9091")]
         admin_listen: SocketAddr,
     },
+}
+
+/// `breakwater policy ...`.
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// What changing from OLD to NEW does: shards, capacity per region and model, tenants,
+    /// settings. Exits 1 when NEW is not a valid set (its problems are printed).
+    Diff {
+        /// The policy directory in force (e.g. the target branch's checkout).
+        old: PathBuf,
+        /// The proposed one.
+        new: PathBuf,
+    },
+    /// The same check as `breakwater validate`.
+    Validate {
+        /// Directory of policy `*.toml` files.
+        dir: PathBuf,
+    },
+}
+
+/// A policy directory read for the CLI: the set and its declared settings, or its problems.
+fn read_set(
+    dir: &std::path::Path,
+) -> Result<(policy::Policy, policy::diff::Settings, Revision), PolicyError> {
+    let sources = policy::read_sources(dir)?;
+    let p = policy::from_sources(&sources)?;
+    Ok((
+        p,
+        policy::diff::settings(&sources),
+        Revision::of(Some(dir), &sources),
+    ))
+}
+
+fn policy_diff(old: &std::path::Path, new: &std::path::Path) -> ExitCode {
+    let new_set = match read_set(new) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: the new set is not valid:", new.display());
+            print_policy_error(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    let name = |r: &Revision| match &r.commit {
+        Some(c) => format!("commit {c}, sha256:{}", &r.content[..16]),
+        None => r.label(),
+    };
+    println!("new: {} ({})", new.display(), name(&new_set.2));
+    match read_set(old) {
+        Ok(old_set) => {
+            println!("old: {} ({})", old.display(), name(&old_set.2));
+            let d = policy::diff::diff((&old_set.0, &old_set.1), (&new_set.0, &new_set.1));
+            print!("{d}");
+        }
+        Err(e) => {
+            println!(
+                "old: {} is not a valid set, so there is nothing to compare:",
+                old.display()
+            );
+            print_policy_error(&e);
+            println!("{}", new_set.0.summary());
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn validate(dir: &std::path::Path) -> ExitCode {
+    match policy::load_dir(dir) {
+        Ok(p) => {
+            println!("{}", p.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            print_policy_error(&e);
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(json: bool) {
@@ -95,16 +177,13 @@ fn admin_token(generate: bool) -> (String, bool) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { dir } => match policy::load_dir(&dir) {
-            Ok(p) => {
-                println!("{}", p.summary());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                print_policy_error(&e);
-                ExitCode::FAILURE
-            }
-        },
+        Command::Validate { dir }
+        | Command::Policy {
+            command: PolicyCommand::Validate { dir },
+        } => validate(&dir),
+        Command::Policy {
+            command: PolicyCommand::Diff { old, new },
+        } => policy_diff(&old, &new),
         Command::Serve {
             policy: dir,
             listen,

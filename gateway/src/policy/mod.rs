@@ -7,6 +7,7 @@
 //! [`crate::reload`]'s.
 
 mod compile;
+pub mod diff;
 pub mod raw;
 pub mod revision;
 pub mod watch;
