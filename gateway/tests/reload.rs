@@ -149,12 +149,15 @@ async fn ten_reloads_a_second_under_load_fail_no_request() {
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
 }
 
+/// A bad set: its name, the files written (name, bytes), what the error must mention.
+type BadCase = (&'static str, Vec<(&'static str, Vec<u8>)>, &'static str);
+
 /// The files of a bad set, each added beside the good `policy.toml`, and what the error
 /// must mention.
 fn bad_corpus(
     good: &str,
     shard: &Shard,
-) -> Vec<(&'static str, Vec<(&'static str, Vec<u8>)>, &'static str)> {
+) -> Vec<BadCase> {
     let half = &good[..good.len() / 2];
     vec![
         ("empty file", vec![("zz.toml", Vec::new())], "empty"),
