@@ -41,6 +41,14 @@ pub enum Command {
         /// Worker threads (default: one per CPU).
         #[arg(long)]
         threads: Option<usize>,
+        /// Where listening sockets are handed over in a zero-downtime upgrade (`SIGQUIT`
+        /// to the running gateway sends them there).
+        #[arg(long, default_value = "/tmp/breakwater-upgrade.sock")]
+        upgrade_sock: PathBuf,
+        /// Take over the listening sockets of the gateway running on `--upgrade-sock`
+        /// (start this one, then send the old one `SIGQUIT`).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Check a policy directory: one line per problem and a non-zero exit, or a summary.
     Validate {
@@ -189,6 +197,8 @@ pub fn main() -> ExitCode {
             listen,
             admin_listen,
             threads,
+            upgrade_sock,
+            upgrade,
         } => {
             init_logging(cli.log_json);
             let loaded = policy::read_sources(&dir).and_then(|sources| {
@@ -212,6 +222,8 @@ pub fn main() -> ExitCode {
                 admin_token,
                 fault_controls: Default::default(),
                 threads,
+                upgrade_sock,
+                upgrade,
             })
         }
         Command::Demo {
@@ -308,5 +320,7 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
         admin_token: token,
         fault_controls: controls,
         threads: Some(2),
+        upgrade_sock: std::env::temp_dir().join("breakwater-demo-upgrade.sock"),
+        upgrade: false,
     })
 }

@@ -47,6 +47,12 @@ pub struct ServeOptions {
     pub fault_controls: FaultControls,
     /// Worker threads (default: one per CPU).
     pub threads: Option<usize>,
+    /// Where listening sockets are handed over in a zero-downtime upgrade: a running
+    /// gateway sends them there on `SIGQUIT`; one started with `upgrade` takes them.
+    pub upgrade_sock: PathBuf,
+    /// Take the listening sockets of the gateway running on `upgrade_sock` instead of
+    /// binding them.
+    pub upgrade: bool,
 }
 
 /// Errors building the gateway before it serves.
@@ -136,6 +142,10 @@ fn reload_on_sighup(runtime: &tokio::runtime::Handle, reloader: Arc<Reloader>) {
     });
 }
 
+/// How long an upgraded gateway keeps accepting beside its successor: Pingora's fixed
+/// five seconds after the sockets are sent, and a little more.
+const UPGRADE_OVERLAP: Duration = Duration::from_secs(6);
+
 /// How often the policy directory is read even without a change event.
 const POLICY_POLL: Duration = Duration::from_secs(10);
 /// Quiet after a change event before the directory is read.
@@ -149,11 +159,14 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let admin_listen = opts.admin_listen.unwrap_or(policy.admin_listen);
     // The workers' listeners share the port through SO_REUSEPORT, which would also let a
     // second gateway started on the same port silently take half the connections. A plain
-    // bind first makes a taken port an error, as it is for any server.
-    std::net::TcpListener::bind(listen).map_err(|source| ServeError::Listen {
-        addr: listen,
-        source,
-    })?;
+    // bind first makes a taken port an error, as it is for any server — unless this
+    // gateway is taking the port over from the one running (an upgrade).
+    if !opts.upgrade {
+        std::net::TcpListener::bind(listen).map_err(|source| ServeError::Listen {
+            addr: listen,
+            source,
+        })?;
+    }
     let metrics = Arc::new(Metrics::try_new()?);
     let cell = Arc::new(ArcSwap::from_pointee(HealthView::default()));
     let health = start_health(&policy, Arc::clone(&cell))?;
@@ -213,9 +226,15 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         // Every Pingora timeout of a second or more on Tokio's timers: Pingora's own timer
         // wheel needs a thread that wakes every millisecond, busy or idle.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
+        upgrade_sock: opts.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade: opts.upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    // With `upgrade`: waits here for the running gateway's listening sockets.
     server.bootstrap();
 
     // One single-threaded service per worker, each with its own SO_REUSEPORT listener: the
@@ -273,6 +292,10 @@ fn listener_name(addr: SocketAddr, i: usize) -> String {
     }
 }
 
+/// `SIGQUIT` hands the listening sockets to a new gateway started with `--upgrade` (a
+/// zero-downtime binary upgrade): both accept for five seconds, then this one closes its
+/// listeners and drains as below.
+///
 /// Ctrl-C (SIGINT) and SIGTERM both stop the gateway gracefully:
 /// 1. `/readyz` answers 503 at once, and answers say `connection: close`, while new
 ///    connections are still accepted for `gateway.shutdown_delay_ms` (load balancers
@@ -303,32 +326,56 @@ impl ShutdownSignalWatch for StopSignal {
                 }
             }
         }
-        tokio::select! {
-            _ = wait(SignalKind::interrupt()) => tracing::info!("SIGINT: stopping"),
-            _ = wait(SignalKind::terminate()) => tracing::info!("SIGTERM: stopping"),
-        }
+        let upgrade = tokio::select! {
+            _ = wait(SignalKind::interrupt()) => { tracing::info!("SIGINT: stopping"); false }
+            _ = wait(SignalKind::terminate()) => { tracing::info!("SIGTERM: stopping"); false }
+            _ = wait(SignalKind::quit()) => {
+                tracing::info!("SIGQUIT: handing the listening sockets to the new gateway");
+                true
+            }
+        };
         let shutdown = self.state.tables.peek().policy.shutdown;
         let lifecycle = Arc::clone(&self.state.lifecycle);
-        lifecycle.stop(shutdown.grace + shutdown.delay);
+        // An upgrade: Pingora sends the sockets, both processes accept for its fixed five
+        // seconds, then this one closes its listeners. A stop: the policy's delay.
+        let listening_for = if upgrade {
+            UPGRADE_OVERLAP
+        } else {
+            shutdown.delay
+        };
+        lifecycle.stop(listening_for + shutdown.grace);
         tracing::info!(
-            delay_ms = shutdown.delay.as_millis() as u64,
+            listening_ms = listening_for.as_millis() as u64,
             grace_ms = shutdown.grace.as_millis() as u64,
             in_flight = lifecycle.in_flight(),
             "not ready; closing the listeners after the delay"
         );
-        tokio::time::sleep(shutdown.delay).await;
+        let exit_when_drained = move || {
+            std::thread::sleep(if upgrade {
+                UPGRADE_OVERLAP
+            } else {
+                Duration::ZERO
+            });
+            while lifecycle.in_flight() > 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            tracing::info!("shutdown: nothing left in flight, exiting");
+            std::process::exit(0);
+        };
+        if !upgrade {
+            tokio::time::sleep(shutdown.delay).await;
+        }
         // Exit as soon as the last request in flight is done (Pingora would wait out its
         // whole grace period otherwise).
-        std::thread::Builder::new()
+        if let Err(e) = std::thread::Builder::new()
             .name("drain-exit".into())
-            .spawn(move || {
-                while lifecycle.in_flight() > 0 {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                tracing::info!("shutdown: nothing left in flight, exiting");
-                std::process::exit(0);
-            })
-            .ok();
+            .spawn(exit_when_drained)
+        {
+            tracing::warn!(error = %e, "cannot watch the drain; exiting after the grace period");
+        }
+        if upgrade {
+            return ShutdownSignal::GracefulUpgrade;
+        }
         tracing::info!(
             in_flight = self.state.lifecycle.in_flight(),
             "closing the listeners"

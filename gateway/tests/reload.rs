@@ -154,10 +154,7 @@ type BadCase = (&'static str, Vec<(&'static str, Vec<u8>)>, &'static str);
 
 /// The files of a bad set, each added beside the good `policy.toml`, and what the error
 /// must mention.
-fn bad_corpus(
-    good: &str,
-    shard: &Shard,
-) -> Vec<BadCase> {
+fn bad_corpus(good: &str, shard: &Shard) -> Vec<BadCase> {
     let half = &good[..good.len() / 2];
     vec![
         ("empty file", vec![("zz.toml", Vec::new())], "empty"),

@@ -52,9 +52,19 @@ async fn sigterm_with_twenty_open_streams_lets_all_of_them_finish() {
     wait_inflight(&gw, 20).await;
     let signalled = Instant::now();
     gw.signal("TERM");
-    // Not ready at once, while the listener still takes new requests.
-    let ready = client().get(gw.url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), 503);
+    // Not ready at once (as soon as the signal is handled: well within 250 ms), while the
+    // listener still takes new requests.
+    loop {
+        let ready = client().get(gw.url("/readyz")).send().await.unwrap();
+        if ready.status() == 503 {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_millis(250),
+            "still ready after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let during_delay = client()
         .post(gw.url("/v1/chat/completions"))
         .json(&chat(2, false))
@@ -116,4 +126,63 @@ async fn a_stream_still_running_when_the_grace_ends_gets_an_error_event() {
         .wait_exit(Duration::from_secs(5))
         .expect("the gateway did not exit");
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_binary_upgrade_hands_the_listening_sockets_over_without_a_failed_request() {
+    let a = start_shard(ShardSpec::new("a", "home").capacity(20_000.0)).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("policy");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("policy.toml"), policy_text(&[&a], "")).unwrap();
+    let sock = root.path().join("upgrade.sock").display().to_string();
+    let mut old = Gateway::start_with(root, dir, &["--upgrade-sock", &sock]).await;
+    let old_pid = old.pid();
+    // Clients keep sending through the whole hand-over.
+    let length = Duration::from_secs(9);
+    let start = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let url = old.url("/v1/chat/completions");
+            tokio::spawn(async move {
+                let c = client();
+                let mut statuses = Vec::new();
+                while start.elapsed() < length && statuses.len() < 5000 {
+                    let status = match c.post(&url).json(&chat(4, false)).send().await {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let _ = r.bytes().await;
+                            s
+                        }
+                        Err(_) => 0,
+                    };
+                    statuses.push(status);
+                }
+                statuses
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut new = old.successor(&["--upgrade-sock", &sock, "--upgrade"]);
+    // The successor waits on the socket for the old gateway's listeners.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    old.signal("QUIT");
+    let old_exit = old.wait_exit(Duration::from_secs(8));
+    let mut statuses = Vec::new();
+    for w in workers {
+        statuses.extend(w.await.unwrap());
+    }
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert_eq!(failed, 0, "{failed} of {} requests failed", statuses.len());
+    assert!(statuses.len() > 200, "only {} requests", statuses.len());
+    let old_exit = old_exit.expect("the old gateway did not exit");
+    assert!(old_exit.success(), "{old_exit:?}");
+    assert!(
+        new.wait_exit(Duration::ZERO).is_none(),
+        "the new gateway died: {}",
+        new.log()
+    );
+    let st = new.status().await;
+    assert_eq!(st["ready"], true, "{st}");
+    assert_ne!(new.pid(), old_pid);
 }

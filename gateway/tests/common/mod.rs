@@ -137,7 +137,9 @@ pub struct Gateway {
     pub admin: SocketAddr,
     /// The policy directory.
     dir: PathBuf,
-    _dir: tempfile::TempDir,
+    /// Holds the directory (and the log) for the gateway's life; a successor started by
+    /// [`Gateway::successor`] borrows its predecessor's.
+    _dir: Option<tempfile::TempDir>,
     log: PathBuf,
 }
 
@@ -154,6 +156,11 @@ impl Gateway {
     /// Starts the gateway on the policy directory `dir` (under `root`, which holds the
     /// log and lives as long as the gateway).
     pub async fn start_in(root: tempfile::TempDir, dir: PathBuf) -> Gateway {
+        Self::start_with(root, dir, &[]).await
+    }
+
+    /// [`Gateway::start_in`] with more `serve` arguments.
+    pub async fn start_with(root: tempfile::TempDir, dir: PathBuf, args: &[&str]) -> Gateway {
         let log = root.path().join("gateway.log");
         // A port picked this way can be taken by someone else before the gateway binds
         // it; a few tries make that harmless.
@@ -169,6 +176,7 @@ impl Gateway {
                 .arg(admin.to_string())
                 .arg("--threads")
                 .arg("2")
+                .args(args)
                 .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
@@ -181,7 +189,7 @@ impl Gateway {
                     addr,
                     admin,
                     dir,
-                    _dir: root,
+                    _dir: Some(root),
                     log,
                 };
             }
@@ -198,6 +206,42 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// A new gateway process on the same ports and policy, started with `args` (for
+    /// example `--upgrade`); not waited for.
+    pub fn successor(&self, args: &[&str]) -> Gateway {
+        let log = self.log.with_extension("next.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+            .arg("serve")
+            .arg("--policy")
+            .arg(&self.dir)
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--admin-listen")
+            .arg(self.admin.to_string())
+            .arg("--threads")
+            .arg("2")
+            .args(args)
+            .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Gateway {
+            child,
+            addr: self.addr,
+            admin: self.admin,
+            dir: self.dir.clone(),
+            _dir: None,
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The policy directory the gateway reads (and reloads).
     pub fn policy_dir(&self) -> PathBuf {
         self.dir.clone()
@@ -205,7 +249,7 @@ impl Gateway {
 
     /// Replaces the policy file atomically (written aside, then renamed over it).
     pub fn write_policy(&self, policy: &str) {
-        let tmp = self._dir.path().join("policy.toml.tmp");
+        let tmp = self.dir.with_extension("tmp");
         std::fs::write(&tmp, policy).unwrap();
         std::fs::rename(&tmp, self.dir.join("policy.toml")).unwrap();
     }
