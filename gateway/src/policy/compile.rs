@@ -8,7 +8,9 @@ use std::time::Duration;
 use url::Url;
 
 use super::raw::{RawAdmission, RawTenant};
-use super::raw::{RawFile, RawShard};
+use super::raw::{
+    RawFile, RawGateway, RawHealth, RawLimits, RawRetries, RawRouting, RawShard, RawTimeouts,
+};
 use super::{
     AdmissionSettings, EngineKind, Limits, Policy, PolicyIssue, Pool, Priority, Region,
     RetrySettings, RoutingSettings, Shard, Shutdown, Tenant, Timeouts,
@@ -91,7 +93,53 @@ impl Compiler {
         let retries = self.singleton(files, "retries", |f| f.retries.as_ref());
         let admission = self.singleton(files, "admission", |f| f.admission.as_ref());
 
-        // Regions, in failover order (file name order, then position in the file).
+        let (regions, region_file) = self.regions(files);
+        let pools = self.pools(files, &region_file);
+        let shards = self.shards(files, &pools);
+        let Some((gw_file, gw)) = gateway else {
+            self.issue(
+                &files[0].0,
+                "gateway",
+                "a [gateway] section with home_region is required",
+            );
+            return;
+        };
+        let (listen, admin_listen, shutdown) = self.gateway(gw_file, gw, &region_file);
+        let limits_section = limits.map(|(f, l)| self.limits(f, l)).unwrap_or_default();
+        let timeouts_section = timeouts
+            .map(|(f, t)| self.timeouts(f, t))
+            .unwrap_or_default();
+        let routing_section = routing.map(|(f, r)| self.routing(f, r)).unwrap_or_default();
+        let health_section = health.map(|(f, h)| self.health(f, h)).unwrap_or_default();
+        let retries_section = retries.map(|(f, r)| self.retries(f, r)).unwrap_or_default();
+        let adm = match admission {
+            Some((f, raw)) => self.admission(f, raw),
+            None => AdmissionSettings::default(),
+        };
+        let tenants = self.tenants(files, &adm, admission.map(|(f, _)| f));
+
+        self.policy = Some(Policy {
+            home_region: gw.home_region.clone(),
+            listen,
+            admin_listen,
+            shutdown,
+            limits: limits_section,
+            timeouts: timeouts_section,
+            routing: routing_section,
+            health: health_section,
+            retries: retries_section,
+            admission: adm,
+            tenants,
+            regions,
+            pools,
+            shards,
+            files: files.iter().map(|(n, _)| n.clone()).collect(),
+        });
+    }
+
+    /// `[[regions]]`, in failover order (file name order, then position in the file), and
+    /// the file each was defined in.
+    fn regions(&mut self, files: &[(String, RawFile)]) -> (Vec<Region>, HashMap<String, String>) {
         let mut regions: Vec<Region> = Vec::new();
         let mut region_file: HashMap<String, String> = HashMap::new();
         for (name, file) in files {
@@ -117,7 +165,15 @@ impl Compiler {
             );
         }
 
-        // Pools.
+        (regions, region_file)
+    }
+
+    /// `[[pools]]`.
+    fn pools(
+        &mut self,
+        files: &[(String, RawFile)],
+        region_file: &HashMap<String, String>,
+    ) -> Vec<Pool> {
         let mut pools: Vec<Pool> = Vec::new();
         let mut pool_file: HashMap<String, String> = HashMap::new();
         let mut served: HashMap<(String, String), String> = HashMap::new();
@@ -219,27 +275,32 @@ impl Compiler {
             }
         }
 
-        // Shards.
+        pools
+    }
+
+    /// `[[shards]]`.
+    fn shards(&mut self, files: &[(String, RawFile)], pools: &[Pool]) -> Vec<Shard> {
         let mut shards: Vec<Shard> = Vec::new();
         let mut shard_file: HashMap<String, String> = HashMap::new();
         let mut urls: HashSet<String> = HashSet::new();
         for (name, file) in files {
             for (i, s) in file.shards.iter().enumerate() {
-                if let Some(shard) = self.shard(name, i, s, &pools, &mut shard_file, &mut urls) {
+                if let Some(shard) = self.shard(name, i, s, pools, &mut shard_file, &mut urls) {
                     shards.push(shard);
                 }
             }
         }
 
-        // Singletons.
-        let Some((gw_file, gw)) = gateway else {
-            self.issue(
-                &files[0].0,
-                "gateway",
-                "a [gateway] section with home_region is required",
-            );
-            return;
-        };
+        shards
+    }
+
+    /// `[gateway]`: the listeners and the shutdown timings.
+    fn gateway(
+        &mut self,
+        gw_file: &str,
+        gw: &RawGateway,
+        region_file: &HashMap<String, String>,
+    ) -> (SocketAddr, SocketAddr, Shutdown) {
         if !region_file.contains_key(&gw.home_region) {
             let msg = format!("home_region {:?} is not a defined region", gw.home_region);
             self.issue(gw_file, "gateway.home_region", msg);
@@ -275,308 +336,327 @@ impl Compiler {
             ),
         };
 
+        (listen, admin_listen, shutdown)
+    }
+
+    /// `[limits]`.
+    fn limits(&mut self, f: &str, l: &RawLimits) -> Limits {
         let mut lim = Limits::default();
-        if let Some((f, l)) = limits {
-            if let Some(v) = l.max_body_bytes {
-                lim.max_body_bytes =
-                    self.bounded(f, "limits.max_body_bytes", v, 1024, 1 << 30) as usize;
-            }
-            if let Some(v) = l.max_buffered_bytes {
-                lim.max_buffered_bytes =
-                    self.bounded(f, "limits.max_buffered_bytes", v, 1 << 20, 1 << 36) as usize;
-            }
-            if lim.max_buffered_bytes < lim.max_body_bytes {
+        if let Some(v) = l.max_body_bytes {
+            lim.max_body_bytes =
+                self.bounded(f, "limits.max_body_bytes", v, 1024, 1 << 30) as usize;
+        }
+        if let Some(v) = l.max_buffered_bytes {
+            lim.max_buffered_bytes =
+                self.bounded(f, "limits.max_buffered_bytes", v, 1 << 20, 1 << 36) as usize;
+        }
+        if lim.max_buffered_bytes < lim.max_body_bytes {
+            self.issue(
+                f,
+                "limits.max_buffered_bytes",
+                format!(
+                    "{} is smaller than max_body_bytes ({}): no body could ever be read",
+                    lim.max_buffered_bytes, lim.max_body_bytes
+                ),
+            );
+        }
+        if let Some(v) = l.max_response_bytes {
+            lim.max_response_bytes =
+                self.bounded(f, "limits.max_response_bytes", v, 1024, 1 << 32) as usize;
+        }
+        lim
+    }
+
+    /// `[timeouts]`.
+    fn timeouts(&mut self, f: &str, raw: &RawTimeouts) -> Timeouts {
+        let mut t = Timeouts::default();
+        let ms = |c: &mut Self, key: &str, v: Option<u64>, d: Duration| {
+            v.map(|v| Duration::from_millis(c.bounded(f, key, v, 1, 86_400_000)))
+                .unwrap_or(d)
+        };
+        t.connect = ms(self, "timeouts.connect_ms", raw.connect_ms, t.connect);
+        t.first_byte = ms(
+            self,
+            "timeouts.first_byte_ms",
+            raw.first_byte_ms,
+            t.first_byte,
+        );
+        t.idle = ms(self, "timeouts.idle_ms", raw.idle_ms, t.idle);
+        t.total = ms(self, "timeouts.total_ms", raw.total_ms, t.total);
+        // Not a request timeout: not bounded by total_ms.
+        t.pool_idle = ms(self, "timeouts.pool_idle_ms", raw.pool_idle_ms, t.pool_idle);
+        for (key, d) in [
+            ("connect_ms", t.connect),
+            ("first_byte_ms", t.first_byte),
+            ("idle_ms", t.idle),
+        ] {
+            if d > t.total {
                 self.issue(
                     f,
-                    "limits.max_buffered_bytes",
+                    format!("timeouts.{key}"),
                     format!(
-                        "{} is smaller than max_body_bytes ({}): no body could ever be read",
-                        lim.max_buffered_bytes, lim.max_body_bytes
+                        "{key} ({} ms) exceeds total_ms ({} ms)",
+                        d.as_millis(),
+                        t.total.as_millis()
                     ),
                 );
             }
-            if let Some(v) = l.max_response_bytes {
-                lim.max_response_bytes =
-                    self.bounded(f, "limits.max_response_bytes", v, 1024, 1 << 32) as usize;
-            }
         }
-        let mut t = Timeouts::default();
-        if let Some((f, raw)) = timeouts {
-            let ms = |c: &mut Self, key: &str, v: Option<u64>, d: Duration| {
-                v.map(|v| Duration::from_millis(c.bounded(f, key, v, 1, 86_400_000)))
-                    .unwrap_or(d)
-            };
-            t.connect = ms(self, "timeouts.connect_ms", raw.connect_ms, t.connect);
-            t.first_byte = ms(
-                self,
-                "timeouts.first_byte_ms",
-                raw.first_byte_ms,
-                t.first_byte,
-            );
-            t.idle = ms(self, "timeouts.idle_ms", raw.idle_ms, t.idle);
-            t.total = ms(self, "timeouts.total_ms", raw.total_ms, t.total);
-            // Not a request timeout: not bounded by total_ms.
-            t.pool_idle = ms(self, "timeouts.pool_idle_ms", raw.pool_idle_ms, t.pool_idle);
-            for (key, d) in [
-                ("connect_ms", t.connect),
-                ("first_byte_ms", t.first_byte),
-                ("idle_ms", t.idle),
-            ] {
-                if d > t.total {
-                    self.issue(
-                        f,
-                        format!("timeouts.{key}"),
-                        format!(
-                            "{key} ({} ms) exceeds total_ms ({} ms)",
-                            d.as_millis(),
-                            t.total.as_millis()
-                        ),
-                    );
-                }
-            }
-        }
+        t
+    }
+
+    /// `[routing]`.
+    fn routing(&mut self, f: &str, raw: &RawRouting) -> RoutingSettings {
         let mut r = RoutingSettings::default();
-        if let Some((f, raw)) = routing {
-            if let Some(v) = raw.default_completion_tokens {
-                r.default_completion_tokens =
-                    self.bounded(f, "routing.default_completion_tokens", v, 1, 1_000_000);
-            }
-            if let Some(v) = raw.bytes_per_token {
-                if v.is_finite() && (0.5..=64.0).contains(&v) {
-                    r.bytes_per_token = v;
-                } else {
-                    self.issue(
-                        f,
-                        "routing.bytes_per_token",
-                        format!("{v} must be within 0.5..=64"),
-                    );
-                }
-            }
-            if let Some(v) = raw.overprovisioning_factor {
-                if v.is_finite() && (1.0..=10.0).contains(&v) {
-                    r.overprovisioning_factor = v;
-                } else {
-                    self.issue(
-                        f,
-                        "routing.overprovisioning_factor",
-                        format!("{v} must be within 1..=10"),
-                    );
-                }
-            }
-            if let Some(v) = raw.saturation_queue_depth {
-                r.saturation_queue_depth =
-                    self.bounded(f, "routing.saturation_queue_depth", v.into(), 1, 100_000) as f64;
-            }
-            if let Some(v) = raw.saturation_kv_percent {
-                r.saturation_kv_usage =
-                    self.bounded(f, "routing.saturation_kv_percent", v.into(), 1, 100) as f64
-                        / 100.0;
-            }
-            if let Some(v) = raw.prefill_speedup {
-                if v.is_finite() && (0.1..=1000.0).contains(&v) {
-                    r.prefill_speedup = v;
-                } else {
-                    self.issue(
-                        f,
-                        "routing.prefill_speedup",
-                        format!("{v} must be within 0.1..=1000"),
-                    );
-                }
-            }
-            if let Some(v) = raw.max_retry_prompt_tokens {
-                r.max_retry_prompt_tokens =
-                    self.bounded(f, "routing.max_retry_prompt_tokens", v, 0, 100_000_000);
-            }
-            if let Some(v) = raw.max_attempts {
-                r.max_attempts = self.bounded(f, "routing.max_attempts", v.into(), 1, 5) as u32;
+        if let Some(v) = raw.default_completion_tokens {
+            r.default_completion_tokens =
+                self.bounded(f, "routing.default_completion_tokens", v, 1, 1_000_000);
+        }
+        if let Some(v) = raw.bytes_per_token {
+            if v.is_finite() && (0.5..=64.0).contains(&v) {
+                r.bytes_per_token = v;
+            } else {
+                self.issue(
+                    f,
+                    "routing.bytes_per_token",
+                    format!("{v} must be within 0.5..=64"),
+                );
             }
         }
+        if let Some(v) = raw.overprovisioning_factor {
+            if v.is_finite() && (1.0..=10.0).contains(&v) {
+                r.overprovisioning_factor = v;
+            } else {
+                self.issue(
+                    f,
+                    "routing.overprovisioning_factor",
+                    format!("{v} must be within 1..=10"),
+                );
+            }
+        }
+        if let Some(v) = raw.saturation_queue_depth {
+            r.saturation_queue_depth =
+                self.bounded(f, "routing.saturation_queue_depth", v.into(), 1, 100_000) as f64;
+        }
+        if let Some(v) = raw.saturation_kv_percent {
+            r.saturation_kv_usage =
+                self.bounded(f, "routing.saturation_kv_percent", v.into(), 1, 100) as f64 / 100.0;
+        }
+        if let Some(v) = raw.prefill_speedup {
+            if v.is_finite() && (0.1..=1000.0).contains(&v) {
+                r.prefill_speedup = v;
+            } else {
+                self.issue(
+                    f,
+                    "routing.prefill_speedup",
+                    format!("{v} must be within 0.1..=1000"),
+                );
+            }
+        }
+        if let Some(v) = raw.max_retry_prompt_tokens {
+            r.max_retry_prompt_tokens =
+                self.bounded(f, "routing.max_retry_prompt_tokens", v, 0, 100_000_000);
+        }
+        if let Some(v) = raw.max_attempts {
+            r.max_attempts = self.bounded(f, "routing.max_attempts", v.into(), 1, 5) as u32;
+        }
+        r
+    }
 
+    /// `[health]`.
+    fn health(&mut self, f: &str, raw: &RawHealth) -> breakwater_health::HealthConfig {
         let mut h = breakwater_health::HealthConfig::default();
-        if let Some((f, raw)) = health {
-            let count = |c: &mut Self, key: &str, v: Option<u32>, d: u32| {
-                v.map(|v| c.bounded(f, key, v.into(), 1, 1000) as u32)
-                    .unwrap_or(d)
-            };
-            h.consecutive_failures = count(
-                self,
-                "health.consecutive_failures",
-                raw.consecutive_failures,
-                h.consecutive_failures,
-            );
-            h.consecutive_local_failures = count(
-                self,
-                "health.consecutive_local_failures",
-                raw.consecutive_local_failures,
-                h.consecutive_local_failures,
-            );
-            h.unhealthy_threshold = count(
-                self,
-                "health.unhealthy_threshold",
-                raw.unhealthy_threshold,
-                h.unhealthy_threshold,
-            );
-            h.healthy_threshold = count(
-                self,
-                "health.healthy_threshold",
-                raw.healthy_threshold,
-                h.healthy_threshold,
-            );
-            let ms = |c: &mut Self, key: &str, v: Option<u64>, min: u64, d: Duration| {
-                v.map(|v| Duration::from_millis(c.bounded(f, key, v, min, 86_400_000)))
-                    .unwrap_or(d)
-            };
-            h.base_ejection = ms(
-                self,
-                "health.base_ejection_ms",
-                raw.base_ejection_ms,
-                1,
-                h.base_ejection,
-            );
-            h.max_ejection = ms(
-                self,
-                "health.max_ejection_ms",
-                raw.max_ejection_ms,
-                1,
-                h.max_ejection,
-            );
-            h.ejection_jitter = ms(
-                self,
-                "health.ejection_jitter_ms",
-                raw.ejection_jitter_ms,
-                0,
-                h.ejection_jitter,
-            );
-            h.check_interval = ms(
-                self,
-                "health.check_interval_ms",
-                raw.check_interval_ms,
-                0,
-                h.check_interval,
-            );
-            h.check_timeout = ms(
-                self,
-                "health.check_timeout_ms",
-                raw.check_timeout_ms,
-                1,
-                h.check_timeout,
-            );
-            if let Some(v) = raw.max_ejection_percent {
-                h.max_ejection_percent =
-                    self.bounded(f, "health.max_ejection_percent", v.into(), 0, 100) as u32;
-            }
-            h.gpu_healthy_readings = count(
-                self,
-                "health.gpu_healthy_readings",
-                raw.gpu_healthy_readings,
-                h.gpu_healthy_readings,
-            );
-            h.gpu_interval = ms(
-                self,
-                "health.gpu_interval_ms",
-                raw.gpu_interval_ms,
-                10,
-                h.gpu_interval,
-            );
-            h.gpu_timeout = ms(
-                self,
-                "health.gpu_timeout_ms",
-                raw.gpu_timeout_ms,
-                1,
-                h.gpu_timeout,
-            );
-            h.gpu_stale = ms(
-                self,
-                "health.gpu_stale_ms",
-                raw.gpu_stale_ms,
-                1,
-                h.gpu_stale,
-            );
-            if let Some(v) = raw.gpu_degraded_weight_percent {
-                h.gpu_degraded_weight =
-                    self.bounded(f, "health.gpu_degraded_weight_percent", v.into(), 1, 100) as f64
-                        / 100.0;
-            }
-            h.metrics_interval = ms(
-                self,
-                "health.metrics_interval_ms",
-                raw.metrics_interval_ms,
-                0,
-                h.metrics_interval,
-            );
-            h.metrics_timeout = ms(
-                self,
-                "health.metrics_timeout_ms",
-                raw.metrics_timeout_ms,
-                1,
-                h.metrics_timeout,
-            );
-            h.silent_death = ms(
-                self,
-                "health.silent_death_ms",
-                raw.silent_death_ms,
-                0,
-                h.silent_death,
-            );
-            h.slow_start = ms(
-                self,
-                "health.slow_start_ms",
-                raw.slow_start_ms,
-                0,
-                h.slow_start,
-            );
-            if h.gpu_timeout > h.gpu_interval {
-                self.issue(
-                    f,
-                    "health.gpu_timeout_ms",
-                    "a probe reading's timeout exceeds the interval between readings",
-                );
-            }
-            if h.max_ejection < h.base_ejection {
-                self.issue(
-                    f,
-                    "health.max_ejection_ms",
-                    "max_ejection_ms is shorter than base_ejection_ms",
-                );
-            }
-            if h.checks_enabled() && h.check_timeout > h.check_interval {
-                self.issue(
-                    f,
-                    "health.check_timeout_ms",
-                    "a check's timeout exceeds the interval between checks",
-                );
-            }
-        }
-        let mut rt = RetrySettings::default();
-        if let Some((f, raw)) = retries {
-            if let Some(v) = raw.budget_percent {
-                rt.budget_ratio =
-                    self.bounded(f, "retries.budget_percent", v.into(), 0, 100) as f64 / 100.0;
-            }
-            if let Some(v) = raw.min_concurrent {
-                rt.min_concurrent = self.bounded(f, "retries.min_concurrent", v.into(), 0, 100_000);
-            }
-            if let Some(v) = raw.backoff_base_ms {
-                rt.backoff_base =
-                    Duration::from_millis(self.bounded(f, "retries.backoff_base_ms", v, 0, 60_000));
-            }
-            if let Some(v) = raw.backoff_max_ms {
-                rt.backoff_max =
-                    Duration::from_millis(self.bounded(f, "retries.backoff_max_ms", v, 0, 600_000));
-            }
-            if rt.backoff_max < rt.backoff_base {
-                self.issue(
-                    f,
-                    "retries.backoff_max_ms",
-                    "backoff_max_ms is shorter than backoff_base_ms",
-                );
-            }
-        }
-
-        let adm = match admission {
-            Some((f, raw)) => self.admission(f, raw),
-            None => AdmissionSettings::default(),
+        let count = |c: &mut Self, key: &str, v: Option<u32>, d: u32| {
+            v.map(|v| c.bounded(f, key, v.into(), 1, 1000) as u32)
+                .unwrap_or(d)
         };
+        h.consecutive_failures = count(
+            self,
+            "health.consecutive_failures",
+            raw.consecutive_failures,
+            h.consecutive_failures,
+        );
+        h.consecutive_local_failures = count(
+            self,
+            "health.consecutive_local_failures",
+            raw.consecutive_local_failures,
+            h.consecutive_local_failures,
+        );
+        h.unhealthy_threshold = count(
+            self,
+            "health.unhealthy_threshold",
+            raw.unhealthy_threshold,
+            h.unhealthy_threshold,
+        );
+        h.healthy_threshold = count(
+            self,
+            "health.healthy_threshold",
+            raw.healthy_threshold,
+            h.healthy_threshold,
+        );
+        let ms = |c: &mut Self, key: &str, v: Option<u64>, min: u64, d: Duration| {
+            v.map(|v| Duration::from_millis(c.bounded(f, key, v, min, 86_400_000)))
+                .unwrap_or(d)
+        };
+        h.base_ejection = ms(
+            self,
+            "health.base_ejection_ms",
+            raw.base_ejection_ms,
+            1,
+            h.base_ejection,
+        );
+        h.max_ejection = ms(
+            self,
+            "health.max_ejection_ms",
+            raw.max_ejection_ms,
+            1,
+            h.max_ejection,
+        );
+        h.ejection_jitter = ms(
+            self,
+            "health.ejection_jitter_ms",
+            raw.ejection_jitter_ms,
+            0,
+            h.ejection_jitter,
+        );
+        h.check_interval = ms(
+            self,
+            "health.check_interval_ms",
+            raw.check_interval_ms,
+            0,
+            h.check_interval,
+        );
+        h.check_timeout = ms(
+            self,
+            "health.check_timeout_ms",
+            raw.check_timeout_ms,
+            1,
+            h.check_timeout,
+        );
+        if let Some(v) = raw.max_ejection_percent {
+            h.max_ejection_percent =
+                self.bounded(f, "health.max_ejection_percent", v.into(), 0, 100) as u32;
+        }
+        h.gpu_healthy_readings = count(
+            self,
+            "health.gpu_healthy_readings",
+            raw.gpu_healthy_readings,
+            h.gpu_healthy_readings,
+        );
+        h.gpu_interval = ms(
+            self,
+            "health.gpu_interval_ms",
+            raw.gpu_interval_ms,
+            10,
+            h.gpu_interval,
+        );
+        h.gpu_timeout = ms(
+            self,
+            "health.gpu_timeout_ms",
+            raw.gpu_timeout_ms,
+            1,
+            h.gpu_timeout,
+        );
+        h.gpu_stale = ms(
+            self,
+            "health.gpu_stale_ms",
+            raw.gpu_stale_ms,
+            1,
+            h.gpu_stale,
+        );
+        if let Some(v) = raw.gpu_degraded_weight_percent {
+            h.gpu_degraded_weight =
+                self.bounded(f, "health.gpu_degraded_weight_percent", v.into(), 1, 100) as f64
+                    / 100.0;
+        }
+        h.metrics_interval = ms(
+            self,
+            "health.metrics_interval_ms",
+            raw.metrics_interval_ms,
+            0,
+            h.metrics_interval,
+        );
+        h.metrics_timeout = ms(
+            self,
+            "health.metrics_timeout_ms",
+            raw.metrics_timeout_ms,
+            1,
+            h.metrics_timeout,
+        );
+        h.silent_death = ms(
+            self,
+            "health.silent_death_ms",
+            raw.silent_death_ms,
+            0,
+            h.silent_death,
+        );
+        h.slow_start = ms(
+            self,
+            "health.slow_start_ms",
+            raw.slow_start_ms,
+            0,
+            h.slow_start,
+        );
+        if h.gpu_timeout > h.gpu_interval {
+            self.issue(
+                f,
+                "health.gpu_timeout_ms",
+                "a probe reading's timeout exceeds the interval between readings",
+            );
+        }
+        if h.max_ejection < h.base_ejection {
+            self.issue(
+                f,
+                "health.max_ejection_ms",
+                "max_ejection_ms is shorter than base_ejection_ms",
+            );
+        }
+        if h.checks_enabled() && h.check_timeout > h.check_interval {
+            self.issue(
+                f,
+                "health.check_timeout_ms",
+                "a check's timeout exceeds the interval between checks",
+            );
+        }
+        h
+    }
+
+    /// `[retries]`.
+    fn retries(&mut self, f: &str, raw: &RawRetries) -> RetrySettings {
+        let mut rt = RetrySettings::default();
+        if let Some(v) = raw.budget_percent {
+            rt.budget_ratio =
+                self.bounded(f, "retries.budget_percent", v.into(), 0, 100) as f64 / 100.0;
+        }
+        if let Some(v) = raw.min_concurrent {
+            rt.min_concurrent = self.bounded(f, "retries.min_concurrent", v.into(), 0, 100_000);
+        }
+        if let Some(v) = raw.backoff_base_ms {
+            rt.backoff_base =
+                Duration::from_millis(self.bounded(f, "retries.backoff_base_ms", v, 0, 60_000));
+        }
+        if let Some(v) = raw.backoff_max_ms {
+            rt.backoff_max =
+                Duration::from_millis(self.bounded(f, "retries.backoff_max_ms", v, 0, 600_000));
+        }
+        if rt.backoff_max < rt.backoff_base {
+            self.issue(
+                f,
+                "retries.backoff_max_ms",
+                "backoff_max_ms is shorter than backoff_base_ms",
+            );
+        }
+        rt
+    }
+
+    /// `[[tenants]]`, checked against the admission settings (`admission_file`: where
+    /// `[admission]` is, if anywhere).
+    fn tenants(
+        &mut self,
+        files: &[(String, RawFile)],
+        adm: &AdmissionSettings,
+        admission_file: Option<&str>,
+    ) -> Vec<Tenant> {
         let mut tenants: Vec<Tenant> = Vec::new();
         let mut tenant_file: HashMap<String, String> = HashMap::new();
         let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
@@ -588,7 +668,7 @@ impl Compiler {
             }
         }
         if adm.require_api_key && tenants.iter().all(|t| t.key_digests.is_empty()) {
-            let f = admission.map_or(files[0].0.as_str(), |(f, _)| f);
+            let f = admission_file.unwrap_or(files[0].0.as_str());
             self.issue(
                 f,
                 "admission.require_api_key",
@@ -596,23 +676,7 @@ impl Compiler {
             );
         }
 
-        self.policy = Some(Policy {
-            home_region: gw.home_region.clone(),
-            listen,
-            admin_listen,
-            shutdown,
-            limits: lim,
-            timeouts: t,
-            routing: r,
-            health: h,
-            retries: rt,
-            admission: adm,
-            tenants,
-            regions,
-            pools,
-            shards,
-            files: files.iter().map(|(n, _)| n.clone()).collect(),
-        });
+        tenants
     }
 
     fn priority(&mut self, file: &str, key: &str, raw: Option<&str>) -> Priority {
