@@ -62,6 +62,7 @@ pub enum Command {
         command: PolicyCommand,
     },
     /// Run the gateway in front of a built-in simulated fleet (two regions) on 127.0.0.1.
+    #[cfg(feature = "demo")]
     Demo {
         /// Traffic listener.
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -226,6 +227,7 @@ pub fn main() -> ExitCode {
                 upgrade,
             })
         }
+        #[cfg(feature = "demo")]
         Command::Demo {
             listen,
             admin_listen,
@@ -246,6 +248,7 @@ fn serve(opts: ServeOptions) -> ExitCode {
     }
 }
 
+#[cfg(feature = "demo")]
 fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
     let policy = match crate::demo::policy() {
         Ok(p) => p,

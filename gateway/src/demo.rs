@@ -6,12 +6,12 @@
 //! listener 1000 ports above, and a simulated gpu-probe at every `gpu_probe` URL; the admin
 //! API's fault endpoint reaches both.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use llm_sim::{SimConfig, SimHandle};
 
+pub use crate::admin::FaultControls;
 use crate::policy::{self, Policy, PolicyError};
 
 /// The demo policy files, as (name, contents).
@@ -77,22 +77,6 @@ pub enum DemoError {
     /// The simulators' runtime could not start.
     #[error("starting the simulators' runtime: {0}")]
     Runtime(#[source] std::io::Error),
-}
-
-/// Where the admin API's fault endpoint sends a shard's faults.
-#[derive(Debug, Clone, Default)]
-pub struct FaultControls {
-    /// Each simulated engine's control listener, by shard id.
-    pub engines: HashMap<String, SocketAddr>,
-    /// Each simulated gpu-probe, by shard id.
-    pub probes: HashMap<String, SocketAddr>,
-}
-
-impl FaultControls {
-    /// Whether fault injection is on (demo mode).
-    pub fn is_empty(&self) -> bool {
-        self.engines.is_empty()
-    }
 }
 
 fn loopback(url: &url::Url) -> Option<SocketAddr> {

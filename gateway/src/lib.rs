@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod admission;
 pub mod cli;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod metrics;
 pub mod policy;

@@ -15,7 +15,7 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
-use crate::demo::FaultControls;
+use crate::admin::FaultControls;
 use crate::metrics::Metrics;
 use crate::policy::revision::Revision;
 use crate::policy::Policy;
