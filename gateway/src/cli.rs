@@ -49,6 +49,10 @@ pub enum Command {
         /// (start this one, then send the old one `SIGQUIT`).
         #[arg(long)]
         upgrade: bool,
+        /// Once listening, write `{"listen": ..., "admin_listen": ...}` here (useful with
+        /// port 0, which lets the system choose).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
     },
     /// Check a policy directory: one line per problem and a non-zero exit, or a summary.
     Validate {
@@ -200,6 +204,7 @@ pub fn main() -> ExitCode {
             threads,
             upgrade_sock,
             upgrade,
+            addr_file,
         } => {
             init_logging(cli.log_json);
             let loaded = policy::read_sources(&dir).and_then(|sources| {
@@ -225,6 +230,7 @@ pub fn main() -> ExitCode {
                 threads,
                 upgrade_sock,
                 upgrade,
+                addr_file,
             })
         }
         #[cfg(feature = "demo")]
@@ -325,5 +331,6 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
         threads: Some(2),
         upgrade_sock: std::env::temp_dir().join("breakwater-demo-upgrade.sock"),
         upgrade: false,
+        addr_file: None,
     })
 }

@@ -18,6 +18,7 @@ pub mod admission;
 pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod listeners;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

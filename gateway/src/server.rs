@@ -16,6 +16,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::admin::FaultControls;
+use crate::listeners::{ListenError, Listeners};
 use crate::metrics::Metrics;
 use crate::policy::revision::Revision;
 use crate::policy::Policy;
@@ -53,6 +54,8 @@ pub struct ServeOptions {
     /// Take the listening sockets of the gateway running on `upgrade_sock` instead of
     /// binding them.
     pub upgrade: bool,
+    /// Where to write the listen addresses once they accept (for port 0).
+    pub addr_file: Option<PathBuf>,
 }
 
 /// Errors building the gateway before it serves.
@@ -67,15 +70,9 @@ pub enum ServeError {
     /// The policy directory cannot be watched.
     #[error(transparent)]
     Watch(#[from] crate::policy::watch::WatchError),
-    /// The traffic address is taken (or cannot be bound).
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A listen address is taken (or cannot be bound).
+    #[error(transparent)]
+    Listen(#[from] ListenError),
 }
 
 /// The health thread: its own single-threaded runtime (health must not depend on the
@@ -154,19 +151,17 @@ const POLICY_DEBOUNCE: Duration = Duration::from_millis(200);
 /// Builds the services and serves until the process gets SIGINT or SIGTERM (both stop it
 /// gracefully; see [`StopSignal`]). Does not return on success.
 pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
+    let listen = opts.listen.unwrap_or(opts.policy.listen);
+    let admin_listen = opts.admin_listen.unwrap_or(opts.policy.admin_listen);
+    // Ports settled (0: chosen) and held before Pingora binds them; see `listeners`.
+    let listeners = Listeners::reserve(listen, admin_listen, opts.upgrade)?;
+    serve(opts, listeners)
+}
+
+/// [`run`] on listeners already reserved.
+pub fn serve(opts: ServeOptions, listeners: Listeners) -> Result<(), ServeError> {
     let policy = opts.policy;
-    let listen = opts.listen.unwrap_or(policy.listen);
-    let admin_listen = opts.admin_listen.unwrap_or(policy.admin_listen);
-    // The workers' listeners share the port through SO_REUSEPORT, which would also let a
-    // second gateway started on the same port silently take half the connections. A plain
-    // bind first makes a taken port an error, as it is for any server — unless this
-    // gateway is taking the port over from the one running (an upgrade).
-    if !opts.upgrade {
-        std::net::TcpListener::bind(listen).map_err(|source| ServeError::Listen {
-            addr: listen,
-            source,
-        })?;
-    }
+    let (listen, admin_listen) = (listeners.traffic, listeners.admin);
     let metrics = Arc::new(Metrics::try_new()?);
     let cell = Arc::new(ArcSwap::from_pointee(HealthView::default()));
     let health = start_health(&policy, Arc::clone(&cell))?;
@@ -266,13 +261,19 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         opts.fault_controls,
     );
     let mut admin_service = Service::new("breakwater admin".to_string(), admin);
-    admin_service.add_tcp(&admin_listen.to_string());
+    let mut socket = TcpSocketOptions::default();
+    socket.so_reuseport = Some(true); // beside the reservation
+    admin_service.add_tcp_with_settings(&admin_listen.to_string(), socket);
     for service in traffic {
         server.add_service(service);
     }
     server.add_service(admin_service);
     tracing::info!(%listen, %admin_listen, threads, "{}", tables.peek().policy.summary());
     tracing::info!("breakwater listening on http://{listen} (admin http://{admin_listen})");
+    if let Some(path) = opts.addr_file {
+        crate::listeners::write_when_listening(path, listen, admin_listen);
+    }
+    let _held = listeners;
     server.run(RunArgs {
         shutdown_signal: Box::new(StopSignal { state }),
     });

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -125,11 +125,6 @@ pub fn one_shard_policy(id: &str, addr: &str, extra: &str) -> String {
     )
 }
 
-fn free_port() -> SocketAddr {
-    let l = StdListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// A `breakwater serve` process; killed on drop.
 pub struct Gateway {
     child: Child,
@@ -162,44 +157,43 @@ impl Gateway {
     /// [`Gateway::start_in`] with more `serve` arguments.
     pub async fn start_with(root: tempfile::TempDir, dir: PathBuf, args: &[&str]) -> Gateway {
         let log = root.path().join("gateway.log");
-        // A port picked this way can be taken by someone else before the gateway binds
-        // it; a few tries make that harmless.
-        for _ in 0..5 {
-            let (addr, admin) = (free_port(), free_port());
-            let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
-                .arg("serve")
-                .arg("--policy")
-                .arg(&dir)
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--admin-listen")
-                .arg(admin.to_string())
-                .arg("--threads")
-                .arg("2")
-                .args(args)
-                .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            if wait_ready(&mut child, addr).await {
-                return Gateway {
-                    child,
-                    addr,
-                    admin,
-                    dir,
-                    _dir: Some(root),
-                    log,
-                };
-            }
+        // Port 0: the gateway chooses its ports and writes them to the address file.
+        let addr_file = root.path().join("addrs.json");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+            .arg("serve")
+            .arg("--policy")
+            .arg(&dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .arg("--threads")
+            .arg("2")
+            .args(args)
+            .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let Some((addr, admin)) = wait_listening(&mut child, &addr_file).await else {
             let _ = child.kill();
             let _ = child.wait();
+            panic!(
+                "the gateway did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        Gateway {
+            child,
+            addr,
+            admin,
+            dir,
+            _dir: Some(root),
+            log,
         }
-        panic!(
-            "the gateway did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -383,20 +377,25 @@ impl Gateway {
     }
 }
 
-async fn wait_ready(child: &mut Child, addr: SocketAddr) -> bool {
+/// Waits (bounded) for the gateway's address file; its two addresses.
+async fn wait_listening(
+    child: &mut Child,
+    file: &std::path::Path,
+) -> Option<(SocketAddr, SocketAddr)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
-            return false;
+            return None;
         }
-        if let Ok(r) = client().get(format!("http://{addr}/healthz")).send().await {
-            if r.status() == 200 {
-                return true;
-            }
+        if let Ok(text) = std::fs::read_to_string(file) {
+            let v: Value = serde_json::from_str(&text).ok()?;
+            let addr = v["listen"].as_str()?.parse().ok()?;
+            let admin = v["admin_listen"].as_str()?.parse().ok()?;
+            return Some((addr, admin));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    false
+    None
 }
 
 impl Drop for Gateway {
