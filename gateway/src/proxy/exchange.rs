@@ -693,19 +693,18 @@ impl Call<'_> {
             return Attempt::ClientGone;
         }
         // After it: forward complete events; a failure ends the stream with an error event,
-        // and so does the end of a shutdown's grace period.
-        let mut ended = self.state.lifecycle.watch_end();
+        // and so does the end of a shutdown's grace period (seen at the next chunk).
         let mut shutting_down = false;
         let failure = loop {
             let next = tokio::select! {
                 biased;
                 c = timeout_at(self.idle_deadline(), response.chunk()) => c,
                 _ = client_gone(session) => return Attempt::ClientGone,
-                _ = ended.wait_for(|e| *e) => {
-                    shutting_down = true;
-                    break None;
-                }
             };
+            if self.state.lifecycle.grace_over() {
+                shutting_down = true;
+                break None;
+            }
             let chunk = match next {
                 Err(_) => break Some(self.idle_failure()),
                 Ok(Ok(None)) => break None,

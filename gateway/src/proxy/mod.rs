@@ -58,20 +58,13 @@ pub struct State {
 
 /// Where the process is in its life: serving, or stopping (`/readyz` answers 503, answers
 /// close their connections) and, once the grace period is over, ending the streams left.
+#[derive(Default)]
 pub struct Lifecycle {
     stopping: std::sync::atomic::AtomicBool,
     in_flight: std::sync::atomic::AtomicUsize,
-    ended: tokio::sync::watch::Sender<bool>,
-}
-
-impl Default for Lifecycle {
-    fn default() -> Self {
-        Self {
-            stopping: Default::default(),
-            in_flight: Default::default(),
-            ended: tokio::sync::watch::Sender::new(false),
-        }
-    }
+    /// The shutdown's grace period is over. Streams read it at each chunk: one relaxed
+    /// load, where a shared wake-up channel would cost every chunk of every stream a lock.
+    grace_over: std::sync::atomic::AtomicBool,
 }
 
 impl Lifecycle {
@@ -88,7 +81,7 @@ impl Lifecycle {
                     in_flight = me.in_flight(),
                     "shutdown grace over: ending what is left"
                 );
-                me.ended.send_replace(true);
+                me.grace_over.store(true, Ordering::Relaxed);
             });
         if let Err(e) = ender {
             tracing::warn!(error = %e, "cannot time the shutdown grace; streams end with the process");
@@ -105,9 +98,9 @@ impl Lifecycle {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// A receiver that turns `true` when the grace period is over.
-    pub fn watch_end(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.ended.subscribe()
+    /// Whether the shutdown's grace period is over: streams still running end now.
+    pub fn grace_over(&self) -> bool {
+        self.grace_over.load(Ordering::Relaxed)
     }
 
     fn enter(self: &Arc<Self>) -> InFlight {
