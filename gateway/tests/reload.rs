@@ -191,6 +191,19 @@ async fn every_bad_policy_leaves_the_running_set_in_place_and_says_why() {
     let good = policy_text(&[&a], "");
     let gw = Gateway::start(&good).await;
     let dir = gw.policy_dir();
+    // Left alone, the directory is not read again and again: a reload's own reads (this
+    // one's, then any the watcher makes) are not changes, so nothing follows but the
+    // periodic look, every 10 s.
+    assert_eq!(gw.reload().await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle = gw.metrics().await;
+    assert!(
+        metric(
+            &idle,
+            "breakwater_policy_reloads_total{result=\"unchanged\",trigger=\"watch\"}"
+        ) <= 1.0,
+        "{idle}"
+    );
     let before = gw.status().await["policy"].clone();
     assert!(
         before["revision"].as_str().unwrap().starts_with("sha256:"),

@@ -54,8 +54,12 @@ fn resolve(path: &Path) -> Watched {
 }
 
 impl Watched {
-    /// Whether an event concerns the policy: a path in the target, or a link on the way.
+    /// Whether an event concerns the policy: a change (not a read: reading the files for
+    /// a reload must not set off another) of a path in the target, or of a link on the way.
     fn concerns(&self, event: &Event) -> bool {
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return false;
+        }
         event.paths.iter().any(|p| {
             self.target.as_ref().is_some_and(|t| p.starts_with(t))
                 || self.links.iter().any(|l| p == l)
@@ -148,6 +152,10 @@ mod tests {
         assert!(w.concerns(&touch(v1.join("a.toml"))));
         assert!(w.concerns(&touch(link.clone())));
         assert!(!w.concerns(&touch(root.path().join("unrelated"))));
+        // Reads (the reload's own) are not changes.
+        let read = Event::new(notify::EventKind::Access(notify::event::AccessKind::Read))
+            .add_path(v1.join("a.toml"));
+        assert!(!w.concerns(&read));
         // A broken link resolves to nothing, and is still watched for its return.
         std::fs::remove_file(&link).unwrap();
         std::os::unix::fs::symlink(root.path().join("gone"), &link).unwrap();
