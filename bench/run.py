@@ -2,8 +2,14 @@
 """Breakwater benchmark: the gateway versus going straight to the simulator and versus
 nginx, in the same run, on loopback.
 
-Usage:  python3 bench/run.py [--quick] [--rounds N] [--no-pin]
+Usage:  python3 bench/run.py [--quick] [--rounds N] [--no-pin] [--baseline BIN]
         python3 bench/run.py --table     (the table again, from bench/out/results.json)
+
+--baseline BIN adds another breakwater binary (an earlier build, e.g. one built in a git
+worktree of the commit before a change) as the target "baseline", taking its turns in the
+same rounds as this build, and prints both builds' ratios against nginx and this build's
+against the baseline per round: the guard for a change on the request path, without the
+run-to-run drift of comparing two separate runs.
 
 It builds the proxies with the `production` profile (the simulator and load generator with
 `release`), installs nginx if missing (Debian/Ubuntu), starts two
@@ -64,6 +70,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 FAST = ("127.0.0.1", 18600)
 STREAM = ("127.0.0.1", 18610)
 GATEWAY = ("127.0.0.1", 18630)
+BASE_GATEWAY = ("127.0.0.1", 18650)
+BASELINE = os.path.abspath(sys.argv[sys.argv.index("--baseline") + 1]) if "--baseline" in sys.argv else None
 NGINX_FAST = ("127.0.0.1", 18620)
 NGINX_STREAM = ("127.0.0.1", 18621)
 STOCK = ("127.0.0.1", 18640)
@@ -226,6 +234,11 @@ capacity_tps = 1000000
     gw = start([os.path.join(PROD, "breakwater"), "serve", "--policy", tmp, "--listen",
                 "%s:%d" % GATEWAY, "--admin-listen", "127.0.0.1:18631", "--threads", str(WORKERS)],
                PROXY_CPUS, env=dict(os.environ, RUST_LOG="warn"))
+    base = None
+    if BASELINE:
+        base = start([BASELINE, "serve", "--policy", tmp, "--listen", "%s:%d" % BASE_GATEWAY,
+                      "--admin-listen", "127.0.0.1:18632", "--threads", str(WORKERS)],
+                     PROXY_CPUS, env=dict(os.environ, RUST_LOG="warn"))
     with open(os.path.join(tmp, "nginx.conf"), "w") as f:
         f.write(f"""
 worker_processes {WORKERS};
@@ -253,7 +266,7 @@ http {{
                    str(WORKERS)], PROXY_CPUS)
     print(f"proxies on CPUs {PROXY_CPUS} with {WORKERS} worker(s), load on {LOAD_CPUS}"
           if PROXY_CPUS else "unpinned, 2 workers per proxy", file=sys.stderr)
-    for host, port in (FAST, STREAM, NGINX_FAST, GATEWAY, STOCK):
+    for host, port in (FAST, STREAM, NGINX_FAST, GATEWAY, STOCK) + ((BASE_GATEWAY,) if base else ()):
         wait_http(f"http://{host}:{port}/v1/models")
     time.sleep(0.5)
     targets = [
@@ -262,6 +275,9 @@ http {{
         ("nginx", "http://%s:%d" % NGINX_FAST, "http://%s:%d" % NGINX_STREAM, nginx_pids(ng.pid)),
         ("pingora-stock", "http://%s:%d" % STOCK, None, [stock.pid]),
     ]
+    if base:
+        targets.insert(2, ("baseline", "http://%s:%d" % BASE_GATEWAY, "http://%s:%d" % BASE_GATEWAY,
+                           [base.pid]))
     rounds = []
     for i in range(ROUNDS):
         print(f"round {i + 1} of {ROUNDS}", file=sys.stderr)
@@ -329,19 +345,23 @@ def print_table(rounds):
     print("|---" * (len(names) + 1) + "|")
     for label, f in ROWS:
         print(f"| {label} | " + " | ".join(fmt(cell(rounds, t, f)) for t in range(len(names))) + " |")
-    bw, ng = names.index("breakwater"), names.index("nginx")
     per_round = [
         ("CPU per request at 1000 req/s", lambda r: r["rate"]["cpu_s_per_10k"]),
         ("CPU per request at maximum throughput", lambda r: r["max"]["cpu_s_per_10k"]),
         ("CPU per 100-stream run", lambda r: r["stream"]["cpu_s_per_1k"]),
     ]
     print()
+    pairs = [("breakwater", "nginx")]
+    if "baseline" in names:
+        pairs += [("baseline", "nginx"), ("breakwater", "baseline")]
     for label, f in per_round:
-        ratios = [f(results[bw]) / f(results[ng]) for results in rounds
-                  if f(results[bw]) and f(results[ng])]
-        if ratios:
-            shown = ", ".join(f"{x:.2f}" for x in ratios)
-            print(f"{label}, breakwater / nginx: median {median(ratios):.2f} (rounds: {shown})")
+        for a, b in pairs:
+            ia, ib = names.index(a), names.index(b)
+            ratios = [f(results[ia]) / f(results[ib]) for results in rounds
+                      if f(results[ia]) and f(results[ib])]
+            if ratios:
+                shown = ", ".join(f"{x:.2f}" for x in ratios)
+                print(f"{label}, {a} / {b}: median {median(ratios):.2f} (rounds: {shown})")
 
 
 if "--table" in sys.argv:
