@@ -476,6 +476,18 @@ async fn an_ejected_shard_stays_ejected_across_an_unrelated_reload() {
     for _ in 0..10 {
         assert_eq!(gw.chat_ok().await["x-breakwater-shard"], "a");
     }
+    // And the change itself took effect: the body limit is now 64 KiB.
+    let big = serde_json::json!({
+        "model": common::MODEL,
+        "messages": [{"role": "user", "content": "x".repeat(100_000)}],
+    });
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -176,3 +176,93 @@ impl Probes {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A health endpoint that counts the checks per path (`/a`, `/b`).
+    async fn counting_server() -> (String, Arc<[AtomicU64; 2]>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let counts: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let c = Arc::clone(&counts);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let c = Arc::clone(&c);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        let i = usize::from(text.starts_with("GET /b"));
+                        c[i].fetch_add(1, Ordering::Relaxed);
+                        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if s.write_all(ok.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (base, counts)
+    }
+
+    fn spec(id: ShardId, name: &str, url: String) -> ShardProbes {
+        ShardProbes {
+            info: ShardInfo {
+                id,
+                name: name.into(),
+                pool: "p".into(),
+            },
+            check: CheckTarget { shard: id, url },
+            scrape: None,
+            gpu: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reconfigure_stops_the_probes_of_removed_shards_and_keeps_the_others() {
+        let (base, counts) = counting_server().await;
+        let mut keys = slotmap::SlotMap::<ShardId, ()>::with_key();
+        let (a, b) = (keys.insert(()), keys.insert(()));
+        let cfg = HealthConfig {
+            check_interval: Duration::from_millis(40),
+            check_timeout: Duration::from_millis(30),
+            ..HealthConfig::default()
+        };
+        let monitor = HealthMonitor::spawn(Vec::new(), cfg.clone(), |_| {});
+        let specs = vec![
+            spec(a, "a", format!("{base}/a")),
+            spec(b, "b", format!("{base}/b")),
+        ];
+        let mut probes = Probes::start(monitor, specs.clone(), cfg.clone());
+        assert_eq!(probes.tasks(), 2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = |i: usize| counts[i].load(Ordering::Relaxed);
+        assert!(
+            seen(0) > 0 && seen(1) > 0,
+            "both checked: {} {}",
+            seen(0),
+            seen(1)
+        );
+        // b leaves; a is unchanged, so its task is the same one (not restarted).
+        probes.apply(vec![specs[0].clone()], cfg);
+        assert_eq!(probes.tasks(), 1);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let (a_then, b_then) = (seen(0), seen(1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(seen(1), b_then, "the removed shard is still being checked");
+        assert!(seen(0) > a_then, "the kept shard is no longer checked");
+    }
+}
