@@ -43,6 +43,20 @@ async fn stream_once(url: &str, max_tokens: u64) -> (u16, String, String) {
     (status, shard, body)
 }
 
+/// `n` streams of `max_tokens` started at once, each read to its end by its own task.
+fn open_streams(
+    gw: &Gateway,
+    n: usize,
+    max_tokens: u64,
+) -> Vec<tokio::task::JoinHandle<(u16, String, String)>> {
+    (0..n)
+        .map(|_| {
+            let url = gw.url("/v1/chat/completions");
+            tokio::spawn(async move { stream_once(&url, max_tokens).await })
+        })
+        .collect()
+}
+
 fn complete(body: &str) -> bool {
     body.contains("data: [DONE]") && !body.contains("\"error\"")
 }
@@ -333,13 +347,7 @@ async fn a_removed_shard_finishes_its_streams_and_gets_nothing_new_and_an_added_
     let b = start_shard(ShardSpec::new("b", "home").itl_ms(20)).await;
     let c = start_shard(ShardSpec::new("c", "home")).await;
     let gw = Gateway::start(&policy_text(&[&a, &b], "[health]\nslow_start_ms = 0\n")).await;
-    let url = gw.url("/v1/chat/completions");
-    let open: Vec<_> = (0..8)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { stream_once(&url, 60).await })
-        })
-        .collect();
+    let open = open_streams(&gw, 8, 60);
     wait_status(&gw, Duration::from_secs(5), |st| {
         st["shards"]
             .as_array()
@@ -496,13 +504,7 @@ async fn an_operator_drain_lets_streams_finish_survives_a_reload_and_is_undone()
     let b = start_shard(ShardSpec::new("b", "home").itl_ms(20)).await;
     let gw = Gateway::start(&policy_text(&[&a, &b], "")).await;
     // Something in flight on b.
-    let url = gw.url("/v1/chat/completions");
-    let open: Vec<_> = (0..6)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { stream_once(&url, 50).await })
-        })
-        .collect();
+    let open = open_streams(&gw, 6, 50);
     wait_status(&gw, Duration::from_secs(5), |st| {
         st["shards"]
             .as_array()

@@ -159,25 +159,10 @@ impl Gateway {
         let log = root.path().join("gateway.log");
         // Port 0: the gateway chooses its ports and writes them to the address file.
         let addr_file = root.path().join("addrs.json");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
-            .arg("serve")
-            .arg("--policy")
-            .arg(&dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--admin-listen")
-            .arg("127.0.0.1:0")
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .arg("--threads")
-            .arg("2")
-            .args(args)
-            .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let addr_arg = addr_file.display().to_string();
+        let mut all = vec!["--addr-file", addr_arg.as_str()];
+        all.extend_from_slice(args);
+        let mut child = serve(&dir, "127.0.0.1:0", "127.0.0.1:0", &log, &all);
         let Some((addr, admin)) = wait_listening(&mut child, &addr_file).await else {
             let _ = child.kill();
             let _ = child.wait();
@@ -204,23 +189,8 @@ impl Gateway {
     /// example `--upgrade`); not waited for.
     pub fn successor(&self, args: &[&str]) -> Gateway {
         let log = self.log.with_extension("next.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
-            .arg("serve")
-            .arg("--policy")
-            .arg(&self.dir)
-            .arg("--listen")
-            .arg(self.addr.to_string())
-            .arg("--admin-listen")
-            .arg(self.admin.to_string())
-            .arg("--threads")
-            .arg("2")
-            .args(args)
-            .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let (addr, admin) = (self.addr.to_string(), self.admin.to_string());
+        let child = serve(&self.dir, &addr, &admin, &log, args);
         Gateway {
             child,
             addr: self.addr,
@@ -375,6 +345,34 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Starts `breakwater serve` on `dir` with the test admin token, two workers and `args`,
+/// logging to `log`.
+fn serve(
+    dir: &std::path::Path,
+    listen: &str,
+    admin: &str,
+    log: &std::path::Path,
+    args: &[&str],
+) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .arg("serve")
+        .arg("--policy")
+        .arg(dir)
+        .arg("--listen")
+        .arg(listen)
+        .arg("--admin-listen")
+        .arg(admin)
+        .arg("--threads")
+        .arg("2")
+        .args(args)
+        .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
 }
 
 /// Waits (bounded) for the gateway's address file; its two addresses.
