@@ -155,11 +155,48 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let admin_listen = opts.admin_listen.unwrap_or(opts.policy.admin_listen);
     // Ports settled (0: chosen) and held before Pingora binds them; see `listeners`.
     let listeners = Listeners::reserve(listen, admin_listen, opts.upgrade)?;
-    serve(opts, listeners)
+    serve(opts, listeners, Box::pin(os_signals()))
 }
 
-/// [`run`] on listeners already reserved.
-pub fn serve(opts: ServeOptions, listeners: Listeners) -> Result<(), ServeError> {
+/// How the gateway is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Drain and exit (`SIGTERM`, `SIGINT`).
+    Drain,
+    /// Hand the listening sockets to a new gateway, then drain and exit (`SIGQUIT`).
+    HandOver,
+}
+
+/// What [`serve`] waits on to stop.
+pub type StopSource = std::pin::Pin<Box<dyn std::future::Future<Output = Stop> + Send>>;
+
+/// The process signals: `SIGTERM` and `SIGINT` drain, `SIGQUIT` hands over.
+pub async fn os_signals() -> Stop {
+    use tokio::signal::unix::{signal, SignalKind};
+    async fn wait(kind: SignalKind) {
+        match signal(kind) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch a signal");
+                std::future::pending::<()>().await
+            }
+        }
+    }
+    tokio::select! {
+        _ = wait(SignalKind::interrupt()) => { tracing::info!("SIGINT: stopping"); Stop::Drain }
+        _ = wait(SignalKind::terminate()) => { tracing::info!("SIGTERM: stopping"); Stop::Drain }
+        _ = wait(SignalKind::quit()) => {
+            tracing::info!("SIGQUIT: handing the listening sockets to the new gateway");
+            Stop::HandOver
+        }
+    }
+}
+
+/// [`run`] on listeners already reserved, stopping when `stop` resolves (see
+/// [`StopSignal`] for what stopping does).
+pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Result<(), ServeError> {
     let policy = opts.policy;
     let (listen, admin_listen) = (listeners.traffic, listeners.admin);
     let metrics = Arc::new(Metrics::try_new()?);
@@ -275,7 +312,10 @@ pub fn serve(opts: ServeOptions, listeners: Listeners) -> Result<(), ServeError>
     }
     let _held = listeners;
     server.run(RunArgs {
-        shutdown_signal: Box::new(StopSignal { state }),
+        shutdown_signal: Box::new(StopSignal {
+            state,
+            stop: std::sync::Mutex::new(Some(stop)),
+        }),
     });
     std::process::exit(0)
 }
@@ -293,11 +333,11 @@ fn listener_name(addr: SocketAddr, i: usize) -> String {
     }
 }
 
-/// `SIGQUIT` hands the listening sockets to a new gateway started with `--upgrade` (a
-/// zero-downtime binary upgrade): both accept for five seconds, then this one closes its
-/// listeners and drains as below.
+/// [`Stop::HandOver`] (`SIGQUIT`) hands the listening sockets to a new gateway started
+/// with `--upgrade` (a zero-downtime binary upgrade): both accept for five seconds, then
+/// this one closes its listeners and drains as below.
 ///
-/// Ctrl-C (SIGINT) and SIGTERM both stop the gateway gracefully:
+/// [`Stop::Drain`] (Ctrl-C, SIGTERM) stops the gateway gracefully:
 /// 1. `/readyz` answers 503 at once, and answers say `connection: close`, while new
 ///    connections are still accepted for `gateway.shutdown_delay_ms` (load balancers
 ///    notice and stop sending);
@@ -310,30 +350,17 @@ fn listener_name(addr: SocketAddr, i: usize) -> String {
 /// can then spin on "runtime is shutting down" errors and keep the process alive.)
 struct StopSignal {
     state: Arc<State>,
+    /// Taken by the first (and only) wait.
+    stop: std::sync::Mutex<Option<StopSource>>,
 }
 
 #[async_trait::async_trait]
 impl ShutdownSignalWatch for StopSignal {
     async fn recv(&self) -> ShutdownSignal {
-        use tokio::signal::unix::{signal, SignalKind};
-        async fn wait(kind: SignalKind) {
-            match signal(kind) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch a signal");
-                    std::future::pending::<()>().await
-                }
-            }
-        }
-        let upgrade = tokio::select! {
-            _ = wait(SignalKind::interrupt()) => { tracing::info!("SIGINT: stopping"); false }
-            _ = wait(SignalKind::terminate()) => { tracing::info!("SIGTERM: stopping"); false }
-            _ = wait(SignalKind::quit()) => {
-                tracing::info!("SIGQUIT: handing the listening sockets to the new gateway");
-                true
-            }
+        let stop = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let upgrade = match stop {
+            Some(stop) => stop.await == Stop::HandOver,
+            None => std::future::pending().await,
         };
         let shutdown = self.state.tables.peek().policy.shutdown;
         let lifecycle = Arc::clone(&self.state.lifecycle);
