@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use breakwater_health::ShardState;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -23,8 +23,8 @@ pub struct Metrics {
     shard_inflight_requests: IntGaugeVec,
     shard_state: IntGaugeVec,
     shard_ejections: IntGaugeVec,
-    health_transitions_total: IntGauge,
-    health_dropped_signals_total: IntGauge,
+    health_transitions_total: IntCounter,
+    health_dropped_signals_total: IntCounter,
     admitted_total: IntCounterVec,
     refused_total: IntCounterVec,
     queue_wait_seconds: HistogramVec,
@@ -85,11 +85,11 @@ impl Metrics {
             ),
             &["shard"],
         )?;
-        let health_transitions_total = IntGauge::new(
+        let health_transitions_total = IntCounter::new(
             "health_transitions_total",
             "Shard state transitions since start.",
         )?;
-        let health_dropped_signals_total = IntGauge::new(
+        let health_dropped_signals_total = IntCounter::new(
             "health_dropped_signals_total",
             "Health signals dropped because the monitor's queue was full.",
         )?;
@@ -269,10 +269,10 @@ impl Metrics {
                 .with_label_values(&[p.as_str()])
                 .set(depth as i64);
         }
-        self.health_transitions_total
-            .set(health.transitions_total() as i64);
-        self.health_dropped_signals_total
-            .set(health.dropped_signals() as i64);
+        // The monitor counts; these mirror its counts (they only ever grow).
+        let catch_up = |c: &IntCounter, now: u64| c.inc_by(now.saturating_sub(c.get()));
+        catch_up(&self.health_transitions_total, health.transitions_total());
+        catch_up(&self.health_dropped_signals_total, health.dropped_signals());
         // Shards a reload removed must not linger as stale series.
         for gauge in [
             &self.shard_state,
