@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use breakwater_health::ShardState;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::admission::Admission;
@@ -33,6 +33,41 @@ pub struct Metrics {
     shard_drained: IntGaugeVec,
     policy_reloads_total: IntCounterVec,
     policy_info: IntGaugeVec,
+    retries_total: IntCounter,
+    prompt_tokens_total: IntCounterVec,
+    completion_tokens_total: IntCounterVec,
+    inter_token_seconds: HistogramVec,
+    gateway_overhead_seconds: Histogram,
+    gpu_memory_free_bytes: IntGaugeVec,
+    gpu_memory_total_bytes: IntGaugeVec,
+    gpu_utilization_ratio: GaugeVec,
+    gpu_temperature_celsius: IntGaugeVec,
+    gpu_verdict: IntGaugeVec,
+}
+
+/// One finished client request, for [`Metrics::request`]. Every label comes from the
+/// policy (or is empty), never from the client.
+pub struct Finished<'a> {
+    /// The model (a model no pool serves: `unknown`; empty before the body was read).
+    pub model: &'a str,
+    /// The tenant (empty: unidentified).
+    pub tenant: &'a str,
+    /// The last shard's region (empty: none tried).
+    pub region: &'a str,
+    /// The last shard tried.
+    pub shard: &'a str,
+    /// The status answered (0: the client left first).
+    pub status: u16,
+    /// Request header to the end of the answer.
+    pub total: Duration,
+    /// Request header to the response header (a stream: its first event).
+    pub first_byte: Option<Duration>,
+    /// The gateway's own time before the first attempt went out, queueing excluded.
+    pub overhead: Option<Duration>,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// The answer's (prompt, completion) tokens, when it reported usage.
+    pub usage: Option<(u64, u64)>,
 }
 
 impl Metrics {
@@ -43,13 +78,19 @@ impl Metrics {
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
         ];
         let requests_total = IntCounterVec::new(
-            Opts::new("requests_total", "Client requests by response status."),
-            &["status"],
+            Opts::new(
+                "requests_total",
+                "Client requests by model, region and shard (the last tried), status and tenant.",
+            ),
+            &["model", "region", "shard", "status", "tenant"],
         )?;
         let request_duration_seconds = HistogramVec::new(
-            HistogramOpts::new("request_duration_seconds", "Client request duration.")
-                .buckets(buckets.clone()),
-            &["status_class"],
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Client request duration, end to end.",
+            )
+            .buckets(buckets.clone()),
+            &["model", "status_class"],
         )?;
         let time_to_first_byte_seconds = HistogramVec::new(
             HistogramOpts::new(
@@ -57,7 +98,7 @@ impl Metrics {
                 "From request to the response header (streams: the first event).",
             )
             .buckets(buckets),
-            &["status_class"],
+            &["model", "status_class"],
         )?;
         let upstream_attempts_total = IntCounterVec::new(
             Opts::new("upstream_attempts_total", "Attempts on shards by outcome."),
@@ -152,6 +193,91 @@ impl Metrics {
             ),
             &["revision"],
         )?;
+        let retries_total = IntCounter::new(
+            "retries_total",
+            "Attempts after a request's first (each on another shard).",
+        )?;
+        let prompt_tokens_total = IntCounterVec::new(
+            Opts::new(
+                "prompt_tokens_total",
+                "Prompt tokens the answers' usage reported, by model and tenant.",
+            ),
+            &["model", "tenant"],
+        )?;
+        let completion_tokens_total = IntCounterVec::new(
+            Opts::new(
+                "completion_tokens_total",
+                "Completion tokens the answers' usage reported, by model and tenant.",
+            ),
+            &["model", "tenant"],
+        )?;
+        let inter_token_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "inter_token_seconds",
+                "Time between a stream's successive chunks of events (a token each for most engines), by model.",
+            )
+            .buckets(vec![0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5]),
+            &["model"],
+        )?;
+        let gateway_overhead_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_overhead_seconds",
+                "The gateway's own time from a request's header to its first attempt on a shard, queueing excluded.",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25,
+            ]),
+        )?;
+        let shard_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["shard"]);
+        let gpu_memory_free_bytes = shard_gauge(
+            "gpu_memory_free_bytes",
+            "Free GPU memory over the shard's devices, from its gpu-probe.",
+        )?;
+        let gpu_memory_total_bytes = shard_gauge(
+            "gpu_memory_total_bytes",
+            "GPU memory over the shard's devices, from its gpu-probe.",
+        )?;
+        let gpu_temperature_celsius = shard_gauge(
+            "gpu_temperature_celsius",
+            "The hottest of the shard's GPUs.",
+        )?;
+        let gpu_utilization_ratio = GaugeVec::new(
+            Opts::new(
+                "gpu_utilization_ratio",
+                "The busiest of the shard's GPUs, 0 to 1.",
+            ),
+            &["shard"],
+        )?;
+        let gpu_verdict = IntGaugeVec::new(
+            Opts::new(
+                "gpu_verdict",
+                "1 for the gpu-probe's verdict on the shard's GPUs (unknown: no recent reading).",
+            ),
+            &["shard", "verdict"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "1, labelled with the gateway's version."),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for m in [
+            Box::new(retries_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(prompt_tokens_total.clone()),
+            Box::new(completion_tokens_total.clone()),
+            Box::new(inter_token_seconds.clone()),
+            Box::new(gateway_overhead_seconds.clone()),
+            Box::new(gpu_memory_free_bytes.clone()),
+            Box::new(gpu_memory_total_bytes.clone()),
+            Box::new(gpu_utilization_ratio.clone()),
+            Box::new(gpu_temperature_celsius.clone()),
+            Box::new(gpu_verdict.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(m)?;
+        }
         registry.register(Box::new(shard_drained.clone()))?;
         registry.register(Box::new(policy_reloads_total.clone()))?;
         registry.register(Box::new(policy_info.clone()))?;
@@ -190,7 +316,46 @@ impl Metrics {
             shard_drained,
             policy_reloads_total,
             policy_info,
+            retries_total,
+            prompt_tokens_total,
+            completion_tokens_total,
+            inter_token_seconds,
+            gateway_overhead_seconds,
+            gpu_memory_free_bytes,
+            gpu_memory_total_bytes,
+            gpu_utilization_ratio,
+            gpu_temperature_celsius,
+            gpu_verdict,
         })
+    }
+
+    /// The inter-token histogram of `model`, to observe a stream's gaps with.
+    pub fn inter_token(&self, model: &str) -> Histogram {
+        self.inter_token_seconds.with_label_values(&[model])
+    }
+
+    fn gpu(&self, shard: &str, g: &breakwater_health::GpuSummary) {
+        let verdict = g.verdict.map_or("unknown", |v| v.as_str());
+        self.gpu_verdict.with_label_values(&[shard, verdict]).set(1);
+        if g.memory_total_bytes > 0 {
+            let bytes = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.gpu_memory_free_bytes
+                .with_label_values(&[shard])
+                .set(bytes(g.memory_free_bytes));
+            self.gpu_memory_total_bytes
+                .with_label_values(&[shard])
+                .set(bytes(g.memory_total_bytes));
+        }
+        if let Some(u) = g.utilization_gpu_pct {
+            self.gpu_utilization_ratio
+                .with_label_values(&[shard])
+                .set(f64::from(u) / 100.0);
+        }
+        if let Some(t) = g.temperature_c {
+            self.gpu_temperature_celsius
+                .with_label_values(&[shard])
+                .set(i64::from(t));
+        }
     }
 
     /// Records a reload attempt.
@@ -230,24 +395,39 @@ impl Metrics {
     }
 
     /// Records a finished client request (status 0: the client left before any answer).
-    pub fn request(&self, status: u16, total: Duration, first_byte: Option<Duration>) {
-        let class = match status {
+    pub fn request(&self, r: &Finished<'_>) {
+        let class = match r.status {
             0 => "aborted",
             200..=299 => "2xx",
             400..=499 => "4xx",
             500..=599 => "5xx",
             _ => "other",
         };
+        let status = r.status.to_string();
         self.requests_total
-            .with_label_values(&[&status.to_string()])
+            .with_label_values(&[r.model, r.region, r.shard, &status, r.tenant])
             .inc();
         self.request_duration_seconds
-            .with_label_values(&[class])
-            .observe(total.as_secs_f64());
-        if let Some(fb) = first_byte {
+            .with_label_values(&[r.model, class])
+            .observe(r.total.as_secs_f64());
+        if let Some(fb) = r.first_byte {
             self.time_to_first_byte_seconds
-                .with_label_values(&[class])
+                .with_label_values(&[r.model, class])
                 .observe(fb.as_secs_f64());
+        }
+        if let Some(o) = r.overhead {
+            self.gateway_overhead_seconds.observe(o.as_secs_f64());
+        }
+        if r.retries > 0 {
+            self.retries_total.inc_by(u64::from(r.retries));
+        }
+        if let Some((prompt, completion)) = r.usage {
+            self.prompt_tokens_total
+                .with_label_values(&[r.model, r.tenant])
+                .inc_by(prompt);
+            self.completion_tokens_total
+                .with_label_values(&[r.model, r.tenant])
+                .inc_by(completion);
         }
     }
 
@@ -281,9 +461,14 @@ impl Metrics {
             &self.shard_admission_limit_tokens,
             &self.shard_inflight_tokens,
             &self.shard_inflight_requests,
+            &self.gpu_memory_free_bytes,
+            &self.gpu_memory_total_bytes,
+            &self.gpu_temperature_celsius,
+            &self.gpu_verdict,
         ] {
             gauge.reset();
         }
+        self.gpu_utilization_ratio.reset();
         for s in router.shards() {
             let h = view.get(s.key);
             for state in [
@@ -302,6 +487,9 @@ impl Metrics {
             self.shard_drained
                 .with_label_values(&[s.id.as_str()])
                 .set(i64::from(s.is_drained()));
+            if let Some(g) = &h.gpu {
+                self.gpu(s.id.as_str(), g);
+            }
             let labels = [s.id.as_str(), s.region.as_str(), s.pool.as_str()];
             self.shard_admission_limit_tokens
                 .with_label_values(&labels)

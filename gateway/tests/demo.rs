@@ -243,6 +243,23 @@ async fn the_demo_serves_and_a_shard_can_be_broken_and_mended() {
     };
     assert_eq!(big["gpu"]["verdict"], "failing", "{big}");
     assert!(big["gpu"]["memory_total_bytes"].as_u64().unwrap() > 0);
+    // The same in Prometheus, and the demo's whole /metrics passes promtool.
+    let metrics = c
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("breakwater_gpu_verdict{shard=\"use-big\",verdict=\"failing\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("breakwater_gpu_memory_total_bytes{shard=\"use-big\"}"));
+    if let Err(said) = common::promtool_check(&metrics) {
+        panic!("promtool: {said}");
+    }
     let bad = c
         .post(format!("http://{admin}/admin/shards/use-big/fault"))
         .bearer_auth(&token)

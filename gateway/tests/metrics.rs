@@ -5,9 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use common::{chat, client, policy_text, start_shard, Gateway, ShardSpec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,29 +47,21 @@ async fn the_live_metrics_pass_promtool_and_hold_no_key() {
         "a key in the metrics"
     );
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect(
-            "promtool (Debian's prometheus package) is needed for this test; .ci/run installs it",
-        );
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool: {said}"
-    );
+    if let Err(said) = common::promtool_check(&text) {
+        panic!("promtool: {said}");
+    }
+    // The series a Prometheus user expects, labelled from the policy.
+    for series in [
+        "breakwater_requests_total{model=\"test-model\",region=\"home\",shard=\"a\",status=\"200\",tenant=\"acme\"} 2",
+        "breakwater_requests_total{model=\"unknown\",region=\"\",shard=\"\",status=\"404\",tenant=\"default\"} 1",
+        "breakwater_prompt_tokens_total{model=\"test-model\",tenant=\"acme\"}",
+        // The streamed answer reported no usage (no stream_options.include_usage): only
+        // the plain one counts.
+        "breakwater_completion_tokens_total{model=\"test-model\",tenant=\"acme\"} 4",
+        "breakwater_inter_token_seconds_count{model=\"test-model\"}",
+        "breakwater_gateway_overhead_seconds_count 3",
+        "breakwater_build_info{version=",
+    ] {
+        assert!(text.contains(series), "no {series} in\n{text}");
+    }
 }

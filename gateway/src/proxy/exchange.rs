@@ -150,7 +150,7 @@ pub async fn serve(
     };
     let result = attempts(state, table, session, ctx, &resolved, &body, slot).await;
     // The token budget pays what the answer reported (or the estimate, if it said nothing).
-    let used = ctx.used_tokens.unwrap_or(resolved.cost.total());
+    let used = ctx.usage.map_or(resolved.cost.total(), |(p, c)| p + c);
     admission.correct_tokens(table, tenant, resolved.cost.total(), used);
     if let Err(e) = result {
         super::respond_error(session, ctx, &e).await;
@@ -287,6 +287,7 @@ async fn attempts(
             shard: &shard,
             req: &r.req,
             route_model: r.route.model,
+            route_name: &r.route.name,
             prefill: table.prefill_time(&shard, r.cost.prompt),
             deadline: r.deadline,
         };
@@ -442,6 +443,8 @@ struct Call<'a> {
     shard: &'a ShardEntry,
     req: &'a InferenceRequest,
     route_model: usize,
+    /// The model's name, for metrics.
+    route_name: &'a str,
     /// The estimated prefill time on this shard: the first-byte deadline grows by it.
     prefill: std::time::Duration,
     deadline: Instant,
@@ -488,6 +491,7 @@ impl Call<'_> {
     async fn attempt(&self, session: &mut Session, ctx: &mut RequestCtx, body: &Bytes) -> Attempt {
         let head = self.upstream_head(session, ctx, body.len());
         let sent = std::time::Instant::now();
+        ctx.first_sent_at.get_or_insert(sent);
         let first_byte = self.first_byte_deadline();
         let send = self.table.upstream.send(&self.shard.authority, &head, body);
         // `biased`: the exchange is polled first, so while it is ready the check for a
@@ -599,7 +603,10 @@ impl Call<'_> {
     }
 
     fn learn(&self, ctx: &mut RequestCtx, u: Usage) {
-        ctx.used_tokens = Some(u.prompt_tokens.unwrap_or(0) + u.completion_tokens.unwrap_or(0));
+        ctx.usage = Some((
+            u.prompt_tokens.unwrap_or(0),
+            u.completion_tokens.unwrap_or(0),
+        ));
         let completion = self
             .req
             .size
@@ -695,6 +702,8 @@ impl Call<'_> {
         // After it: forward complete events; a failure ends the stream with an error event,
         // and so does the end of a shutdown's grace period (seen at the next chunk).
         let mut shutting_down = false;
+        let gaps = self.state.metrics.inter_token(self.route_name);
+        let mut last_event = std::time::Instant::now();
         let failure = loop {
             let next = tokio::select! {
                 biased;
@@ -721,6 +730,9 @@ impl Call<'_> {
                 }
             };
             tally.see(&out);
+            let now = std::time::Instant::now();
+            gaps.observe((now - last_event).as_secs_f64());
+            last_event = now;
             if session.write_response_body(out, false).await.is_err() {
                 return Attempt::ClientGone;
             }

@@ -155,8 +155,10 @@ pub struct RequestCtx {
     pub queue_wait: Option<std::time::Duration>,
     /// Why the gateway refused it without trying a shard.
     pub refusal: Option<&'static str>,
-    /// Prompt + completion tokens the answer's usage reported.
-    pub used_tokens: Option<u64>,
+    /// The answer's usage block: (prompt, completion) tokens.
+    pub usage: Option<(u64, u64)>,
+    /// When the first attempt's request went to a shard.
+    pub first_sent_at: Option<std::time::Instant>,
 }
 
 /// The traffic listener's Pingora application.
@@ -206,7 +208,8 @@ impl RequestCtx {
             priority: Priority::Standard,
             queue_wait: None,
             refusal: None,
-            used_tokens: None,
+            usage: None,
+            first_sent_at: None,
         }
     }
 }
@@ -258,15 +261,30 @@ impl Gateway {
             .first_byte_at
             .map(|t| (t - ctx.started).as_secs_f64() * 1e3);
         let total = ctx.started.elapsed();
-        self.state.metrics.request(
-            ctx.status,
-            total,
-            ctx.first_byte_at.map(|t| t - ctx.started),
-        );
         let tenant = match (&ctx.table, ctx.tenant) {
             (Some(table), Some(t)) => Some(table.tenants.get(t).id.as_str()),
             _ => None,
         };
+        // Labels from the policy only (a model no pool serves is "unknown"), so a client
+        // cannot grow the series.
+        let model = match (&ctx.table, ctx.model.as_deref()) {
+            (Some(table), Some(m)) => table.router.route(m).map_or("unknown", |r| &*r.name),
+            _ => "",
+        };
+        self.state.metrics.request(&crate::metrics::Finished {
+            model,
+            tenant: tenant.unwrap_or(""),
+            region: shard.map_or("", |s| s.region.as_str()),
+            shard: shard.map_or("", |s| s.id.as_str()),
+            status: ctx.status,
+            total,
+            first_byte: ctx.first_byte_at.map(|t| t - ctx.started),
+            overhead: ctx
+                .first_sent_at
+                .map(|t| (t - ctx.started).saturating_sub(ctx.queue_wait.unwrap_or_default())),
+            retries: ctx.attempts.saturating_sub(1),
+            usage: ctx.usage,
+        });
         match (tenant, ctx.refusal) {
             // Refused before a tenant was known: a missing or unknown key.
             (None, Some(reason)) => self.state.metrics.refused("unknown", "none", reason),

@@ -484,3 +484,33 @@ pub async fn load<F: std::future::Future>(
     let records = records.lock().unwrap().clone();
     (records, out)
 }
+
+/// Runs `promtool check metrics` (Debian's prometheus package; `.ci/run` installs it) on a
+/// `/metrics` text: `Err` with what it said when it finds a problem.
+pub fn promtool_check(text: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package) is needed; .ci/run installs it");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(said)
+    }
+}
