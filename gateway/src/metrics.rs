@@ -36,7 +36,7 @@ pub struct Metrics {
     retries_total: IntCounter,
     prompt_tokens_total: IntCounterVec,
     completion_tokens_total: IntCounterVec,
-    inter_token_seconds: HistogramVec,
+    time_per_output_token_seconds: HistogramVec,
     gateway_overhead_seconds: Histogram,
     gpu_memory_free_bytes: IntGaugeVec,
     gpu_memory_total_bytes: IntGaugeVec,
@@ -211,10 +211,10 @@ impl Metrics {
             ),
             &["model", "tenant"],
         )?;
-        let inter_token_seconds = HistogramVec::new(
+        let time_per_output_token_seconds = HistogramVec::new(
             HistogramOpts::new(
-                "inter_token_seconds",
-                "Time between a stream's successive chunks of events (a token each for most engines), by model.",
+                "time_per_output_token_seconds",
+                "Each completed stream's mean time between events after its first (inter-token latency: an event is a token for most engines), by model.",
             )
             .buckets(vec![0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5]),
             &["model"],
@@ -267,7 +267,7 @@ impl Metrics {
             Box::new(retries_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(prompt_tokens_total.clone()),
             Box::new(completion_tokens_total.clone()),
-            Box::new(inter_token_seconds.clone()),
+            Box::new(time_per_output_token_seconds.clone()),
             Box::new(gateway_overhead_seconds.clone()),
             Box::new(gpu_memory_free_bytes.clone()),
             Box::new(gpu_memory_total_bytes.clone()),
@@ -319,7 +319,7 @@ impl Metrics {
             retries_total,
             prompt_tokens_total,
             completion_tokens_total,
-            inter_token_seconds,
+            time_per_output_token_seconds,
             gateway_overhead_seconds,
             gpu_memory_free_bytes,
             gpu_memory_total_bytes,
@@ -329,9 +329,11 @@ impl Metrics {
         })
     }
 
-    /// The inter-token histogram of `model`, to observe a stream's gaps with.
-    pub fn inter_token(&self, model: &str) -> Histogram {
-        self.inter_token_seconds.with_label_values(&[model])
+    /// Records a completed stream's mean time per output token.
+    pub fn time_per_output_token(&self, model: &str, per_token: Duration) {
+        self.time_per_output_token_seconds
+            .with_label_values(&[model])
+            .observe(per_token.as_secs_f64());
     }
 
     fn gpu(&self, shard: &str, g: &breakwater_health::GpuSummary) {

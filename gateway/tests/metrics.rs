@@ -58,7 +58,7 @@ async fn the_live_metrics_pass_promtool_and_hold_no_key() {
         // The streamed answer reported no usage (no stream_options.include_usage): only
         // the plain one counts.
         "breakwater_completion_tokens_total{model=\"test-model\",tenant=\"acme\"} 4",
-        "breakwater_inter_token_seconds_count{model=\"test-model\"}",
+        "breakwater_time_per_output_token_seconds_count{model=\"test-model\"} 1",
         "breakwater_gateway_overhead_seconds_count 3",
         "breakwater_build_info{version=",
     ] {

@@ -702,8 +702,7 @@ impl Call<'_> {
         // After it: forward complete events; a failure ends the stream with an error event,
         // and so does the end of a shutdown's grace period (seen at the next chunk).
         let mut shutting_down = false;
-        let gaps = self.state.metrics.inter_token(self.route_name);
-        let mut last_event = std::time::Instant::now();
+        let first_event_at = std::time::Instant::now();
         let failure = loop {
             let next = tokio::select! {
                 biased;
@@ -730,9 +729,6 @@ impl Call<'_> {
                 }
             };
             tally.see(&out);
-            let now = std::time::Instant::now();
-            gaps.observe((now - last_event).as_secs_f64());
-            last_event = now;
             if session.write_response_body(out, false).await.is_err() {
                 return Attempt::ClientGone;
             }
@@ -762,6 +758,14 @@ impl Call<'_> {
             }
         };
         self.learn_from_stream(ctx, &tally);
+        if failure.is_none() && !shutting_down && tally.data_events > 1 {
+            // One figure per stream (not a clock read per chunk): its mean time per token
+            // after the first event.
+            let per = first_event_at.elapsed() / (tally.data_events - 1) as u32;
+            self.state
+                .metrics
+                .time_per_output_token(self.route_name, per);
+        }
         if session.write_response_body(tail, true).await.is_err() {
             return Attempt::ClientGone;
         }
