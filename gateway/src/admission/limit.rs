@@ -149,12 +149,27 @@ mod tests {
         let l = limit();
         assert_eq!(l.tokens(), 1000);
         // Capacity tripled: the same time's worth of work is three times the tokens.
-        l.reconfigure(3000.0, Duration::from_millis(100), Duration::from_secs(20), 1.5);
+        l.reconfigure(
+            3000.0,
+            Duration::from_millis(100),
+            Duration::from_secs(20),
+            1.5,
+        );
         assert_eq!(l.tokens(), 3000);
         // A ceiling lowered below it clamps it; one raised later does not lift it by itself.
-        l.reconfigure(3000.0, Duration::from_millis(100), Duration::from_millis(500), 1.5);
+        l.reconfigure(
+            3000.0,
+            Duration::from_millis(100),
+            Duration::from_millis(500),
+            1.5,
+        );
         assert_eq!(l.tokens(), 1500);
-        l.reconfigure(3000.0, Duration::from_millis(100), Duration::from_secs(20), 1.5);
+        l.reconfigure(
+            3000.0,
+            Duration::from_millis(100),
+            Duration::from_secs(20),
+            1.5,
+        );
         assert_eq!(l.tokens(), 1500);
         // A cut is floored by the new floor.
         l.reconfigure(3000.0, Duration::from_secs(1), Duration::from_secs(20), 1.5);
