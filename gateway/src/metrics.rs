@@ -405,9 +405,11 @@ impl Metrics {
             500..=599 => "5xx",
             _ => "other",
         };
-        let status = r.status.to_string();
+        // The three digits without formatting a string per request (0: the client left).
+        let code = http::StatusCode::from_u16(r.status).ok();
+        let status = code.as_ref().map_or("0", http::StatusCode::as_str);
         self.requests_total
-            .with_label_values(&[r.model, r.region, r.shard, &status, r.tenant])
+            .with_label_values(&[r.model, r.region, r.shard, status, r.tenant])
             .inc();
         self.request_duration_seconds
             .with_label_values(&[r.model, class])

@@ -103,16 +103,16 @@ impl Lifecycle {
         self.grace_over.load(Ordering::Relaxed)
     }
 
-    fn enter(self: &Arc<Self>) -> InFlight {
+    fn enter(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        InFlight(self)
     }
 }
 
 /// One request being answered.
-struct InFlight(Arc<Lifecycle>);
+struct InFlight<'a>(&'a Lifecycle);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
