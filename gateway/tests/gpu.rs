@@ -6,6 +6,7 @@
 
 mod common;
 
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -149,12 +150,16 @@ async fn an_ecc_failure_drains_the_shard_within_two_probe_intervals_without_fail
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn low_free_memory_moves_traffic_away_in_proportion() {
+/// Shard "a" of two reports 2 % free GPU memory (degraded, weight 0.5) while `workers`
+/// clients load the pair for 3 s under the policy's extra `admission` text: returns a's
+/// share of the in-flight tokens, sampled during the load, the clients' records and the
+/// shards' status after.
+async fn degraded_share(admission: &str, workers: usize) -> (f64, Vec<Record>, Value) {
     let a = start_shard(ShardSpec::new("a", "home")).await;
     let b = start_shard(ShardSpec::new("b", "home")).await;
     let (pa, pb) = (Probe::start(), Probe::start());
-    let gw = Gateway::start(&policy_with_probes(&[(&a, &pa), (&b, &pb)])).await;
+    let policy = policy_with_probes(&[(&a, &pa), (&b, &pb)]) + admission;
+    let gw = Gateway::start(&policy).await;
     pa.set(r#"{"memory_free_pct": 2}"#);
     let deadline = Instant::now() + Duration::from_secs(5);
     while gw.shard("a").await["state"] != "degraded" {
@@ -179,18 +184,47 @@ async fn low_free_memory_moves_traffic_away_in_proportion() {
         }
         sum_a as f64 / sum.max(1) as f64
     };
-    let (records, share) = load(&gw, 12, Duration::from_secs(3), 20, sampling).await;
+    let (records, share) = load(&gw, workers, Duration::from_secs(3), 20, sampling).await;
     eprintln!("degraded (weight 0.5): its share of in-flight tokens {share:.2} (expected 1/3) over {} requests", records.len());
-    assert!(records.iter().all(|r| r.status == 200));
-    // Weight 0.5 against 1.0: a third of the load. Sampled in-flight shares on a 2-core
-    // machine ranged 0.22–0.36 over runs, so the bounds are wide; they still tell a halved
-    // weight from no effect (0.5) and from a drain (0).
-    assert!((0.15..=0.45).contains(&share), "share {share:.2}");
     let st = gw.shard("a").await;
     assert!(
         st["reason"].as_str().unwrap().contains("free memory"),
         "{st}"
     );
+    (share, records, gw.status().await["shards"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn low_free_memory_moves_traffic_away_in_proportion() {
+    let (share, records, shards) = degraded_share("", 12).await;
+    assert!(records.iter().all(|r| r.status == 200));
+    // Weight 0.5 against 1.0: a third of the load. Sampled in-flight shares on a 2-core
+    // machine ranged 0.22–0.36 over runs, so the bounds are wide; they still tell a halved
+    // weight from no effect (0.5) and from a drain (0).
+    assert!((0.15..=0.45).contains(&share), "share {share:.2}; {shards}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_degraded_shard_fills_half_its_admission_limit_when_every_shard_is_full() {
+    // About seven small requests' worth of tokens per shard, fixed, and more clients than
+    // both shards hold: every shard is at its limit, so where load goes is decided by the
+    // limits, not by the load score. The degraded shard's limit is halved with its weight.
+    let fixed = "\n[admission]\ninitial_limit_ms = 200\nmin_limit_ms = 200\nmax_limit_ms = 200\n";
+    let (share, records, shards) = degraded_share(fixed, 20).await;
+    // More clients than room: admission refuses the surplus (429) rather than queue it
+    // long, and the two simulated engines (1,000 tokens/s each, about 38 small requests/s)
+    // still serve at their pace: 3 s at capacity is about 230 answers.
+    let ok = records.iter().filter(|r| r.status == 200).count();
+    assert!(
+        records.iter().all(|r| r.status == 200 || r.status == 429),
+        "{:?}",
+        records
+            .iter()
+            .map(|r| r.status)
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    assert!(ok >= 120, "{ok} of {} served", records.len());
+    assert!((0.22..=0.42).contains(&share), "share {share:.2}; {shards}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -92,10 +92,13 @@ impl ShardLimit {
         self.tokens.load(Ordering::Relaxed)
     }
 
-    /// Whether a request of `cost` tokens fits beside `inflight`. An idle shard takes any
-    /// request, however large: a request above the limit must still run somewhere.
-    pub fn fits(&self, inflight: u64, cost: u64) -> bool {
-        inflight == 0 || inflight + cost <= self.tokens()
+    /// Whether a request of `cost` tokens fits beside `inflight` on a shard health
+    /// weighs at `weight` (1.0 healthy; less when degraded or in slow start: the limit
+    /// shrinks with it, so a half-weight shard takes half the work even when every shard
+    /// is full). An idle shard takes any request, however large: a request above the
+    /// limit must still run somewhere.
+    pub fn fits(&self, inflight: u64, cost: u64, weight: f64) -> bool {
+        inflight == 0 || (inflight + cost) as f64 <= self.tokens() as f64 * weight.clamp(0.0, 1.0)
     }
 
     /// Learns from one request's time to first token (`queueing`: TTFT less its
@@ -221,8 +224,19 @@ mod tests {
         let l = limit();
         l.overloaded();
         assert_eq!(l.tokens(), 800);
-        assert!(l.fits(0, 50_000));
-        assert!(l.fits(700, 100));
-        assert!(!l.fits(700, 101));
+        assert!(l.fits(0, 50_000, 1.0));
+        assert!(l.fits(700, 100, 1.0));
+        assert!(!l.fits(700, 101, 1.0));
+    }
+
+    #[test]
+    fn a_shard_weighed_at_half_fits_half_its_limit() {
+        let l = limit();
+        assert!(l.fits(400, 100, 0.5));
+        assert!(!l.fits(400, 101, 0.5));
+        assert!(
+            l.fits(0, 50_000, 0.5),
+            "an idle shard still takes any request"
+        );
     }
 }

@@ -179,7 +179,9 @@ impl Admission {
         let router = &table.router;
         let shard = if table.policy.admission.enabled {
             let fits = |s: &ShardEntry, h: &HealthView| {
-                s.limit.fits(s.load.inflight_tokens(), cost) && router.has_headroom(s, h)
+                s.limit
+                    .fits(s.load.inflight_tokens(), cost, h.weight_factor(s.key))
+                    && router.has_headroom(s, h)
             };
             router.pick_fitting(route, &[], fits, rng)?
         } else {
