@@ -10,12 +10,14 @@
 //! 3. [`routing`] — estimate the token cost, pick a shard (home region first,
 //!    power-of-two-choices on in-flight tokens per capacity), account the load.
 //! 4. [`policy`] — the TOML policy set everything above is built from.
-//! 5. [`admin`] and [`metrics`] — the admin listener and Prometheus.
+//! 5. [`admin`], [`metrics`], [`stats`] and [`decisions`] — the admin listener and its
+//!    dashboard, Prometheus, the in-memory history, the routing decisions log.
 //! 6. [`server`] — assembling it all on Pingora; [`cli`] and [`demo`] — the commands.
 
 pub mod admin;
 pub mod admission;
 pub mod cli;
+pub mod decisions;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod listeners;
@@ -25,4 +27,5 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod stats;
 pub mod table;

@@ -20,6 +20,7 @@ use crate::policy::revision::Revision;
 use crate::policy::{self, Policy, PolicyError};
 use crate::proxy::budget::BodyBudget;
 use crate::proxy::retry::RetryBudget;
+use crate::stats::Journal;
 use crate::table::{Table, Tables};
 
 /// What asked for a reload.
@@ -108,6 +109,7 @@ pub struct Reloader {
     retry_budget: Arc<RetryBudget>,
     metrics: Arc<Metrics>,
     health: HealthUpdates,
+    journal: Arc<Journal>,
     status: Mutex<PolicyStatus>,
     /// The content hash in force.
     content: Mutex<Revision>,
@@ -144,6 +146,8 @@ pub struct Retuned {
     pub metrics: Arc<Metrics>,
     /// The health thread's inbox.
     pub health: HealthUpdates,
+    /// Where reloads are noted for the dashboard's timeline.
+    pub journal: Arc<Journal>,
 }
 
 impl Reloader {
@@ -176,6 +180,7 @@ impl Reloader {
             retry_budget: parts.retry_budget,
             metrics: parts.metrics,
             health: parts.health,
+            journal: parts.journal,
             status: Mutex::new(status),
             content: Mutex::new(revision),
             one_at_a_time: Mutex::new(()),
@@ -226,6 +231,8 @@ impl Reloader {
             "policy reload rejected; the running policy stays"
         );
         self.metrics.reload(trigger.as_str(), "rejected");
+        self.journal
+            .note("reload_rejected", trigger.as_str(), error.clone());
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         st.last_error = Some(error.clone());
         st.last_error_at_unix_ms = Some(now_unix_ms());
@@ -250,6 +257,17 @@ impl Reloader {
         let _ = self.health.send((new.probes(), p.health.clone()));
         self.metrics.reload(trigger.as_str(), "applied");
         self.metrics.policy_revision(&label, Some(&old.revision));
+        self.journal.note(
+            "reload_applied",
+            label.clone(),
+            format!(
+                "{} (from {}; added {:?}, removed {:?})",
+                trigger.as_str(),
+                old.revision,
+                applied.added,
+                applied.removed
+            ),
+        );
         tracing::info!(
             target: "policy",
             trigger = trigger.as_str(),

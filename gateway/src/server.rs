@@ -220,7 +220,14 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
         retry_budget: RetryBudget::new(retries),
         admission: Arc::clone(&admission),
         lifecycle: Arc::clone(&lifecycle),
+        history: Arc::default(),
+        decisions: Arc::default(),
+        journal: Arc::default(),
+        admin_token: Arc::from(opts.admin_token.as_str()),
     });
+    health
+        .runtime
+        .spawn(Arc::clone(&state.history).run_ticker());
     let reloader = Reloader::new(
         opts.policy_dir.clone(),
         Arc::clone(&tables),
@@ -229,6 +236,7 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
             admission: Arc::clone(&admission),
             body_budget: Arc::clone(&state.body_budget),
             retry_budget: Arc::clone(&state.retry_budget),
+            journal: Arc::clone(&state.journal),
             metrics: Arc::clone(&metrics),
             health: health.updates.clone(),
         },
@@ -291,12 +299,7 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
             "BREAKWATER_ADMIN_TOKEN is unset: the admin API's /admin routes refuse every request"
         );
     }
-    let admin = Admin::new(
-        Arc::clone(&state),
-        reloader,
-        opts.admin_token,
-        opts.fault_controls,
-    );
+    let admin = Admin::new(Arc::clone(&state), reloader, opts.fault_controls);
     let mut admin_service = Service::new("breakwater admin".to_string(), admin);
     let mut socket = TcpSocketOptions::default();
     socket.so_reuseport = Some(true); // beside the reservation

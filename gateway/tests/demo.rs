@@ -5,83 +5,22 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::client;
+use common::{client, Demo};
 use serde_json::{json, Value};
-
-/// Kills the demo if the test fails half-way, so its fixed ports are free for the next run.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_serves_and_a_shard_can_be_broken_and_mended() {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (listen, admin) = (free(), free());
-    let mut guard = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_breakwater"))
-            .args([
-                "demo",
-                "--listen",
-                &listen.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
-            ])
-            .env_remove("BREAKWATER_ADMIN_TOKEN")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let child = &mut guard.0;
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut printed = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let done = line.starts_with("Ctrl-C");
-        printed.push(line);
-        if done {
-            break;
-        }
-    }
-    let text = printed.join("\n");
-    let token = printed
-        .iter()
-        .find_map(|l| l.strip_prefix("Admin token: "))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let mut demo = Demo::start().await;
+    let (listen, admin, token) = (demo.listen, demo.admin, demo.token.clone());
+    let text = demo.printed.join("\n");
     assert_eq!(token.len(), 32, "{text}");
     assert!(text.contains(&format!("http://{listen}/v1")), "{text}");
     assert!(text.contains("curl -s http://"), "{text}");
-
+    let child = demo.child();
     let c = client();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c
-        .get(format!("http://{listen}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "demo not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let body = json!({"model": "demo-llama", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});
     let r = c
         .post(format!("http://{listen}/v1/chat/completions"))

@@ -1,7 +1,9 @@
 //! The admin listener, separate from traffic. With the bearer token: `GET /admin/status`,
-//! `GET /admin/events`, `POST /admin/reload`, `POST /admin/shards/{id}/drain` and
-//! `/undrain`, and (demo mode only) `POST /admin/shards/{id}/fault`. Open: `GET /metrics`
-//! (Prometheus).
+//! `GET /admin/events`, `GET /admin/history`, `GET /admin/decisions`, `POST /admin/reload`,
+//! `POST /admin/shards/{id}/drain` and `/undrain`, and (demo mode only)
+//! `POST /admin/shards/{id}/fault`. Open: `GET /metrics` (Prometheus) and the dashboard's
+//! static files at `/` (they hold no data; the page asks for the token and calls the API
+//! with it).
 //!
 //! The token comes from `BREAKWATER_ADMIN_TOKEN`; it is compared in constant time and
 //! never logged. `/metrics` carries no secrets and is left open for scrapers, as Envoy's
@@ -19,6 +21,7 @@ use std::sync::atomic::Ordering;
 
 use breakwater_health::ShardState;
 
+mod dashboard;
 #[cfg(feature = "demo")]
 mod fault;
 #[cfg(feature = "demo")]
@@ -28,17 +31,18 @@ pub use fault::FaultControls;
 #[cfg(not(feature = "demo"))]
 #[derive(Debug, Clone, Default)]
 pub struct FaultControls;
+use crate::decisions::{Decision, CAPACITY};
 use crate::policy::Priority;
 use crate::proxy::error::{error_json, GatewayError};
 use crate::proxy::State;
 use crate::reload::{ReloadError, Reloader, Trigger};
+use crate::stats::history::POINTS;
 use crate::table::Table;
 
 /// The admin application.
 pub struct Admin {
     state: Arc<State>,
     reloader: Arc<Reloader>,
-    token: String,
     /// Demo mode: where each simulated shard and probe takes faults.
     #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     fault_controls: FaultControls,
@@ -65,18 +69,12 @@ fn shard_action(path: &str) -> Option<(&str, ShardAction)> {
 }
 
 impl Admin {
-    /// An admin API over the gateway's state, guarded by `token`. `fault_controls` is
-    /// empty outside demo mode, which turns the fault endpoint off.
-    pub fn new(
-        state: Arc<State>,
-        reloader: Arc<Reloader>,
-        token: String,
-        fault_controls: FaultControls,
-    ) -> Self {
+    /// An admin API over the gateway's state, guarded by its admin token.
+    /// `fault_controls` is empty outside demo mode, which turns the fault endpoint off.
+    pub fn new(state: Arc<State>, reloader: Arc<Reloader>, fault_controls: FaultControls) -> Self {
         Self {
             state,
             reloader,
-            token,
             fault_controls,
         }
     }
@@ -89,13 +87,14 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        constant_time_eq(given.as_bytes(), self.token.as_bytes())
+        constant_time_eq(given.as_bytes(), self.state.admin_token.as_bytes())
     }
 
     fn status(&self) -> serde_json::Value {
         let table = self.state.tables.load();
         let router = &table.router;
         let health = router.health();
+        let now_s = crate::stats::now_s();
         let shards: Vec<_> = router
             .shards()
             .iter()
@@ -126,12 +125,16 @@ impl Admin {
                     "inflight_requests": s.load.inflight_requests(),
                     "capacity_tps": s.capacity_tps,
                     "admission_limit_tokens": s.limit.tokens(),
+                    "effective_limit_tokens": (s.limit.tokens() as f64 * h.weight_factor.clamp(0.0, 1.0)).round(),
+                    "last_minute": s.window.summary(now_s, now_s),
                     "dispatched_requests_total": s.load.dispatched_requests_total(),
                     "dispatched_tokens_total": s.load.dispatched_tokens_total(),
                 })
             })
             .collect();
         json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "demo": self.demo(),
             "home_region": table.policy.home_region,
             "ready": !self.state.lifecycle.is_stopping() && router.ready(),
             "stopping": self.state.lifecycle.is_stopping(),
@@ -175,6 +178,31 @@ impl Admin {
             "drain_tokens_per_s": a.drain_tps().round(),
             "tenants": tenants,
         })
+    }
+
+    /// `GET /admin/decisions?limit=N` (newest first, default 50) or `?id=REQUEST_ID`.
+    fn decisions(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        let log = &self.state.decisions;
+        let list = match query(session, "id") {
+            Some(id) => match log.find(&id) {
+                Some(d) => vec![d],
+                None => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        &format!("no decision kept for request {id:?} (the last {CAPACITY} are)"),
+                        "not_found",
+                    )
+                }
+            },
+            None => log.last(query_usize(session, "limit").unwrap_or(50).min(CAPACITY)),
+        };
+        let list: Vec<&Decision> = list.iter().map(|d| &**d).collect();
+        reply(
+            StatusCode::OK,
+            json!({"decisions": list, "kept": CAPACITY})
+                .to_string()
+                .into_bytes(),
+        )
     }
 
     /// `POST /admin/reload`: the policy directory read again now.
@@ -222,6 +250,14 @@ impl Admin {
             inflight_requests = shard.load.inflight_requests(),
             "operator action"
         );
+        if was != drain {
+            let (kind, detail) = if drain {
+                ("drain", "drained by an operator: no new requests")
+            } else {
+                ("undrain", "undrained by an operator: back in service")
+            };
+            self.state.journal.note(kind, shard.id.clone(), detail);
+        }
         if !drain {
             // Room for the queue, if anyone waits.
             self.state.admission.dispatch();
@@ -237,6 +273,17 @@ impl Admin {
 }
 
 impl Admin {
+    /// Whether the fault switch is on (a demo fleet).
+    #[cfg(feature = "demo")]
+    fn demo(&self) -> bool {
+        !self.fault_controls.is_empty()
+    }
+
+    #[cfg(not(feature = "demo"))]
+    fn demo(&self) -> bool {
+        false
+    }
+
     #[cfg(feature = "demo")]
     async fn fault(&self, shard: &str, session: &mut ServerSession) -> Response<Vec<u8>> {
         fault::inject(&self.fault_controls, shard, session).await
@@ -252,11 +299,25 @@ impl Admin {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Whether two secrets are equal, in time that does not depend on where they differ; an
+/// empty secret equals nothing.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() || b.is_empty() {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The first value of query parameter `name`.
+fn query(session: &ServerSession, name: &str) -> Option<String> {
+    let q = session.req_header().uri.query()?;
+    url::form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn query_usize(session: &ServerSession, name: &str) -> Option<usize> {
+    query(session, name)?.parse().ok()
 }
 
 fn reply(status: StatusCode, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -294,6 +355,11 @@ impl ServeHttp for Admin {
             );
             return r;
         }
+        if method == http::Method::GET || method == http::Method::HEAD {
+            if let Some(asset) = dashboard::asset(&path) {
+                return dashboard::serve(asset);
+            }
+        }
         if !path.starts_with("/admin/") {
             return error(
                 StatusCode::NOT_FOUND,
@@ -316,9 +382,21 @@ impl ServeHttp for Admin {
                 reply(StatusCode::OK, self.status().to_string().into_bytes())
             }
             (&http::Method::GET, "/admin/events", _) => {
-                let events = json!({"events": monitor.events(), "dropped_signals": monitor.dropped_signals()});
+                let events = json!({
+                    "events": monitor.events(),
+                    "operations": self.state.journal.entries(),
+                    "dropped_signals": monitor.dropped_signals(),
+                });
                 reply(StatusCode::OK, events.to_string().into_bytes())
             }
+            (&http::Method::GET, "/admin/history", _) => {
+                let points = query_usize(session, "points").unwrap_or(POINTS);
+                let series = self.state.history.series(points.min(POINTS));
+                // Serialised directly, so the points print as the f32s they are.
+                let body = serde_json::to_vec(&series).unwrap_or_default();
+                reply(StatusCode::OK, body)
+            }
+            (&http::Method::GET, "/admin/decisions", _) => self.decisions(session),
             (&http::Method::POST, "/admin/reload", _) => self.reload().await,
             (&http::Method::POST, _, Some((id, ShardAction::Drain))) => self.drain(id, true),
             (&http::Method::POST, _, Some((id, ShardAction::Undrain))) => self.drain(id, false),

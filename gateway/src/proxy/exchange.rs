@@ -23,7 +23,9 @@ use super::error::{
 };
 use super::request::{self, Endpoint, InferenceRequest};
 use super::upstream::{framing, UpstreamResponse};
-use super::{sse, RequestCtx, State, REGION_HEADER, REQUEST_ID_HEADER, SHARD_HEADER};
+use super::{
+    sse, RequestCtx, State, EXPLAIN_HEADER, REGION_HEADER, REQUEST_ID_HEADER, SHARD_HEADER,
+};
 use crate::admission::queue::Evicted;
 use crate::admission::Slot;
 use crate::routing::estimate::TokenCost;
@@ -31,7 +33,7 @@ use crate::routing::{ModelRoute, ShardEntry};
 use crate::table::Table;
 
 /// Request headers not forwarded to a shard: hop-by-hop ones, and those the gateway sets.
-const SKIPPED_REQUEST_HEADERS: [&str; 12] = [
+const SKIPPED_REQUEST_HEADERS: [&str; 14] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -44,6 +46,8 @@ const SKIPPED_REQUEST_HEADERS: [&str; 12] = [
     "content-length",
     "expect",
     "x-request-id",
+    "x-breakwater-explain",
+    "x-breakwater-admin-token",
 ];
 
 /// Bytes a stream may send before its first `data:` event (comments, `event:` lines)
@@ -226,6 +230,10 @@ async fn admit(
 ) -> Result<Option<Slot>, GatewayError> {
     let admission = &state.admission;
     let cost = r.cost.total();
+    ctx.decision.candidates =
+        table
+            .router
+            .explain(r.route, cost, &[], table.policy.admission.enabled);
     if !admission.must_queue(table, ctx.priority) {
         if let Some(slot) = admission.place(table, r.route, cost) {
             return Ok(Some(slot));
@@ -281,6 +289,8 @@ async fn attempts(
         tried.push(shard.key);
         ctx.shard = Some(Arc::clone(&shard));
         ctx.attempts += 1;
+        ctx.decision.attempt_started(&shard);
+        let started = std::time::Instant::now();
         let call = Call {
             state,
             table,
@@ -293,7 +303,9 @@ async fn attempts(
         };
         let outcome = call.attempt(session, ctx, body).await;
         drop(slot);
-        state.metrics.attempt(&shard.id, &outcome.label());
+        let label = outcome.label();
+        state.metrics.attempt(&shard.id, &label);
+        ctx.decision.attempt_ended(label, started.elapsed());
         if let Some(signal) = outcome.health_signal() {
             if signal == Signal::Success {
                 state.retry_budget.deposit();
@@ -343,6 +355,7 @@ async fn attempts(
                 _ = client_gone(session) => return Ok(()),
             }
         }
+        ctx.decision.next_candidates = table.router.explain(r.route, r.cost.total(), &tried, false);
         next = state
             .admission
             .place_retry(table, r.route, r.cost.total(), &tried);
@@ -357,6 +370,27 @@ async fn attempts(
     } else {
         GatewayError::Upstream(failures)
     })
+}
+
+/// The most a routing explanation header may take; a larger one (a very large route)
+/// points to the decisions log instead.
+const MAX_EXPLANATION_BYTES: usize = 16 << 10;
+
+/// The routing decision so far as an `x-breakwater-explain` value: the first pick's
+/// candidates, the attempts (the one answering last), the estimate and the queue wait.
+fn explanation(ctx: &RequestCtx) -> HeaderValue {
+    let json = serde_json::json!({
+        "estimated_tokens": ctx.estimated_tokens,
+        "queue_wait_ms": ctx.queue_wait.map(crate::decisions::millis),
+        "candidates": ctx.decision.candidates,
+        "attempts": ctx.decision.attempts,
+    })
+    .to_string();
+    // Policy ids are ASCII, so the JSON is a valid header value.
+    match HeaderValue::from_str(&json) {
+        Ok(v) if json.len() <= MAX_EXPLANATION_BYTES => v,
+        _ => HeaderValue::from_static("too large for a header: see GET /admin/decisions"),
+    }
 }
 
 /// Reads the request body whole, bounded by `limit`. `Ok(None)`: the client went away.
@@ -627,6 +661,9 @@ impl Call<'_> {
         h.insert(REGION_HEADER, self.shard.tags.region.clone());
         if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
             h.insert(REQUEST_ID_HEADER, id);
+        }
+        if ctx.explain {
+            h.insert(EXPLAIN_HEADER, explanation(ctx));
         }
         h
     }

@@ -54,6 +54,16 @@ pub struct State {
     pub admission: Arc<crate::admission::Admission>,
     /// Serving or stopping, and the requests in flight.
     pub lifecycle: Arc<Lifecycle>,
+    /// The fleet's last 15 minutes, for the dashboard.
+    pub history: Arc<crate::stats::History>,
+    /// The last requests' routing decisions.
+    pub decisions: Arc<crate::decisions::Decisions>,
+    /// Reloads and drains, for the dashboard's timeline.
+    pub journal: Arc<crate::stats::Journal>,
+    /// The admin token: a request carrying it in `x-breakwater-admin-token` with
+    /// `x-breakwater-explain: 1` gets its routing decision as a response header. Empty:
+    /// nobody does.
+    pub admin_token: Arc<str>,
 }
 
 /// Where the process is in its life: serving, or stopping (`/readyz` answers 503, answers
@@ -124,6 +134,11 @@ pub const SHARD_HEADER: HeaderName = HeaderName::from_static("x-breakwater-shard
 pub const REGION_HEADER: HeaderName = HeaderName::from_static("x-breakwater-region");
 /// `x-request-id`: the client's, or one the gateway made.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-breakwater-explain: 1` on a request (with the admin token): the answer carries the
+/// routing decision, as JSON, in a header of the same name.
+pub const EXPLAIN_HEADER: HeaderName = HeaderName::from_static("x-breakwater-explain");
+/// Where a request carries the admin token to be explained (never forwarded to a shard).
+pub const ADMIN_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-breakwater-admin-token");
 
 /// Per-request state, for the access log and metrics.
 pub struct RequestCtx {
@@ -159,6 +174,10 @@ pub struct RequestCtx {
     pub usage: Option<(u64, u64)>,
     /// When the first attempt's request went to a shard.
     pub first_sent_at: Option<std::time::Instant>,
+    /// What routing saw and did, for the decisions log.
+    pub decision: crate::decisions::Draft,
+    /// The caller asked for the decision as a response header and holds the admin token.
+    pub explain: bool,
 }
 
 /// The traffic listener's Pingora application.
@@ -210,6 +229,8 @@ impl RequestCtx {
             refusal: None,
             usage: None,
             first_sent_at: None,
+            decision: Default::default(),
+            explain: false,
         }
     }
 }
@@ -246,6 +267,8 @@ impl Gateway {
                 respond_json(session, ctx, 200, body).await
             }
             Ok(Route::Inference(endpoint)) => {
+                ctx.explain =
+                    wants_explanation(&session.req_header().headers, &self.state.admin_token);
                 let table = self.state.tables.load();
                 worker_tick::ensure(table.upstream.pool_idle());
                 ctx.table = Some(Arc::clone(&table));
@@ -254,8 +277,46 @@ impl Gateway {
         }
     }
 
+    /// An inference request's traces in memory: the fleet's history, its shard's last
+    /// minute, and its routing decision.
+    fn remember(&self, ctx: &mut RequestCtx, tenant: Option<String>, total: std::time::Duration) {
+        use crate::stats::history::Outcome;
+        let ttft = ctx.first_byte_at.map(|t| t - ctx.started);
+        let served = (200..300).contains(&ctx.status) && ctx.stream_error.is_none();
+        let outcome = if served {
+            Outcome::Served {
+                good: ttft.is_some_and(|t| t <= crate::stats::GOOD_TTFT),
+            }
+        } else if ctx.status == 429 || (ctx.status == 503 && ctx.refusal.is_some()) {
+            Outcome::Refused
+        } else {
+            Outcome::Failed
+        };
+        let ttft = ttft.filter(|_| served);
+        self.state.history.record(outcome, ttft);
+        if let (Some(shard), true) = (&ctx.shard, ctx.attempts > 0) {
+            shard.window.record(crate::stats::now_s(), ttft);
+        }
+        let d = std::mem::take(&mut ctx.decision);
+        self.state.decisions.record(crate::decisions::Decision {
+            id: ctx.request_id.clone(),
+            at_unix_ms: unix_ms(),
+            tenant,
+            priority: ctx.priority.as_str(),
+            model: ctx.model.clone(),
+            estimated_tokens: ctx.estimated_tokens,
+            queue_wait_ms: ctx.queue_wait.map(crate::decisions::millis),
+            status: ctx.status,
+            refusal: ctx.refusal,
+            region: d.attempts.first().map(|a| a.shard.region.clone()),
+            candidates: d.candidates,
+            attempts: d.attempts,
+            total_ms: crate::decisions::millis(total),
+        });
+    }
+
     /// Metrics and the access log line for a finished request.
-    fn log(&self, ctx: &RequestCtx) {
+    fn log(&self, ctx: &mut RequestCtx) {
         let shard = ctx.shard.as_deref();
         let ttft_ms = ctx
             .first_byte_at
@@ -301,10 +362,11 @@ impl Gateway {
             }
             (None, None) => {}
         }
+        let tenant = tenant.map(str::to_string);
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,
-            tenant = tenant.unwrap_or(""),
+            tenant = tenant.as_deref().unwrap_or(""),
             priority = ctx.tenant.map(|_| ctx.priority.as_str()),
             queue_wait_ms = ctx.queue_wait.map(|w| w.as_secs_f64() * 1e3),
             refusal = ctx.refusal,
@@ -318,7 +380,25 @@ impl Gateway {
             total_ms = total.as_secs_f64() * 1e3,
             stream_error = ctx.stream_error.as_deref(),
         );
+        if ctx.table.is_some() {
+            self.remember(ctx, tenant, total);
+        }
     }
+}
+
+/// Now, in Unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether a request asks for its routing decision and holds the admin token.
+fn wants_explanation(headers: &http::HeaderMap, admin_token: &str) -> bool {
+    headers.get(EXPLAIN_HEADER).is_some_and(|v| v == "1")
+        && headers
+            .get(ADMIN_TOKEN_HEADER)
+            .is_some_and(|t| crate::admin::constant_time_eq(t.as_bytes(), admin_token.as_bytes()))
 }
 
 /// Resolves when the server starts shutting down.
@@ -373,7 +453,7 @@ impl HttpServerApp for Gateway {
         let _counted = self.state.lifecycle.enter();
         let mut ctx = RequestCtx::new();
         self.answer(&mut session, &mut ctx).await;
-        self.log(&ctx);
+        self.log(&mut ctx);
         let settings = HttpPersistentSettings::for_session(&session);
         session
             .finish()

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`estimate`]: a request's token cost, calibrated by reported usage.
+//! - [`explain`]: what a pick saw, for the decisions log.
 //! - [`ledger`]: in-flight tokens per shard, released exactly once.
 //! - [`select`]: the power-of-two-choices selector.
 //!
@@ -10,6 +11,7 @@
 //! [`HealthView`].
 
 pub mod estimate;
+pub mod explain;
 pub mod ledger;
 pub mod select;
 
@@ -18,7 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use breakwater_health::{EngineLoad, HealthMonitor, HealthView, ShardId, ShardReporter};
+use breakwater_health::{
+    EngineLoad, HealthMonitor, HealthView, ShardId, ShardReporter, ShardState,
+};
 use http::HeaderValue;
 use rand::Rng;
 use slotmap::SlotMap;
@@ -26,6 +30,7 @@ use url::Url;
 
 use crate::admission::limit::ShardLimit;
 use crate::policy::{Policy, Shard};
+use crate::stats::LatencyWindow;
 use estimate::Estimator;
 use ledger::ShardLoad;
 
@@ -59,6 +64,8 @@ pub struct ShardEntry {
     pub drained: Arc<AtomicBool>,
     /// Where request outcomes on it are reported.
     pub reporter: ShardReporter,
+    /// Its last minute of answers (rate, TTFT percentiles), for the dashboard.
+    pub window: Arc<LatencyWindow>,
 }
 
 impl ShardEntry {
@@ -510,6 +517,53 @@ impl Router {
         }
     }
 
+    /// Every shard of `route` as a pick for a request of `cost` tokens would see it now:
+    /// tier, score, and why one is passed over (`limits`: whether admission limits apply,
+    /// as for a first attempt). The decisions log keeps it; routing itself never calls it.
+    pub fn explain(
+        &self,
+        route: &ModelRoute,
+        cost: u64,
+        tried: &[ShardId],
+        limits: bool,
+    ) -> Vec<explain::Candidate> {
+        use explain::Exclusion;
+        let health = self.fleet.health.load();
+        let mut out = Vec::with_capacity(route.tiers.iter().map(Vec::len).sum());
+        for (tier, shards) in route.tiers.iter().enumerate() {
+            for &i in shards {
+                let s = &self.shards[i];
+                let excluded = if s.is_drained() {
+                    Some(Exclusion::Drained)
+                } else if tried.contains(&s.key) {
+                    Some(Exclusion::Tried)
+                } else if !health.takes_new_requests(s.key) {
+                    Some(match health.get(s.key).state {
+                        ShardState::Draining => Exclusion::Draining,
+                        _ => Exclusion::Ejected,
+                    })
+                } else if limits && !self.has_headroom(s, &health) {
+                    Some(Exclusion::Saturated)
+                } else if limits
+                    && !s
+                        .limit
+                        .fits(s.load.inflight_tokens(), cost, health.weight_factor(s.key))
+                {
+                    Some(Exclusion::Full)
+                } else {
+                    None
+                };
+                out.push(explain::Candidate {
+                    shard: Arc::clone(s),
+                    tier: tier.min(u8::MAX as usize) as u8,
+                    score: self.score(i, &health) as f32,
+                    excluded,
+                });
+            }
+        }
+        out
+    }
+
     /// Whether any shard may take traffic now (`/readyz`).
     pub fn ready(&self) -> bool {
         let health = self.fleet.health.load();
@@ -529,7 +583,7 @@ fn shard_entry(
 ) -> ShardEntry {
     let a = &policy.admission;
     let effective_capacity = s.capacity_tps * s.weight;
-    let (key, load, limit, drained, reporter) = match old.filter(|o| o.url == s.url) {
+    let (key, load, limit, drained, reporter, window) = match old.filter(|o| o.url == s.url) {
         Some(o) => {
             o.limit.reconfigure(
                 effective_capacity,
@@ -543,6 +597,7 @@ fn shard_entry(
                 Arc::clone(&o.limit),
                 Arc::clone(&o.drained),
                 o.reporter.clone(),
+                Arc::clone(&o.window),
             )
         }
         None => {
@@ -561,6 +616,7 @@ fn shard_entry(
                 Arc::new(limit),
                 Arc::new(AtomicBool::new(drained)),
                 monitor.reporter(key),
+                Arc::default(),
             )
         }
     };
@@ -581,6 +637,7 @@ fn shard_entry(
         limit,
         drained,
         reporter,
+        window,
     }
 }
 

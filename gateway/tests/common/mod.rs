@@ -263,7 +263,7 @@ impl Gateway {
     }
 
     /// An admin API route, with the admin token, as JSON.
-    async fn admin_json(&self, path: &str) -> Value {
+    pub async fn admin_json(&self, path: &str) -> Value {
         client()
             .get(format!("http://{}{path}", self.admin))
             .bearer_auth(ADMIN_TOKEN)
@@ -512,5 +512,95 @@ pub fn promtool_check(text: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(said)
+    }
+}
+
+/// `breakwater demo` on free ports with a generated admin token, ready to serve; killed
+/// on drop (the simulated shards' fixed ports are then free for the next test binary).
+pub struct Demo {
+    /// The OpenAI API's address.
+    pub listen: std::net::SocketAddr,
+    /// The admin listener's address.
+    pub admin: std::net::SocketAddr,
+    /// The admin token it printed.
+    pub token: String,
+    /// What it printed before serving.
+    pub printed: Vec<String>,
+    child: Child,
+}
+
+impl Demo {
+    /// Starts the demo and waits until `/readyz` answers 200.
+    pub async fn start() -> Demo {
+        use std::io::{BufRead, BufReader};
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (listen, admin) = (free(), free());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+            .args([
+                "demo",
+                "--listen",
+                &listen.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ])
+            .env_remove("BREAKWATER_ADMIN_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut printed = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.starts_with("Ctrl-C");
+            printed.push(line);
+            if done {
+                break;
+            }
+        }
+        let token = printed
+            .iter()
+            .find_map(|l| l.strip_prefix("Admin token: "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
+        let demo = Demo {
+            listen,
+            admin,
+            token,
+            printed,
+            child,
+        };
+        let c = client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c
+            .get(format!("http://{listen}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(Instant::now() < deadline, "demo not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        demo
+    }
+
+    /// The demo's process.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

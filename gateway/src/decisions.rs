@@ -1,0 +1,181 @@
+//! The decisions log: the last requests and how each was routed — the candidates a pick
+//! saw (scores, exclusions), the attempts and their outcomes, queue wait, the answer.
+//! Bounded: a ring of [`CAPACITY`] entries; recording is one short lock per request.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::routing::explain::Candidate;
+use crate::routing::ShardEntry;
+
+/// Requests kept.
+pub const CAPACITY: usize = 256;
+
+/// One attempt of a request.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    /// The shard tried.
+    pub shard: Arc<ShardEntry>,
+    /// How it ended (`breakwater_upstream_attempts_total`'s outcome label); `None`
+    /// while it runs.
+    pub outcome: Option<Cow<'static, str>>,
+    /// How long it took.
+    pub took: Duration,
+    /// For a retry, the candidates its pick saw (the first attempt's are the request's).
+    pub candidates: Vec<Candidate>,
+}
+
+impl Serialize for AttemptRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Attempt", 5)?;
+        st.serialize_field("shard", &self.shard.id)?;
+        st.serialize_field("region", &self.shard.region)?;
+        st.serialize_field("outcome", &self.outcome)?;
+        st.serialize_field("ms", &millis(self.took))?;
+        if !self.candidates.is_empty() {
+            st.serialize_field("candidates", &self.candidates)?;
+        }
+        st.end()
+    }
+}
+
+/// What a request gathers about its routing while it runs.
+#[derive(Debug, Default)]
+pub struct Draft {
+    /// The candidates of the first pick.
+    pub candidates: Vec<Candidate>,
+    /// Candidates seen for the next attempt (a retry), taken by it.
+    pub next_candidates: Vec<Candidate>,
+    /// The attempts so far.
+    pub attempts: Vec<AttemptRecord>,
+}
+
+impl Draft {
+    /// An attempt on `shard` starts.
+    pub fn attempt_started(&mut self, shard: &Arc<ShardEntry>) {
+        let candidates = std::mem::take(&mut self.next_candidates);
+        self.attempts.push(AttemptRecord {
+            shard: Arc::clone(shard),
+            outcome: None,
+            took: Duration::ZERO,
+            candidates,
+        });
+    }
+
+    /// The running attempt ended.
+    pub fn attempt_ended(&mut self, outcome: Cow<'static, str>, took: Duration) {
+        if let Some(a) = self.attempts.last_mut() {
+            a.outcome = Some(outcome);
+            a.took = took;
+        }
+    }
+}
+
+/// One request, as the decisions log keeps it.
+#[derive(Debug, Serialize)]
+pub struct Decision {
+    /// `x-request-id`.
+    pub id: String,
+    /// When it ended, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// The tenant, once known.
+    pub tenant: Option<String>,
+    /// Its priority.
+    pub priority: &'static str,
+    /// The model asked for.
+    pub model: Option<String>,
+    /// The estimated token cost.
+    pub estimated_tokens: u64,
+    /// Time in the gateway's queue, if it queued, milliseconds.
+    pub queue_wait_ms: Option<f64>,
+    /// The status sent to the client.
+    pub status: u16,
+    /// Why the gateway refused it without a shard, if it did.
+    pub refusal: Option<&'static str>,
+    /// The region of the first attempt's shard, if any.
+    pub region: Option<String>,
+    /// What the first pick saw.
+    pub candidates: Vec<Candidate>,
+    /// Every attempt.
+    pub attempts: Vec<AttemptRecord>,
+    /// The whole request, milliseconds.
+    pub total_ms: f64,
+}
+
+/// The last [`CAPACITY`] decisions.
+#[derive(Debug, Default)]
+pub struct Decisions {
+    ring: Mutex<VecDeque<Arc<Decision>>>,
+}
+
+impl Decisions {
+    /// Keeps `d`, dropping the oldest when full.
+    pub fn record(&self, d: Decision) {
+        let d = Arc::new(d);
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if ring.len() == CAPACITY {
+            ring.pop_front();
+        }
+        ring.push_back(d);
+    }
+
+    /// The last `n` (at most [`CAPACITY`]), newest first.
+    pub fn last(&self, n: usize) -> Vec<Arc<Decision>> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.iter().rev().take(n).cloned().collect()
+    }
+
+    /// The decision of request `id`, if it is still kept.
+    pub fn find(&self, id: &str) -> Option<Arc<Decision>> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.iter().rev().find(|d| d.id == id).cloned()
+    }
+}
+
+/// A duration in milliseconds, rounded to the microsecond.
+pub fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(id: &str) -> Decision {
+        Decision {
+            id: id.into(),
+            at_unix_ms: 0,
+            tenant: None,
+            priority: "standard",
+            model: None,
+            estimated_tokens: 0,
+            queue_wait_ms: None,
+            status: 200,
+            refusal: None,
+            region: None,
+            candidates: Vec::new(),
+            attempts: Vec::new(),
+            total_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_and_finds_by_id() {
+        let d = Decisions::default();
+        for i in 0..CAPACITY + 10 {
+            d.record(decision(&i.to_string()));
+        }
+        let last = d.last(usize::MAX);
+        assert_eq!(last.len(), CAPACITY);
+        assert_eq!(last[0].id, (CAPACITY + 9).to_string());
+        assert_eq!(last[CAPACITY - 1].id, "10");
+        assert!(d.find("9").is_none());
+        assert_eq!(d.find("42").unwrap().id, "42");
+        assert_eq!(d.last(3).len(), 3);
+    }
+}

@@ -1,0 +1,270 @@
+//! What the admin API tells about requests just served: the decisions log (candidates,
+//! exclusions, attempts), `x-breakwater-explain` for a holder of the admin token (and for
+//! nobody else, and never forwarded to a shard), the per-second history and each shard's
+//! last minute.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+async fn post(gw: &Gateway, id: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-request-id", id)
+        .json(&chat(8, false));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.unwrap()
+}
+
+fn find<'a>(list: &'a Value, shard: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["shard"] == shard)
+        .unwrap_or_else(|| panic!("no {shard} in {list}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_decisions_log_shows_the_candidates_exclusions_and_attempts_of_a_request_just_sent() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let b = start_shard(ShardSpec::new("b", "home")).await;
+    let c = start_shard(ShardSpec::new("c", "away")).await;
+    let gw = Gateway::start(&policy_text(&[&a, &b, &c], "")).await;
+    assert_eq!(gw.admin_post("/admin/shards/b/drain").await.0, 200);
+    let r = post(&gw, "obs-1", &[]).await;
+    assert_eq!(r.status(), 200);
+    // With half the home region drained, some traffic spills to "away": either may answer.
+    let served = r.headers()["x-breakwater-shard"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let region = r.headers()["x-breakwater-region"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(served, "b");
+    // An ordinary caller gets no explanation.
+    assert!(r.headers().get("x-breakwater-explain").is_none());
+
+    let d = gw.admin_json("/admin/decisions?id=obs-1").await;
+    let d = &d["decisions"][0];
+    assert_eq!(d["id"], "obs-1", "{d}");
+    assert_eq!(d["model"], MODEL);
+    assert_eq!(d["tenant"], "default");
+    assert_eq!(d["status"], 200);
+    assert_eq!(d["region"], region.as_str());
+    assert!(d["estimated_tokens"].as_u64().unwrap() > 0);
+    let cands = &d["candidates"];
+    assert_eq!(cands.as_array().unwrap().len(), 3, "{d}");
+    assert_eq!(find(cands, "a")["excluded"], Value::Null);
+    assert_eq!(find(cands, "a")["tier"], 0);
+    assert_eq!(find(cands, "b")["excluded"], "drained");
+    assert_eq!(find(cands, "c")["tier"], 1);
+    assert_eq!(find(cands, "c")["region"], "away");
+    let attempts = d["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{d}");
+    assert_eq!(attempts[0]["shard"], served.as_str());
+    assert_eq!(attempts[0]["outcome"], "ok");
+    assert!(attempts[0]["ms"].as_f64().unwrap() > 0.0);
+
+    // A failed attempt and its retry: the retry's pick saw the first shard as tried. Most
+    // first picks land on "a" (failing now); look for one.
+    a.fault(llm_sim::FaultMode::Error);
+    let mut retried = None;
+    for i in 0..20 {
+        let id = format!("obs-2-{i}");
+        assert_eq!(post(&gw, &id, &[]).await.status(), 200);
+        let d = gw.admin_json(&format!("/admin/decisions?id={id}")).await;
+        let attempts = d["decisions"][0]["attempts"].as_array().unwrap().clone();
+        if attempts.len() > 1 {
+            retried = Some((id, attempts));
+            break;
+        }
+    }
+    let (retried, attempts) = retried.expect("no request met the failing shard in 20");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["shard"], "a");
+    assert_eq!(attempts[0]["outcome"], "status_500", "{attempts:?}");
+    assert_eq!(attempts[1]["shard"], "c");
+    assert_eq!(find(&attempts[1]["candidates"], "a")["excluded"], "tried");
+
+    // Newest first; an unknown id is a 404 in the OpenAI format; no token, no log.
+    let list = gw.admin_json("/admin/decisions?limit=2").await;
+    assert_eq!(list["decisions"][0]["id"], retried.as_str());
+    assert_eq!(list["decisions"].as_array().unwrap().len(), 2);
+    let r = client()
+        .get(format!("http://{}/admin/decisions?id=nope", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    let r = client()
+        .get(format!("http://{}/admin/decisions", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+/// An engine that records each request head it reads and answers a small chat completion.
+async fn engine_recording(seen: Arc<Mutex<Vec<String>>>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut got = Vec::new();
+                loop {
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    seen.lock().unwrap().push(text);
+                    got.clear();
+                    let body = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_a_holder_of_the_admin_token_gets_the_explanation_and_the_shard_sees_neither_header() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let addr = engine_recording(Arc::clone(&seen)).await;
+    let gw = Gateway::start(&one_shard_policy("solo", &addr, "")).await;
+
+    let r = post(
+        &gw,
+        "exp-1",
+        &[
+            ("x-breakwater-explain", "1"),
+            ("x-breakwater-admin-token", ADMIN_TOKEN),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let explained: Value =
+        serde_json::from_str(r.headers()["x-breakwater-explain"].to_str().unwrap()).unwrap();
+    assert_eq!(explained["candidates"][0]["shard"], "solo", "{explained}");
+    assert_eq!(explained["candidates"][0]["excluded"], Value::Null);
+    assert_eq!(explained["attempts"][0]["shard"], "solo");
+    assert!(explained["estimated_tokens"].as_u64().unwrap() > 0);
+
+    for (id, headers) in [
+        (
+            "exp-2",
+            vec![
+                ("x-breakwater-explain", "1"),
+                ("x-breakwater-admin-token", "guess"),
+            ],
+        ),
+        ("exp-3", vec![("x-breakwater-explain", "1")]),
+        (
+            "exp-4",
+            vec![
+                ("x-breakwater-explain", "0"),
+                ("x-breakwater-admin-token", ADMIN_TOKEN),
+            ],
+        ),
+    ] {
+        let r = post(&gw, id, &headers).await;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("x-breakwater-explain").is_none(), "{id}");
+    }
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 4, "{heads:?}");
+    for head in &heads {
+        let lower = head.to_ascii_lowercase();
+        assert!(!lower.contains("x-breakwater-admin-token"), "{head}");
+        assert!(!lower.contains("x-breakwater-explain"), "{head}");
+        assert!(!head.contains(ADMIN_TOKEN), "{head}");
+    }
+    // The token is not in the gateway's log either.
+    assert!(!gw.log().contains(ADMIN_TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_history_and_the_shards_last_minute_count_what_was_served_and_refused() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let key = "sk-obs";
+    let tenants = format!(
+        "[[tenants]]\nid = \"t\"\napi_key_sha256 = [\"{}\"]\npriority = \"standard\"\nrpm = 3\n",
+        breakwater::admission::tenant::key_digest_hex(key)
+    );
+    let gw = Gateway::start(&policy_text(&[&a], &tenants)).await;
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let r = post(
+            &gw,
+            &format!("h-{i}"),
+            &[("authorization", &format!("Bearer {key}"))],
+        )
+        .await;
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
+    // The ticker closes a second once a second: wait for the points to be written.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let h = gw.admin_json("/admin/history").await;
+    let sum = |k: &str| -> f64 {
+        h[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(0.0))
+            .sum()
+    };
+    assert_eq!(h["interval_s"], 1);
+    assert!((sum("requests_per_s") - 6.0).abs() < 0.2, "{h}");
+    assert!((sum("refused_per_s") - 3.0).abs() < 0.1, "{h}");
+    assert!((sum("goodput_per_s") - 3.0).abs() < 0.1, "{h}");
+    assert!(
+        h["ttft_p99_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v.as_f64().is_some_and(|ms| ms > 0.0)),
+        "{h}"
+    );
+    let points = gw.admin_json("/admin/history?points=1").await;
+    assert_eq!(points["requests_per_s"].as_array().unwrap().len(), 1);
+
+    let shard = gw.shard("a").await;
+    let minute = &shard["last_minute"];
+    assert_eq!(minute["ttft_samples"], 3, "{shard}");
+    assert!(minute["requests_per_s"].as_f64().unwrap() > 0.0, "{shard}");
+    let (p50, p99) = (
+        minute["ttft_p50_ms"].as_f64().unwrap(),
+        minute["ttft_p99_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99, "{shard}");
+    assert_eq!(
+        shard["effective_limit_tokens"].as_f64(),
+        shard["admission_limit_tokens"].as_f64()
+    );
+}
