@@ -19,9 +19,22 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-    /// Log as JSON lines (for log shippers) instead of text.
-    #[arg(long, global = true)]
+    /// How log lines are written: `text` for people, `json` (one object per line, the
+    /// access log's fields included) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// The same as `--log-format json`.
+    #[arg(long, global = true, hide = true)]
     pub log_json: bool,
+}
+
+/// The log's format.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The subcommands.
@@ -160,7 +173,9 @@ fn init_logging(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        // One flat object per line: the event's fields at the top level, beside
+        // `timestamp`, `level`, `target` and `message`.
+        builder.json().flatten_event(true).init();
     } else {
         builder.init();
     }
@@ -206,7 +221,7 @@ pub fn main() -> ExitCode {
             upgrade,
             addr_file,
         } => {
-            init_logging(cli.log_json);
+            init_logging(cli.log_json || cli.log_format == LogFormat::Json);
             let loaded = policy::read_sources(&dir).and_then(|sources| {
                 let p = policy::from_sources(&sources)?;
                 Ok((p, Revision::of(Some(&dir), &sources)))
@@ -238,7 +253,7 @@ pub fn main() -> ExitCode {
             listen,
             admin_listen,
         } => {
-            init_logging(cli.log_json);
+            init_logging(cli.log_json || cli.log_format == LogFormat::Json);
             demo(listen, admin_listen)
         }
     }

@@ -81,6 +81,8 @@ impl Draft {
 pub struct Decision {
     /// `x-request-id`.
     pub id: String,
+    /// The W3C trace id (32 hex digits).
+    pub trace_id: String,
     /// When it ended, Unix milliseconds.
     pub at_unix_ms: u64,
     /// The tenant, once known.
@@ -149,6 +151,7 @@ mod tests {
     fn decision(id: &str) -> Decision {
         Decision {
             id: id.into(),
+            trace_id: String::new(),
             at_unix_ms: 0,
             tenant: None,
             priority: "standard",

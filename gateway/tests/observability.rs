@@ -268,3 +268,86 @@ async fn the_history_and_the_shards_last_minute_count_what_was_served_and_refuse
         shard["admission_limit_tokens"].as_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_trace_context_reaches_the_shard_and_the_json_access_log_carries_its_id() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let addr = engine_recording(Arc::clone(&seen)).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("policy");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("policy.toml"), one_shard_policy("solo", &addr, "")).unwrap();
+    let gw = Gateway::start_with(root, dir, &["--log-format", "json"]).await;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = format!("00-{trace}-00f067aa0ba902b7-01");
+    assert_eq!(
+        post(&gw, "tr-1", &[("traceparent", &caller)])
+            .await
+            .status(),
+        200
+    );
+    // Malformed: a new trace, not the caller's garbage.
+    let bad = "00-zzzz-00f067aa0ba902b7-01";
+    assert_eq!(
+        post(&gw, "tr-2", &[("traceparent", bad)]).await.status(),
+        200
+    );
+    assert_eq!(post(&gw, "tr-3", &[]).await.status(), 200);
+
+    let heads = seen.lock().unwrap().clone();
+    let parents: Vec<String> = heads
+        .iter()
+        .map(|h| {
+            let lines: Vec<&str> = h
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("traceparent:"))
+                .collect();
+            assert_eq!(lines.len(), 1, "one traceparent per request: {h}");
+            lines[0]["traceparent:".len()..].trim().to_string()
+        })
+        .collect();
+    assert_eq!(parents.len(), 3);
+    let parsed: Vec<_> = parents
+        .iter()
+        .map(|p| breakwater::proxy::trace::parse(p.as_bytes()).unwrap_or_else(|| panic!("{p}")))
+        .collect();
+    // Same trace as the caller's, but the attempt is a new span of it.
+    assert_eq!(format!("{:032x}", parsed[0].trace_id), trace);
+    assert_ne!(parsed[0].parent_id, Some(0x00f0_67aa_0ba9_02b7));
+    assert_ne!(format!("{:032x}", parsed[1].trace_id), trace);
+    assert_ne!(parsed[1].trace_id, parsed[2].trace_id);
+
+    // The access log: one JSON object per line, with the trace id of each request.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let access: Vec<Value> = loop {
+        let lines: Vec<Value> = gw
+            .log()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .filter(|v| v["target"] == "access")
+            .collect();
+        if lines.len() >= 3 || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(access.len(), 3, "{access:?}");
+    // A line is written once its answer is out, so the next request may log first.
+    let mut access = access;
+    access.sort_by_key(|l| l["request_id"].as_str().unwrap_or_default().to_string());
+    for (line, p) in access.iter().zip(&parsed) {
+        assert_eq!(line["trace_id"], format!("{:032x}", p.trace_id), "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["shard"], "solo");
+        assert_eq!(line["model"], MODEL);
+        assert!(line["total_ms"].as_f64().unwrap() > 0.0, "{line}");
+        assert!(
+            line["timestamp"].is_string() && line["level"] == "INFO",
+            "{line}"
+        );
+    }
+    assert_eq!(access[0]["request_id"], "tr-1");
+    let d = gw.admin_json("/admin/decisions?id=tr-1").await;
+    assert_eq!(d["decisions"][0]["trace_id"], trace);
+}

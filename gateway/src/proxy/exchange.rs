@@ -22,6 +22,7 @@ use super::error::{
     AttemptFailure, GatewayError, Retry, RetryContext, ShedReason, UpstreamFailure,
 };
 use super::request::{self, Endpoint, InferenceRequest};
+use super::trace::TraceContext;
 use super::upstream::{framing, UpstreamResponse};
 use super::{
     sse, RequestCtx, State, EXPLAIN_HEADER, REGION_HEADER, REQUEST_ID_HEADER, SHARD_HEADER,
@@ -32,8 +33,9 @@ use crate::routing::estimate::TokenCost;
 use crate::routing::{ModelRoute, ShardEntry};
 use crate::table::Table;
 
-/// Request headers not forwarded to a shard: hop-by-hop ones, and those the gateway sets.
-const SKIPPED_REQUEST_HEADERS: [&str; 14] = [
+/// Request headers not forwarded to a shard: hop-by-hop ones, those the gateway sets
+/// (`traceparent` is rewritten per attempt), and the explanation's admin token.
+const SKIPPED_REQUEST_HEADERS: [&str; 15] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -48,6 +50,7 @@ const SKIPPED_REQUEST_HEADERS: [&str; 14] = [
     "x-request-id",
     "x-breakwater-explain",
     "x-breakwater-admin-token",
+    "traceparent",
 ];
 
 /// Bytes a stream may send before its first `data:` event (comments, `event:` lines)
@@ -494,11 +497,14 @@ impl Call<'_> {
             .headers
             .iter()
             .filter(|(name, _)| !SKIPPED_REQUEST_HEADERS.contains(&name.as_str()));
+        // Each attempt is a span of the request's trace.
+        let traceparent = ctx.trace.header_for(TraceContext::new_span_id());
         framing::request_head(
             path,
             &self.shard.authority,
             fields,
             &ctx.request_id,
+            &traceparent,
             body_len,
         )
     }

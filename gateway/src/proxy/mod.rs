@@ -17,6 +17,7 @@ pub mod exchange;
 pub mod request;
 pub mod retry;
 pub mod sse;
+pub mod trace;
 pub mod upstream;
 mod worker_tick;
 
@@ -178,6 +179,8 @@ pub struct RequestCtx {
     pub decision: crate::decisions::Draft,
     /// The caller asked for the decision as a response header and holds the admin token.
     pub explain: bool,
+    /// The W3C trace the request belongs to (the caller's `traceparent`, or a new one).
+    pub trace: trace::TraceContext,
 }
 
 /// The traffic listener's Pingora application.
@@ -231,6 +234,11 @@ impl RequestCtx {
             first_sent_at: None,
             decision: Default::default(),
             explain: false,
+            trace: trace::TraceContext {
+                trace_id: 0,
+                parent_id: None,
+                flags: 0,
+            },
         }
     }
 }
@@ -243,6 +251,11 @@ impl Gateway {
         ctx.request_id = request_id(session);
         ctx.started = std::time::Instant::now();
         let head = session.req_header();
+        ctx.trace = trace::TraceContext::from_header(
+            head.headers
+                .get(trace::TRACEPARENT)
+                .map(HeaderValue::as_bytes),
+        );
         let route = request::classify(head.method.as_str(), head.uri.path());
         match route {
             Err(e) => respond_error(session, ctx, &e).await,
@@ -300,6 +313,7 @@ impl Gateway {
         let d = std::mem::take(&mut ctx.decision);
         self.state.decisions.record(crate::decisions::Decision {
             id: ctx.request_id.clone(),
+            trace_id: ctx.trace.trace_id_hex(),
             at_unix_ms: unix_ms(),
             tenant,
             priority: ctx.priority.as_str(),
@@ -366,6 +380,7 @@ impl Gateway {
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,
+            trace_id = %format_args!("{:032x}", ctx.trace.trace_id),
             tenant = tenant.as_deref().unwrap_or(""),
             priority = ctx.tenant.map(|_| ctx.priority.as_str()),
             queue_wait_ms = ctx.queue_wait.map(|w| w.as_secs_f64() * 1e3),

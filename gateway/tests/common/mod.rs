@@ -368,7 +368,15 @@ fn serve(
         .arg("2")
         .args(args)
         .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "warn")
+        // Warnings only, unless a test chose the log format: then it reads the access log.
+        .env(
+            "RUST_LOG",
+            if args.contains(&"--log-format") {
+                "warn,access=info"
+            } else {
+                "warn"
+            },
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()

@@ -35,13 +35,14 @@ pub enum FramingError {
 }
 
 /// Writes an origin-form `POST` request head: request line, `host`, the given fields, the
-/// request id and `content-length`. Values come from already-parsed requests, so they
+/// request id, the attempt's `traceparent` and `content-length`. Values come from already-parsed requests, so they
 /// hold no CR or LF.
 pub fn request_head<'a>(
     path_and_query: &str,
     authority: &str,
     fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     request_id: &str,
+    traceparent: &str,
     content_length: usize,
 ) -> Vec<u8> {
     let mut h = Vec::with_capacity(512);
@@ -57,6 +58,8 @@ pub fn request_head<'a>(
     }
     h.extend_from_slice(b"\r\nx-request-id: ");
     h.extend_from_slice(request_id.as_bytes());
+    h.extend_from_slice(b"\r\ntraceparent: ");
+    h.extend_from_slice(traceparent.as_bytes());
     h.extend_from_slice(b"\r\ncontent-length: ");
     h.extend_from_slice(content_length.to_string().as_bytes());
     h.extend_from_slice(b"\r\n\r\n");
@@ -379,12 +382,15 @@ mod tests {
             "10.0.0.1:8000",
             fields.iter().map(|(n, v)| (n, v)),
             "abc",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             42,
         );
         assert_eq!(
             String::from_utf8(h).unwrap(),
             "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: 10.0.0.1:8000\r\n\
-             authorization: Bearer t\r\nx-request-id: abc\r\ncontent-length: 42\r\n\r\n"
+             authorization: Bearer t\r\nx-request-id: abc\r\n\
+             traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+             content-length: 42\r\n\r\n"
         );
     }
 
