@@ -26,6 +26,31 @@ pub struct Cli {
     /// The same as `--log-format json`.
     #[arg(long, global = true, hide = true)]
     pub log_json: bool,
+    /// Send a span per request (and one per attempt) to this OTLP/HTTP collector, e.g.
+    /// `http://127.0.0.1:4318` (default: `OTEL_EXPORTER_OTLP_ENDPOINT`; unset: no export).
+    #[arg(long, global = true)]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// The OTLP endpoint from the flag or `OTEL_EXPORTER_OTLP_ENDPOINT`: `Ok(None)` when
+/// neither is set; an error for a malformed or non-`http` URL.
+fn otlp_endpoint(flag: Option<&str>) -> Result<Option<url::Url>, String> {
+    let given = match flag {
+        Some(f) => f.to_string(),
+        None => match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            Ok(v) if !v.trim().is_empty() => v,
+            _ => return Ok(None),
+        },
+    };
+    let url = url::Url::parse(given.trim())
+        .map_err(|e| format!("OTLP endpoint {given:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "http" if url.host_str().is_some() => Ok(Some(url)),
+        "https" => Err(format!(
+            "OTLP endpoint {given:?}: https is not supported yet; use a local collector over http"
+        )),
+        _ => Err(format!("OTLP endpoint {given:?} must be an http:// URL")),
+    }
 }
 
 /// The log's format.
@@ -222,6 +247,13 @@ pub fn main() -> ExitCode {
             addr_file,
         } => {
             init_logging(cli.log_json || cli.log_format == LogFormat::Json);
+            let otlp_endpoint = match otlp_endpoint(cli.otlp_endpoint.as_deref()) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let loaded = policy::read_sources(&dir).and_then(|sources| {
                 let p = policy::from_sources(&sources)?;
                 Ok((p, Revision::of(Some(&dir), &sources)))
@@ -246,6 +278,7 @@ pub fn main() -> ExitCode {
                 upgrade_sock,
                 upgrade,
                 addr_file,
+                otlp_endpoint,
             })
         }
         #[cfg(feature = "demo")]
@@ -254,7 +287,13 @@ pub fn main() -> ExitCode {
             admin_listen,
         } => {
             init_logging(cli.log_json || cli.log_format == LogFormat::Json);
-            demo(listen, admin_listen)
+            match otlp_endpoint(cli.otlp_endpoint.as_deref()) {
+                Ok(otlp) => demo(listen, admin_listen, otlp),
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
@@ -270,7 +309,7 @@ fn serve(opts: ServeOptions) -> ExitCode {
 }
 
 #[cfg(feature = "demo")]
-fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
+fn demo(listen: SocketAddr, admin_listen: SocketAddr, otlp_endpoint: Option<url::Url>) -> ExitCode {
     let policy = match crate::demo::policy() {
         Ok(p) => p,
         Err(e) => {
@@ -347,5 +386,21 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
         upgrade_sock: std::env::temp_dir().join("breakwater-demo-upgrade.sock"),
         upgrade: false,
         addr_file: None,
+        otlp_endpoint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::otlp_endpoint;
+
+    #[test]
+    fn otlp_endpoints_must_be_plain_http_urls() {
+        let ok = otlp_endpoint(Some("http://127.0.0.1:4318")).unwrap().unwrap();
+        assert_eq!(ok.as_str(), "http://127.0.0.1:4318/");
+        for bad in ["https://collector:4318", "ftp://x", "not a url", "http://"] {
+            let e = otlp_endpoint(Some(bad)).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::proxy::trace::TraceId;
 use crate::routing::explain::Candidate;
 use crate::routing::ShardEntry;
 
@@ -25,6 +26,10 @@ pub struct AttemptRecord {
     pub outcome: Option<Cow<'static, str>>,
     /// How long it took.
     pub took: Duration,
+    /// When it started, from the request's start.
+    pub started: Duration,
+    /// Its span id: the one its `traceparent` named to the shard.
+    pub span_id: u64,
     /// For a retry, the candidates its pick saw (the first attempt's are the request's).
     pub candidates: Vec<Candidate>,
 }
@@ -56,15 +61,22 @@ pub struct Draft {
 }
 
 impl Draft {
-    /// An attempt on `shard` starts.
-    pub fn attempt_started(&mut self, shard: &Arc<ShardEntry>) {
+    /// An attempt on `shard` starts, `started` after the request did, as span `span_id`.
+    pub fn attempt_started(&mut self, shard: &Arc<ShardEntry>, started: Duration, span_id: u64) {
         let candidates = std::mem::take(&mut self.next_candidates);
         self.attempts.push(AttemptRecord {
             shard: Arc::clone(shard),
             outcome: None,
             took: Duration::ZERO,
+            started,
+            span_id,
             candidates,
         });
+    }
+
+    /// The span id of the attempt running (0 before any).
+    pub fn current_span(&self) -> u64 {
+        self.attempts.last().map_or(0, |a| a.span_id)
     }
 
     /// The running attempt ended.
@@ -76,17 +88,27 @@ impl Draft {
     }
 }
 
+/// A shard's region, serialised as its id.
+#[derive(Debug, Clone)]
+pub struct RegionOf(pub Arc<ShardEntry>);
+
+impl Serialize for RegionOf {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.region)
+    }
+}
+
 /// One request, as the decisions log keeps it.
 #[derive(Debug, Serialize)]
 pub struct Decision {
     /// `x-request-id`.
     pub id: String,
     /// The W3C trace id (32 hex digits).
-    pub trace_id: String,
+    pub trace_id: TraceId,
     /// When it ended, Unix milliseconds.
     pub at_unix_ms: u64,
     /// The tenant, once known.
-    pub tenant: Option<String>,
+    pub tenant: Option<Arc<str>>,
     /// Its priority.
     pub priority: &'static str,
     /// The model asked for.
@@ -100,7 +122,7 @@ pub struct Decision {
     /// Why the gateway refused it without a shard, if it did.
     pub refusal: Option<&'static str>,
     /// The region of the first attempt's shard, if any.
-    pub region: Option<String>,
+    pub region: Option<RegionOf>,
     /// What the first pick saw.
     pub candidates: Vec<Candidate>,
     /// Every attempt.
@@ -151,7 +173,7 @@ mod tests {
     fn decision(id: &str) -> Decision {
         Decision {
             id: id.into(),
-            trace_id: String::new(),
+            trace_id: TraceId(0),
             at_unix_ms: 0,
             tenant: None,
             priority: "standard",

@@ -222,7 +222,7 @@ mod tests {
             let mut h = http::HeaderMap::new();
             h.insert("authorization", format!("Bearer {key}").parse().unwrap());
             let t = tenants.get(tenants.identify(&h).unwrap());
-            assert_eq!((t.id.as_str(), t.priority.as_str()), (id, priority));
+            assert_eq!((&*t.id, t.priority.as_str()), (id, priority));
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod decisions;
 pub mod demo;
 pub mod listeners;
 pub mod metrics;
+pub mod otlp;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

@@ -56,6 +56,8 @@ pub struct ServeOptions {
     pub upgrade: bool,
     /// Where to write the listen addresses once they accept (for port 0).
     pub addr_file: Option<PathBuf>,
+    /// An OTLP/HTTP collector to send spans to (`None`: no export).
+    pub otlp_endpoint: Option<url::Url>,
 }
 
 /// Errors building the gateway before it serves.
@@ -223,6 +225,10 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
         history: Arc::default(),
         decisions: Arc::default(),
         journal: Arc::default(),
+        otlp: opts.otlp_endpoint.as_ref().map(|url| {
+            tracing::info!(endpoint = %url, "exporting spans over OTLP/HTTP");
+            crate::otlp::Exporter::start(&health.runtime, url)
+        }),
         admin_token: Arc::from(opts.admin_token.as_str()),
     });
     health

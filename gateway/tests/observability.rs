@@ -351,3 +351,180 @@ async fn the_trace_context_reaches_the_shard_and_the_json_access_log_carries_its
     let d = gw.admin_json("/admin/decisions?id=tr-1").await;
     assert_eq!(d["decisions"][0]["trace_id"], trace);
 }
+
+/// A stand-in OTLP/HTTP collector: keeps the JSON body of every `POST /v1/traces`.
+async fn collector(got: Arc<Mutex<Vec<Value>>>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let got = Arc::clone(&got);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut seen: Vec<u8> = Vec::new();
+                loop {
+                    let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                    assert!(head.starts_with("post /v1/traces "), "{head}");
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap();
+                    while seen.len() < end + 4 + len {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let body: Value =
+                        serde_json::from_slice(&seen[end + 4..end + 4 + len]).unwrap();
+                    got.lock().unwrap().push(body);
+                    seen.drain(..end + 4 + len);
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                        .await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_an_otlp_endpoint_each_request_is_a_server_span_with_a_client_span_per_attempt() {
+    let exported = Arc::new(Mutex::new(Vec::new()));
+    let endpoint = collector(Arc::clone(&exported)).await;
+    // Two shards, the first failing, so one request makes two attempts.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let good = engine_recording(Arc::clone(&seen)).await;
+    let bad = start_shard(ShardSpec::new("bad", "home")).await;
+    bad.fault(llm_sim::FaultMode::Error);
+    let policy = format!(
+        "{}\n[[shards]]\nid = \"bad\"\npool = \"p\"\nurl = \"{}\"\ncapacity_tps = 1000000\n",
+        one_shard_policy("good", &good, ""),
+        bad.sim.url()
+    );
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("policy");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    let gw = Gateway::start_with(root, dir, &["--otlp-endpoint", &endpoint]).await;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut retried = None;
+    for i in 0..20 {
+        let id = format!("otlp-{i}");
+        let tp = format!("00-{trace}-{caller_span}-01");
+        assert_eq!(post(&gw, &id, &[("traceparent", &tp)]).await.status(), 200);
+        let d = gw.admin_json(&format!("/admin/decisions?id={id}")).await;
+        if d["decisions"][0]["attempts"].as_array().unwrap().len() == 2 {
+            retried = Some(id);
+            break;
+        }
+    }
+    let retried = retried.expect("no request tried the failing shard first in 20");
+    // Spans are batched for up to a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let spans: Vec<Value> = loop {
+        let spans: Vec<Value> = exported
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|body| {
+                assert_eq!(
+                    body["resourceSpans"][0]["resource"]["attributes"][0]["value"]["stringValue"],
+                    "breakwater"
+                );
+                body["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let has = spans.iter().any(|s| {
+            s["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["value"]["stringValue"] == retried.as_str())
+        });
+        if has || std::time::Instant::now() > deadline {
+            break spans;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let server = spans
+        .iter()
+        .find(|s| {
+            s["kind"] == 2
+                && s["attributes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|a| a["value"]["stringValue"] == retried.as_str())
+        })
+        .unwrap_or_else(|| panic!("no server span for {retried} in {spans:?}"));
+    assert_eq!(server["traceId"], trace);
+    assert_eq!(server["parentSpanId"], caller_span);
+    assert_eq!(server["name"], "POST /v1/chat/completions");
+    assert_eq!(server["status"]["code"], 1, "{server}");
+    let children: Vec<&Value> = spans
+        .iter()
+        .filter(|s| s["kind"] == 3 && s["parentSpanId"] == server["spanId"])
+        .collect();
+    assert_eq!(children.len(), 2, "{children:?}");
+    let attr = |s: &Value, k: &str| -> Value {
+        s["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["key"] == k)
+            .map(|a| a["value"]["stringValue"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(attr(children[0], "breakwater.shard"), "bad");
+    assert_eq!(attr(children[0], "breakwater.outcome"), "status_500");
+    assert_eq!(children[0]["status"]["code"], 2);
+    assert_eq!(attr(children[1], "breakwater.shard"), "good");
+    assert_eq!(children[1]["status"]["code"], 1);
+    let start = |s: &Value| {
+        s["startTimeUnixNano"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let end = |s: &Value| {
+        s["endTimeUnixNano"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(start(server) <= start(children[0]) && end(children[1]) <= end(server) + 1_000_000);
+    // The span the good shard was told is its parent is that attempt's span.
+    let told = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|h| {
+            h.lines()
+                .find_map(|l| l.strip_prefix("traceparent: "))
+                .map(str::to_string)
+        })
+        .unwrap();
+    assert_eq!(
+        told.trim(),
+        format!("00-{trace}-{}-01", children[1]["spanId"].as_str().unwrap())
+    );
+}

@@ -19,8 +19,8 @@ pub const DEFAULT_TENANT: &str = "default";
 /// One tenant at run time.
 #[derive(Debug)]
 pub struct TenantState {
-    /// Tenant id.
-    pub id: String,
+    /// Tenant id (shared: the decisions log keeps it without copying).
+    pub id: Arc<str>,
     /// Priority.
     pub priority: Priority,
     /// Deadline of a request that brings none.
@@ -42,7 +42,7 @@ impl TenantState {
             })
         };
         Self {
-            id: t.id.clone(),
+            id: Arc::from(t.id.as_str()),
             priority: t.priority,
             timeout: t.timeout,
             rpm: bucket(t.rpm, old.and_then(|o| o.rpm.as_ref())),
@@ -83,7 +83,7 @@ impl Tenants {
         settings: &AdmissionSettings,
         previous: Option<&Tenants>,
     ) -> Self {
-        let old = |id: &str| previous.and_then(|p| p.tenants.iter().find(|t| t.id == id));
+        let old = |id: &str| previous.and_then(|p| p.tenants.iter().find(|t| &*t.id == id));
         let mut states: Vec<TenantState> = tenants
             .iter()
             .map(|t| TenantState::new(t, old(&t.id)))
@@ -94,7 +94,7 @@ impl Tenants {
                 by_digest.insert(*d, i);
             }
         }
-        let default = match states.iter().position(|t| t.id == DEFAULT_TENANT) {
+        let default = match states.iter().position(|t| &*t.id == DEFAULT_TENANT) {
             Some(i) => i,
             None => {
                 states.push(TenantState {
@@ -198,7 +198,7 @@ mod tests {
         let a = t
             .identify(&headers(&[("authorization", "Bearer key-a")]))
             .unwrap();
-        assert_eq!(t.get(a).id, "a");
+        assert_eq!(&*t.get(a).id, "a");
         let b = t.identify(&headers(&[("api-key", "key-b")])).unwrap();
         assert_eq!(t.get(b).priority, Priority::Sheddable);
         // Not required: everyone else is the default tenant.
@@ -207,7 +207,7 @@ mod tests {
             headers(&[("authorization", "Bearer nope")]),
             headers(&[("authorization", "Basic a2V5LWE=")]),
         ] {
-            assert_eq!(t.get(t.identify(&h).unwrap()).id, DEFAULT_TENANT);
+            assert_eq!(&*t.get(t.identify(&h).unwrap()).id, DEFAULT_TENANT);
         }
     }
 

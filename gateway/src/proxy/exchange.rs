@@ -292,8 +292,12 @@ async fn attempts(
         tried.push(shard.key);
         ctx.shard = Some(Arc::clone(&shard));
         ctx.attempts += 1;
-        ctx.decision.attempt_started(&shard);
         let started = std::time::Instant::now();
+        ctx.decision.attempt_started(
+            &shard,
+            started.saturating_duration_since(ctx.started),
+            TraceContext::new_span_id(),
+        );
         let call = Call {
             state,
             table,
@@ -498,13 +502,13 @@ impl Call<'_> {
             .iter()
             .filter(|(name, _)| !SKIPPED_REQUEST_HEADERS.contains(&name.as_str()));
         // Each attempt is a span of the request's trace.
-        let traceparent = ctx.trace.header_for(TraceContext::new_span_id());
+        let traceparent = ctx.trace.header_for(ctx.decision.current_span());
         framing::request_head(
             path,
             &self.shard.authority,
             fields,
             &ctx.request_id,
-            &traceparent,
+            traceparent,
             body_len,
         )
     }

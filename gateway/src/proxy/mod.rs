@@ -61,6 +61,8 @@ pub struct State {
     pub decisions: Arc<crate::decisions::Decisions>,
     /// Reloads and drains, for the dashboard's timeline.
     pub journal: Arc<crate::stats::Journal>,
+    /// Where finished requests' spans go, when OTLP export is on.
+    pub otlp: Option<crate::otlp::Exporter>,
     /// The admin token: a request carrying it in `x-breakwater-admin-token` with
     /// `x-breakwater-explain: 1` gets its routing decision as a response header. Empty:
     /// nobody does.
@@ -181,6 +183,10 @@ pub struct RequestCtx {
     pub explain: bool,
     /// The W3C trace the request belongs to (the caller's `traceparent`, or a new one).
     pub trace: trace::TraceContext,
+    /// The gateway's own span in it: the parent of every attempt's span.
+    pub server_span: u64,
+    /// The OpenAI endpoint, for an inference request.
+    pub endpoint: Option<request::Endpoint>,
 }
 
 /// The traffic listener's Pingora application.
@@ -239,6 +245,8 @@ impl RequestCtx {
                 parent_id: None,
                 flags: 0,
             },
+            server_span: 0,
+            endpoint: None,
         }
     }
 }
@@ -256,6 +264,7 @@ impl Gateway {
                 .get(trace::TRACEPARENT)
                 .map(HeaderValue::as_bytes),
         );
+        ctx.server_span = trace::TraceContext::new_span_id();
         let route = request::classify(head.method.as_str(), head.uri.path());
         match route {
             Err(e) => respond_error(session, ctx, &e).await,
@@ -280,6 +289,7 @@ impl Gateway {
                 respond_json(session, ctx, 200, body).await
             }
             Ok(Route::Inference(endpoint)) => {
+                ctx.endpoint = Some(endpoint);
                 ctx.explain =
                     wants_explanation(&session.req_header().headers, &self.state.admin_token);
                 let table = self.state.tables.load();
@@ -292,7 +302,7 @@ impl Gateway {
 
     /// An inference request's traces in memory: the fleet's history, its shard's last
     /// minute, and its routing decision.
-    fn remember(&self, ctx: &mut RequestCtx, tenant: Option<String>, total: std::time::Duration) {
+    fn remember(&self, ctx: &mut RequestCtx, total: std::time::Duration) {
         use crate::stats::history::Outcome;
         let ttft = ctx.first_byte_at.map(|t| t - ctx.started);
         let served = (200..300).contains(&ctx.status) && ctx.stream_error.is_none();
@@ -310,19 +320,30 @@ impl Gateway {
         if let (Some(shard), true) = (&ctx.shard, ctx.attempts > 0) {
             shard.window.record(crate::stats::now_s(), ttft);
         }
+        let tenant = match (&ctx.table, ctx.tenant) {
+            (Some(table), Some(t)) => Some(Arc::clone(&table.tenants.get(t).id)),
+            _ => None,
+        };
         let d = std::mem::take(&mut ctx.decision);
+        if let Some(exporter) = &self.state.otlp {
+            exporter.export(spans(ctx, &d, tenant.as_deref(), total));
+        }
+        // The request is over: what the log keeps is moved, not copied.
         self.state.decisions.record(crate::decisions::Decision {
-            id: ctx.request_id.clone(),
-            trace_id: ctx.trace.trace_id_hex(),
+            id: std::mem::take(&mut ctx.request_id),
+            trace_id: crate::proxy::trace::TraceId(ctx.trace.trace_id),
             at_unix_ms: unix_ms(),
             tenant,
             priority: ctx.priority.as_str(),
-            model: ctx.model.clone(),
+            model: ctx.model.take(),
             estimated_tokens: ctx.estimated_tokens,
             queue_wait_ms: ctx.queue_wait.map(crate::decisions::millis),
             status: ctx.status,
             refusal: ctx.refusal,
-            region: d.attempts.first().map(|a| a.shard.region.clone()),
+            region: d
+                .attempts
+                .first()
+                .map(|a| crate::decisions::RegionOf(Arc::clone(&a.shard))),
             candidates: d.candidates,
             attempts: d.attempts,
             total_ms: crate::decisions::millis(total),
@@ -337,7 +358,7 @@ impl Gateway {
             .map(|t| (t - ctx.started).as_secs_f64() * 1e3);
         let total = ctx.started.elapsed();
         let tenant = match (&ctx.table, ctx.tenant) {
-            (Some(table), Some(t)) => Some(table.tenants.get(t).id.as_str()),
+            (Some(table), Some(t)) => Some(&*table.tenants.get(t).id),
             _ => None,
         };
         // Labels from the policy only (a model no pool serves is "unknown"), so a client
@@ -376,12 +397,11 @@ impl Gateway {
             }
             (None, None) => {}
         }
-        let tenant = tenant.map(str::to_string);
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,
             trace_id = %format_args!("{:032x}", ctx.trace.trace_id),
-            tenant = tenant.as_deref().unwrap_or(""),
+            tenant = tenant.unwrap_or(""),
             priority = ctx.tenant.map(|_| ctx.priority.as_str()),
             queue_wait_ms = ctx.queue_wait.map(|w| w.as_secs_f64() * 1e3),
             refusal = ctx.refusal,
@@ -396,9 +416,73 @@ impl Gateway {
             stream_error = ctx.stream_error.as_deref(),
         );
         if ctx.table.is_some() {
-            self.remember(ctx, tenant, total);
+            self.remember(ctx, total);
         }
     }
+}
+
+/// A finished request's spans: the gateway's server span, and a client span per attempt
+/// (with the span id its `traceparent` named).
+fn spans(
+    ctx: &RequestCtx,
+    d: &crate::decisions::Draft,
+    tenant: Option<&str>,
+    total: std::time::Duration,
+) -> Vec<crate::otlp::Span> {
+    use crate::otlp::{Kind, Span};
+    let end = crate::otlp::now_unix_ns();
+    let start = end.saturating_sub(total.as_nanos() as u64);
+    let mut out = Vec::with_capacity(1 + d.attempts.len());
+    let mut attributes = vec![
+        ("http.request.method", "POST".to_string()),
+        ("breakwater.request_id", ctx.request_id.clone()),
+    ];
+    if let Some(m) = &ctx.model {
+        attributes.push(("breakwater.model", m.clone()));
+    }
+    if let Some(t) = tenant {
+        attributes.push(("breakwater.tenant", t.to_string()));
+    }
+    if let Some(r) = ctx.refusal {
+        attributes.push(("breakwater.refusal", r.to_string()));
+    }
+    out.push(Span {
+        trace_id: ctx.trace.trace_id,
+        span_id: ctx.server_span,
+        parent_id: ctx.trace.parent_id,
+        name: ctx.endpoint.map_or("POST", request::Endpoint::span_name),
+        kind: Kind::Server,
+        start_unix_ns: start,
+        end_unix_ns: end,
+        error: ctx.status >= 500 || ctx.status == 0 || ctx.stream_error.is_some(),
+        attributes,
+        int_attributes: vec![
+            ("http.response.status_code", i64::from(ctx.status)),
+            ("breakwater.attempts", i64::from(ctx.attempts)),
+        ],
+    });
+    for a in &d.attempts {
+        let a_start = start + a.started.as_nanos() as u64;
+        let outcome = a.outcome.as_deref().unwrap_or("unfinished");
+        out.push(Span {
+            trace_id: ctx.trace.trace_id,
+            span_id: a.span_id,
+            parent_id: Some(ctx.server_span),
+            name: "attempt",
+            kind: Kind::Client,
+            start_unix_ns: a_start,
+            end_unix_ns: a_start + a.took.as_nanos() as u64,
+            error: outcome != "ok",
+            attributes: vec![
+                ("breakwater.shard", a.shard.id.clone()),
+                ("breakwater.region", a.shard.region.clone()),
+                ("breakwater.outcome", outcome.to_string()),
+                ("server.address", a.shard.authority.clone()),
+            ],
+            int_attributes: Vec::new(),
+        });
+    }
+    out
 }
 
 /// Now, in Unix milliseconds.

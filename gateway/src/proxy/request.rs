@@ -19,6 +19,17 @@ pub enum Endpoint {
     Embeddings,
 }
 
+impl Endpoint {
+    /// `POST` and the path: the name of the request's span.
+    pub fn span_name(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "POST /v1/chat/completions",
+            Endpoint::Completions => "POST /v1/completions",
+            Endpoint::Embeddings => "POST /v1/embeddings",
+        }
+    }
+}
+
 /// What a request asks of the gateway itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {

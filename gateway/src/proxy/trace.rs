@@ -2,8 +2,6 @@
 //! a malformed one), the trace id in the access log, and a `traceparent` per attempt for
 //! the shard — same trace, a new span id for each attempt, the client's sampling flag.
 
-use std::fmt::Write as _;
-
 /// The request header.
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -44,15 +42,42 @@ impl TraceContext {
         nonzero(rand::random::<u64>())
     }
 
-    /// The `traceparent` value naming span `span_id` of this trace.
-    pub fn header_for(&self, span_id: u64) -> String {
-        let mut s = String::with_capacity(55);
-        let _ = write!(
-            s,
+    /// The `traceparent` value naming span `span_id` of this trace (written where it is
+    /// displayed: no string of its own).
+    pub fn header_for(&self, span_id: u64) -> Traceparent {
+        Traceparent {
+            trace_id: self.trace_id,
+            span_id,
+            flags: self.flags,
+        }
+    }
+}
+
+/// A `traceparent` value, displayed as `00-TRACEID-SPANID-FLAGS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traceparent {
+    trace_id: u128,
+    span_id: u64,
+    flags: u8,
+}
+
+impl std::fmt::Display for Traceparent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
             "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, span_id, self.flags
-        );
-        s
+            self.trace_id, self.span_id, self.flags
+        )
+    }
+}
+
+/// A trace id, serialised as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceId(pub u128);
+
+impl serde::Serialize for TraceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:032x}", self.0))
     }
 }
 
@@ -113,8 +138,12 @@ mod tests {
         assert_eq!(t.parent_id, Some(0x00f0_67aa_0ba9_02b7));
         assert_eq!(t.flags, 1);
         assert_eq!(
-            t.header_for(0xabc),
+            t.header_for(0xabc).to_string(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000abc-01"
+        );
+        assert_eq!(
+            serde_json::to_string(&TraceId(t.trace_id)).unwrap(),
+            "\"4bf92f3577b34da6a3ce929d0e0e4736\""
         );
         // An unsampled caller stays unsampled.
         let t = parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
@@ -144,6 +173,6 @@ mod tests {
         }
         let fresh = TraceContext::from_header(None);
         assert_eq!(fresh.flags, 1);
-        assert_eq!(fresh.header_for(1).len(), 55);
+        assert_eq!(fresh.header_for(1).to_string().len(), 55);
     }
 }

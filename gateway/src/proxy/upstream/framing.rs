@@ -42,9 +42,10 @@ pub fn request_head<'a>(
     authority: &str,
     fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     request_id: &str,
-    traceparent: &str,
+    traceparent: impl std::fmt::Display,
     content_length: usize,
 ) -> Vec<u8> {
+    use std::io::Write as _;
     let mut h = Vec::with_capacity(512);
     h.extend_from_slice(b"POST ");
     h.extend_from_slice(path_and_query.as_bytes());
@@ -58,10 +59,11 @@ pub fn request_head<'a>(
     }
     h.extend_from_slice(b"\r\nx-request-id: ");
     h.extend_from_slice(request_id.as_bytes());
-    h.extend_from_slice(b"\r\ntraceparent: ");
-    h.extend_from_slice(traceparent.as_bytes());
-    h.extend_from_slice(b"\r\ncontent-length: ");
-    h.extend_from_slice(content_length.to_string().as_bytes());
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        h,
+        "\r\ntraceparent: {traceparent}\r\ncontent-length: {content_length}"
+    );
     h.extend_from_slice(b"\r\n\r\n");
     h
 }
