@@ -396,7 +396,9 @@ mod tests {
 
     #[test]
     fn otlp_endpoints_must_be_plain_http_urls() {
-        let ok = otlp_endpoint(Some("http://127.0.0.1:4318")).unwrap().unwrap();
+        let ok = otlp_endpoint(Some("http://127.0.0.1:4318"))
+            .unwrap()
+            .unwrap();
         assert_eq!(ok.as_str(), "http://127.0.0.1:4318/");
         for bad in ["https://collector:4318", "ftp://x", "not a url", "http://"] {
             let e = otlp_endpoint(Some(bad)).unwrap_err();
