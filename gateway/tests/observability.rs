@@ -420,6 +420,15 @@ async fn with_an_otlp_endpoint_each_request_is_a_server_span_with_a_client_span_
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
+    // An unsampled trace is not exported (sent first: its spans, were they exported,
+    // would be in the batch the later requests' are in, or an earlier one).
+    let unsampled = format!("00-{trace}-{caller_span}-00");
+    assert_eq!(
+        post(&gw, "otlp-unsampled", &[("traceparent", &unsampled)])
+            .await
+            .status(),
+        200
+    );
     let mut retried = None;
     for i in 0..20 {
         let id = format!("otlp-{i}");
@@ -462,6 +471,17 @@ async fn with_an_otlp_endpoint_each_request_is_a_server_span_with_a_client_span_
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let named = |s: &Value, id: &str| {
+        s["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["value"]["stringValue"] == id)
+    };
+    assert!(
+        !spans.iter().any(|s| named(s, "otlp-unsampled")),
+        "{spans:?}"
+    );
     let server = spans
         .iter()
         .find(|s| {

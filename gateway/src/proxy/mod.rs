@@ -325,7 +325,8 @@ impl Gateway {
             _ => None,
         };
         let d = std::mem::take(&mut ctx.decision);
-        if let Some(exporter) = &self.state.otlp {
+        // A caller that marked its trace unsampled gets no spans exported.
+        if let (Some(exporter), true) = (&self.state.otlp, ctx.trace.flags & 1 == 1) {
             exporter.export(spans(ctx, &d, tenant.as_deref(), total));
         }
         // The request is over: what the log keeps is moved, not copied.
