@@ -24,6 +24,25 @@ async fn post(gw: &Gateway, id: &str, headers: &[(&str, &str)]) -> reqwest::Resp
     r.send().await.unwrap()
 }
 
+/// `GET /admin/decisions?id=ID`, waiting (bounded) for it: a request's decision is kept
+/// as its access log line is written, just after its answer has gone out.
+async fn decision(gw: &Gateway, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = client()
+            .get(format!("http://{}/admin/decisions?id={id}", gw.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            return r.json().await.unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no decision for {id}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn find<'a>(list: &'a Value, shard: &str) -> &'a Value {
     list.as_array()
         .unwrap()
@@ -54,7 +73,7 @@ async fn the_decisions_log_shows_the_candidates_exclusions_and_attempts_of_a_req
     // An ordinary caller gets no explanation.
     assert!(r.headers().get("x-breakwater-explain").is_none());
 
-    let d = gw.admin_json("/admin/decisions?id=obs-1").await;
+    let d = decision(&gw, "obs-1").await;
     let d = &d["decisions"][0];
     assert_eq!(d["id"], "obs-1", "{d}");
     assert_eq!(d["model"], MODEL);
@@ -82,7 +101,7 @@ async fn the_decisions_log_shows_the_candidates_exclusions_and_attempts_of_a_req
     for i in 0..20 {
         let id = format!("obs-2-{i}");
         assert_eq!(post(&gw, &id, &[]).await.status(), 200);
-        let d = gw.admin_json(&format!("/admin/decisions?id={id}")).await;
+        let d = decision(&gw, &id).await;
         let attempts = d["decisions"][0]["attempts"].as_array().unwrap().clone();
         if attempts.len() > 1 {
             retried = Some((id, attempts));
@@ -348,7 +367,7 @@ async fn the_trace_context_reaches_the_shard_and_the_json_access_log_carries_its
         );
     }
     assert_eq!(access[0]["request_id"], "tr-1");
-    let d = gw.admin_json("/admin/decisions?id=tr-1").await;
+    let d = decision(&gw, "tr-1").await;
     assert_eq!(d["decisions"][0]["trace_id"], trace);
 }
 
@@ -434,7 +453,7 @@ async fn with_an_otlp_endpoint_each_request_is_a_server_span_with_a_client_span_
         let id = format!("otlp-{i}");
         let tp = format!("00-{trace}-{caller_span}-01");
         assert_eq!(post(&gw, &id, &[("traceparent", &tp)]).await.status(), 200);
-        let d = gw.admin_json(&format!("/admin/decisions?id={id}")).await;
+        let d = decision(&gw, &id).await;
         if d["decisions"][0]["attempts"].as_array().unwrap().len() == 2 {
             retried = Some(id);
             break;
