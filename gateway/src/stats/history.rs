@@ -13,8 +13,6 @@ use serde::Serialize;
 
 /// Points kept: 15 minutes at one a second.
 pub const POINTS: usize = 900;
-/// The largest TTFT recorded, microseconds.
-const MAX_US: u64 = 120_000_000;
 
 /// How one request ended, as the history counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,11 +67,6 @@ pub struct Series {
     pub ttft_p99_ms: Vec<Option<f32>>,
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_US, 2)
-        .unwrap_or_else(|e| unreachable!("constant bounds are valid: {e}"))
-}
-
 impl Default for History {
     fn default() -> Self {
         Self {
@@ -81,7 +74,7 @@ impl Default for History {
                 answers: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
                 good: AtomicU64::new(0),
-                ttft_us: Mutex::new(histogram()),
+                ttft_us: Mutex::new(super::ttft_histogram()),
             },
             rings: Mutex::new(Rings::default()),
         }
@@ -103,7 +96,7 @@ impl History {
             Outcome::Served { good: false } | Outcome::Failed => {}
         }
         if let Some(t) = ttft {
-            let us = (t.as_micros() as u64).clamp(1, MAX_US);
+            let us = super::ttft_us(t);
             c.ttft_us
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -26,3 +26,18 @@ pub fn now_s() -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_secs()
 }
+
+/// The largest TTFT recorded, microseconds (longer ones are clamped to it).
+const MAX_TTFT_US: u64 = 120_000_000;
+
+/// An empty TTFT histogram in microseconds, 1 µs to two minutes, two significant figures
+/// (1 % resolution, a few KB).
+fn ttft_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, MAX_TTFT_US, 2)
+        .unwrap_or_else(|e| unreachable!("constant bounds are valid: {e}"))
+}
+
+/// `ttft` in microseconds, clamped to what the histograms hold.
+fn ttft_us(ttft: Duration) -> u64 {
+    (ttft.as_micros() as u64).clamp(1, MAX_TTFT_US)
+}

@@ -12,8 +12,6 @@ use serde::Serialize;
 const SLOT_S: u64 = 10;
 /// Slots in the window: 6 × 10 s = one minute.
 const SLOTS: usize = 6;
-/// The largest TTFT recorded, microseconds (longer ones are clamped to it).
-const MAX_US: u64 = 120_000_000;
 
 /// One shard's last minute.
 #[derive(Debug)]
@@ -42,19 +40,13 @@ pub struct WindowSummary {
     pub ttft_samples: u64,
 }
 
-fn histogram() -> Histogram<u64> {
-    // Two significant figures: 1 % resolution, a few KB per histogram.
-    Histogram::new_with_bounds(1, MAX_US, 2)
-        .unwrap_or_else(|e| unreachable!("constant bounds are valid: {e}"))
-}
-
 impl Default for LatencyWindow {
     fn default() -> Self {
         Self {
             slots: Mutex::new(std::array::from_fn(|_| Slot {
                 period: u64::MAX,
                 answers: 0,
-                ttft_us: histogram(),
+                ttft_us: super::ttft_histogram(),
             })),
         }
     }
@@ -74,7 +66,7 @@ impl LatencyWindow {
         }
         slot.answers += 1;
         if let Some(t) = ttft {
-            let us = (t.as_micros() as u64).clamp(1, MAX_US);
+            let us = super::ttft_us(t);
             slot.ttft_us.saturating_record(us);
         }
     }
@@ -85,7 +77,7 @@ impl LatencyWindow {
         let period = now_s / SLOT_S;
         let oldest = period.saturating_sub(SLOTS as u64 - 1);
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let mut merged = histogram();
+        let mut merged = super::ttft_histogram();
         let mut answers = 0;
         for s in slots
             .iter()
