@@ -9,7 +9,6 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use breakwater_health::{HealthConfig, ShardProbes};
 use serde::Serialize;
@@ -20,7 +19,7 @@ use crate::policy::revision::Revision;
 use crate::policy::{self, Policy, PolicyError};
 use crate::proxy::budget::BodyBudget;
 use crate::proxy::retry::RetryBudget;
-use crate::stats::Journal;
+use crate::stats::{unix_ms, Journal};
 use crate::table::{Table, Tables};
 
 /// What asked for a reload.
@@ -117,12 +116,6 @@ pub struct Reloader {
     one_at_a_time: Mutex<()>,
 }
 
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn describe(e: &PolicyError) -> String {
     match e {
         PolicyError::Invalid(issues) => issues
@@ -163,7 +156,7 @@ impl Reloader {
             revision: revision.label(),
             commit: revision.commit.clone(),
             content_sha256: revision.content.clone(),
-            loaded_at_unix_ms: now_unix_ms(),
+            loaded_at_unix_ms: unix_ms(),
             files: table.policy.files.clone(),
             directory: dir.as_ref().map(|d| d.display().to_string()),
             last_error: None,
@@ -235,7 +228,7 @@ impl Reloader {
             .note("reload_rejected", trigger.as_str(), error.clone());
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         st.last_error = Some(error.clone());
-        st.last_error_at_unix_ms = Some(now_unix_ms());
+        st.last_error_at_unix_ms = Some(unix_ms());
         st.reloads_rejected += 1;
         ReloadError::Policy(error)
     }
@@ -283,7 +276,7 @@ impl Reloader {
         st.revision = label;
         st.commit = revision.commit.clone();
         st.content_sha256 = revision.content.clone();
-        st.loaded_at_unix_ms = now_unix_ms();
+        st.loaded_at_unix_ms = unix_ms();
         st.files = p.files.clone();
         st.last_error = None;
         st.reloads_applied += 1;

@@ -178,11 +178,8 @@ impl Admission {
         let rng = &mut rand::thread_rng();
         let router = &table.router;
         let shard = if table.policy.admission.enabled {
-            let fits = |s: &ShardEntry, h: &HealthView| {
-                s.limit
-                    .fits(s.load.inflight_tokens(), cost, h.weight_factor(s.key))
-                    && router.has_headroom(s, h)
-            };
+            let fits =
+                |s: &ShardEntry, h: &HealthView| s.limit_fits(cost, h) && router.has_headroom(s, h);
             router.pick_fitting(route, &[], fits, rng)?
         } else {
             router.pick(route, &[], rng)?

@@ -302,7 +302,7 @@ impl Gateway {
 
     /// An inference request's traces in memory: the fleet's history, its shard's last
     /// minute, and its routing decision.
-    fn remember(&self, ctx: &mut RequestCtx, total: std::time::Duration) {
+    fn remember(&self, ctx: &mut RequestCtx, tenant: Option<Arc<str>>, total: std::time::Duration) {
         use crate::stats::history::Outcome;
         let ttft = ctx.first_byte_at.map(|t| t - ctx.started);
         let served = (200..300).contains(&ctx.status) && ctx.stream_error.is_none();
@@ -320,10 +320,6 @@ impl Gateway {
         if let (Some(shard), true) = (&ctx.shard, ctx.attempts > 0) {
             shard.window.record(crate::stats::now_s(), ttft);
         }
-        let tenant = match (&ctx.table, ctx.tenant) {
-            (Some(table), Some(t)) => Some(Arc::clone(&table.tenants.get(t).id)),
-            _ => None,
-        };
         let d = std::mem::take(&mut ctx.decision);
         // A caller that marked its trace unsampled gets no spans exported.
         if let (Some(exporter), true) = (&self.state.otlp, ctx.trace.flags & 1 == 1) {
@@ -333,7 +329,7 @@ impl Gateway {
         self.state.decisions.record(crate::decisions::Decision {
             id: std::mem::take(&mut ctx.request_id),
             trace_id: crate::proxy::trace::TraceId(ctx.trace.trace_id),
-            at_unix_ms: unix_ms(),
+            at_unix_ms: crate::stats::unix_ms(),
             tenant,
             priority: ctx.priority.as_str(),
             model: ctx.model.take(),
@@ -358,10 +354,11 @@ impl Gateway {
             .first_byte_at
             .map(|t| (t - ctx.started).as_secs_f64() * 1e3);
         let total = ctx.started.elapsed();
-        let tenant = match (&ctx.table, ctx.tenant) {
-            (Some(table), Some(t)) => Some(&*table.tenants.get(t).id),
+        let tenant_id = match (&ctx.table, ctx.tenant) {
+            (Some(table), Some(t)) => Some(Arc::clone(&table.tenants.get(t).id)),
             _ => None,
         };
+        let tenant = tenant_id.as_deref();
         // Labels from the policy only (a model no pool serves is "unknown"), so a client
         // cannot grow the series.
         let model = match (&ctx.table, ctx.model.as_deref()) {
@@ -417,7 +414,7 @@ impl Gateway {
             stream_error = ctx.stream_error.as_deref(),
         );
         if ctx.table.is_some() {
-            self.remember(ctx, total);
+            self.remember(ctx, tenant_id, total);
         }
     }
 }
@@ -484,13 +481,6 @@ fn spans(
         });
     }
     out
-}
-
-/// Now, in Unix milliseconds.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Whether a request asks for its routing decision and holds the admin token.

@@ -73,6 +73,16 @@ impl ShardEntry {
     pub fn is_drained(&self) -> bool {
         self.drained.load(Ordering::Relaxed)
     }
+
+    /// Whether its admission limit, scaled by its health weight in `health`, has room for
+    /// a request of `cost` tokens beside what is in flight.
+    pub fn limit_fits(&self, cost: u64, health: &HealthView) -> bool {
+        self.limit.fits(
+            self.load.inflight_tokens(),
+            cost,
+            health.weight_factor(self.key),
+        )
+    }
 }
 
 /// The values of `x-breakwater-shard` and `x-breakwater-region` for one shard.
@@ -544,11 +554,7 @@ impl Router {
                     })
                 } else if limits && !self.has_headroom(s, &health) {
                     Some(Exclusion::Saturated)
-                } else if limits
-                    && !s
-                        .limit
-                        .fits(s.load.inflight_tokens(), cost, health.weight_factor(s.key))
-                {
+                } else if limits && !s.limit_fits(cost, &health) {
                     Some(Exclusion::Full)
                 } else {
                     None

@@ -31,9 +31,7 @@ pub struct Journal {
 impl Journal {
     /// Notes a change now.
     pub fn note(&self, kind: &'static str, subject: impl Into<String>, detail: impl Into<String>) {
-        let at_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let at_unix_ms = super::unix_ms();
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         if ring.len() == CAPACITY {
             ring.pop_front();

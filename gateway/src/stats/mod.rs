@@ -21,6 +21,13 @@ pub use window::{LatencyWindow, WindowSummary};
 /// benchmark uses).
 pub const GOOD_TTFT: Duration = Duration::from_secs(1);
 
+/// Now, in milliseconds since the Unix epoch (what every `*_unix_ms` field holds).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Seconds on a monotonic clock shared by every window and history of the process.
 pub fn now_s() -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
