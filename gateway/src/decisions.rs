@@ -1,6 +1,8 @@
 //! The decisions log: the last requests and how each was routed — the candidates a pick
 //! saw (scores, exclusions), the attempts and their outcomes, queue wait, the answer.
-//! Bounded: a ring of [`CAPACITY`] entries; recording is one short lock per request.
+//! Bounded: a ring of [`CAPACITY`] entries. Recording runs on every request, so it
+//! allocates nothing of its own (candidates and attempts are kept inline, the ring's
+//! entries in place) and takes one short lock.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -10,7 +12,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::proxy::trace::TraceId;
-use crate::routing::explain::Candidate;
+use smallvec::SmallVec;
+
+use crate::routing::explain::Candidates;
 use crate::routing::ShardEntry;
 
 /// Requests kept.
@@ -31,7 +35,7 @@ pub struct AttemptRecord {
     /// Its span id: the one its `traceparent` named to the shard.
     pub span_id: u64,
     /// For a retry, the candidates its pick saw (the first attempt's are the request's).
-    pub candidates: Vec<Candidate>,
+    pub candidates: Option<Box<Candidates>>,
 }
 
 impl Serialize for AttemptRecord {
@@ -42,28 +46,31 @@ impl Serialize for AttemptRecord {
         st.serialize_field("region", &self.shard.region)?;
         st.serialize_field("outcome", &self.outcome)?;
         st.serialize_field("ms", &millis(self.took))?;
-        if !self.candidates.is_empty() {
-            st.serialize_field("candidates", &self.candidates)?;
+        if let Some(c) = &self.candidates {
+            st.serialize_field("candidates", c)?;
         }
         st.end()
     }
 }
 
+/// Attempts kept inline: a request with a retry records without allocating.
+pub type Attempts = SmallVec<[AttemptRecord; 2]>;
+
 /// What a request gathers about its routing while it runs.
 #[derive(Debug, Default)]
 pub struct Draft {
     /// The candidates of the first pick.
-    pub candidates: Vec<Candidate>,
+    pub candidates: Option<Candidates>,
     /// Candidates seen for the next attempt (a retry), taken by it.
-    pub next_candidates: Vec<Candidate>,
+    pub next_candidates: Option<Candidates>,
     /// The attempts so far.
-    pub attempts: Vec<AttemptRecord>,
+    pub attempts: Attempts,
 }
 
 impl Draft {
     /// An attempt on `shard` starts, `started` after the request did, as span `span_id`.
     pub fn attempt_started(&mut self, shard: &Arc<ShardEntry>, started: Duration, span_id: u64) {
-        let candidates = std::mem::take(&mut self.next_candidates);
+        let candidates = self.next_candidates.take().map(Box::new);
         self.attempts.push(AttemptRecord {
             shard: Arc::clone(shard),
             outcome: None,
@@ -99,7 +106,7 @@ impl Serialize for RegionOf {
 }
 
 /// One request, as the decisions log keeps it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Decision {
     /// `x-request-id`.
     pub id: String,
@@ -123,39 +130,71 @@ pub struct Decision {
     pub refusal: Option<&'static str>,
     /// The region of the first attempt's shard, if any.
     pub region: Option<RegionOf>,
-    /// What the first pick saw.
-    pub candidates: Vec<Candidate>,
+    /// What the first pick saw (none: the request never reached a pick).
+    #[serde(serialize_with = "candidates_or_none")]
+    pub candidates: Option<Candidates>,
     /// Every attempt.
-    pub attempts: Vec<AttemptRecord>,
+    pub attempts: Attempts,
     /// The whole request, milliseconds.
     pub total_ms: f64,
 }
 
+fn candidates_or_none<S: serde::Serializer>(
+    c: &Option<Candidates>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    OrEmpty(c).serialize(s)
+}
+
+/// A pick's candidates, serialised as an empty list when no pick was made.
+pub struct OrEmpty<'a>(pub &'a Option<Candidates>);
+
+impl Serialize for OrEmpty<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(c) => c.serialize(s),
+            None => s.collect_seq(std::iter::empty::<()>()),
+        }
+    }
+}
+
 /// The last [`CAPACITY`] decisions.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decisions {
-    ring: Mutex<VecDeque<Arc<Decision>>>,
+    ring: Mutex<VecDeque<Decision>>,
+}
+
+impl Default for Decisions {
+    fn default() -> Self {
+        Self {
+            ring: Mutex::new(VecDeque::with_capacity(CAPACITY)),
+        }
+    }
 }
 
 impl Decisions {
     /// Keeps `d`, dropping the oldest when full.
     pub fn record(&self, d: Decision) {
-        let d = Arc::new(d);
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        if ring.len() == CAPACITY {
-            ring.pop_front();
-        }
+        let evicted = if ring.len() == CAPACITY {
+            ring.pop_front()
+        } else {
+            None
+        };
         ring.push_back(d);
+        drop(ring);
+        // The oldest entry's strings are freed outside the lock.
+        drop(evicted);
     }
 
-    /// The last `n` (at most [`CAPACITY`]), newest first.
-    pub fn last(&self, n: usize) -> Vec<Arc<Decision>> {
+    /// The last `n` (at most [`CAPACITY`]), newest first: copies, for the admin API.
+    pub fn last(&self, n: usize) -> Vec<Decision> {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         ring.iter().rev().take(n).cloned().collect()
     }
 
     /// The decision of request `id`, if it is still kept.
-    pub fn find(&self, id: &str) -> Option<Arc<Decision>> {
+    pub fn find(&self, id: &str) -> Option<Decision> {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         ring.iter().rev().find(|d| d.id == id).cloned()
     }
@@ -183,8 +222,8 @@ mod tests {
             status: 200,
             refusal: None,
             region: None,
-            candidates: Vec::new(),
-            attempts: Vec::new(),
+            candidates: None,
+            attempts: Attempts::new(),
             total_ms: 0.0,
         }
     }

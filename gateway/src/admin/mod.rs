@@ -31,7 +31,7 @@ pub use fault::FaultControls;
 #[cfg(not(feature = "demo"))]
 #[derive(Debug, Clone, Default)]
 pub struct FaultControls;
-use crate::decisions::{Decision, CAPACITY};
+use crate::decisions::CAPACITY;
 use crate::policy::Priority;
 use crate::proxy::error::{error_json, GatewayError};
 use crate::proxy::State;
@@ -196,7 +196,6 @@ impl Admin {
             },
             None => log.last(query_usize(session, "limit").unwrap_or(50).min(CAPACITY)),
         };
-        let list: Vec<&Decision> = list.iter().map(|d| &**d).collect();
         reply(
             StatusCode::OK,
             json!({"decisions": list, "kept": CAPACITY})

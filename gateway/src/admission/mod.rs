@@ -178,8 +178,9 @@ impl Admission {
         let rng = &mut rand::thread_rng();
         let router = &table.router;
         let shard = if table.policy.admission.enabled {
-            let fits =
-                |s: &ShardEntry, h: &HealthView| s.limit_fits(cost, h) && router.has_headroom(s, h);
+            let fits = |s: &ShardEntry, h: &HealthView, now| {
+                s.limit_fits(cost, h) && router.has_headroom(s, h, now)
+            };
             router.pick_fitting(route, &[], fits, rng)?
         } else {
             router.pick(route, &[], rng)?

@@ -192,6 +192,7 @@ fn resolve<'t>(
         .router
         .route(&req.model)
         .ok_or_else(|| GatewayError::ModelNotFound(req.model.clone()))?;
+    ctx.route = Some(route.model);
     let cost = table.router.estimator().estimate(route.model, &req.size);
     ctx.estimated_tokens = cost.total();
     if let Some(window) = route.context_window {
@@ -233,10 +234,12 @@ async fn admit(
 ) -> Result<Option<Slot>, GatewayError> {
     let admission = &state.admission;
     let cost = r.cost.total();
-    ctx.decision.candidates =
-        table
-            .router
-            .explain(r.route, cost, &[], table.policy.admission.enabled);
+    ctx.decision.candidates = Some(table.router.explain(
+        r.route,
+        cost,
+        &[],
+        table.policy.admission.enabled,
+    ));
     if !admission.must_queue(table, ctx.priority) {
         if let Some(slot) = admission.place(table, r.route, cost) {
             return Ok(Some(slot));
@@ -362,7 +365,8 @@ async fn attempts(
                 _ = client_gone(session) => return Ok(()),
             }
         }
-        ctx.decision.next_candidates = table.router.explain(r.route, r.cost.total(), &tried, false);
+        ctx.decision.next_candidates =
+            Some(table.router.explain(r.route, r.cost.total(), &tried, false));
         next = state
             .admission
             .place_retry(table, r.route, r.cost.total(), &tried);
@@ -389,8 +393,8 @@ fn explanation(ctx: &RequestCtx) -> HeaderValue {
     let json = serde_json::json!({
         "estimated_tokens": ctx.estimated_tokens,
         "queue_wait_ms": ctx.queue_wait.map(crate::decisions::millis),
-        "candidates": ctx.decision.candidates,
-        "attempts": ctx.decision.attempts,
+        "candidates": crate::decisions::OrEmpty(&ctx.decision.candidates),
+        "attempts": &ctx.decision.attempts,
     })
     .to_string();
     // Policy ids are ASCII, so the JSON is a valid header value.
@@ -508,7 +512,7 @@ impl Call<'_> {
             &self.shard.authority,
             fields,
             &ctx.request_id,
-            traceparent,
+            &traceparent.to_bytes(),
             body_len,
         )
     }

@@ -139,9 +139,11 @@ pub const REGION_HEADER: HeaderName = HeaderName::from_static("x-breakwater-regi
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// `x-breakwater-explain: 1` on a request (with the admin token): the answer carries the
 /// routing decision, as JSON, in a header of the same name.
-pub const EXPLAIN_HEADER: HeaderName = HeaderName::from_static("x-breakwater-explain");
+pub const EXPLAIN_HEADER: HeaderName = HeaderName::from_static(EXPLAIN);
+const EXPLAIN: &str = "x-breakwater-explain";
 /// Where a request carries the admin token to be explained (never forwarded to a shard).
-pub const ADMIN_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-breakwater-admin-token");
+pub const ADMIN_TOKEN_HEADER: HeaderName = HeaderName::from_static(ADMIN_TOKEN);
+const ADMIN_TOKEN: &str = "x-breakwater-admin-token";
 
 /// Per-request state, for the access log and metrics.
 pub struct RequestCtx {
@@ -151,6 +153,8 @@ pub struct RequestCtx {
     pub started: std::time::Instant,
     /// The model asked for.
     pub model: Option<String>,
+    /// Its route in the table (the route's model index), once resolved.
+    pub route: Option<usize>,
     /// The routing table the request runs under, once loaded.
     pub table: Option<Arc<Table>>,
     /// The last shard tried.
@@ -201,22 +205,55 @@ impl Gateway {
     }
 }
 
-fn request_id(session: &Session) -> String {
-    let sane = |v: &str| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
-    match session
-        .req_header()
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(v) if sane(v) => v.to_string(),
-        _ => new_request_id(),
+/// The request headers the gateway itself reads at the start of every request, found in
+/// one pass over the header (cheaper than a hashed lookup for each).
+#[derive(Debug, Default, Clone, Copy)]
+struct OwnHeaders<'a> {
+    request_id: Option<&'a HeaderValue>,
+    traceparent: Option<&'a HeaderValue>,
+    explain: Option<&'a HeaderValue>,
+    admin_token: Option<&'a HeaderValue>,
+}
+
+impl<'a> OwnHeaders<'a> {
+    /// The first value of each (as `HeaderMap::get` would give).
+    fn find(headers: &'a http::HeaderMap) -> Self {
+        let mut own = Self::default();
+        for (name, value) in headers {
+            let slot = match name.as_str() {
+                "x-request-id" => &mut own.request_id,
+                trace::TRACEPARENT => &mut own.traceparent,
+                EXPLAIN => &mut own.explain,
+                ADMIN_TOKEN => &mut own.admin_token,
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        own
+    }
+
+    /// `x-request-id`: the client's if it sent a sane one, else generated.
+    fn request_id(&self) -> String {
+        let sane =
+            |v: &str| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
+        match self.request_id.and_then(|v| v.to_str().ok()) {
+            Some(v) if sane(v) => v.to_string(),
+            _ => new_request_id(),
+        }
+    }
+
+    /// Whether the request asks for its routing decision and holds the admin token.
+    fn wants_explanation(&self, admin_token: &str) -> bool {
+        self.explain.is_some_and(|v| v == "1")
+            && self.admin_token.is_some_and(|t| {
+                crate::admin::constant_time_eq(t.as_bytes(), admin_token.as_bytes())
+            })
     }
 }
 
 /// A request id for a request that brought none: 128 random bits in hex.
 fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    trace::hex128(rand::random::<u128>()).as_str().to_owned()
 }
 
 impl RequestCtx {
@@ -225,6 +262,7 @@ impl RequestCtx {
             request_id: String::new(),
             started: std::time::Instant::now(),
             model: None,
+            route: None,
             table: None,
             shard: None,
             attempts: 0,
@@ -256,14 +294,11 @@ impl Gateway {
     /// directly, the OpenAI endpoints through [`exchange`]. Always leaves a response
     /// written, or the client gone.
     async fn answer(&self, session: &mut Session, ctx: &mut RequestCtx) {
-        ctx.request_id = request_id(session);
         ctx.started = std::time::Instant::now();
         let head = session.req_header();
-        ctx.trace = trace::TraceContext::from_header(
-            head.headers
-                .get(trace::TRACEPARENT)
-                .map(HeaderValue::as_bytes),
-        );
+        let own = OwnHeaders::find(&head.headers);
+        ctx.request_id = own.request_id();
+        ctx.trace = trace::TraceContext::from_header(own.traceparent.map(HeaderValue::as_bytes));
         ctx.server_span = trace::TraceContext::new_span_id();
         let route = request::classify(head.method.as_str(), head.uri.path());
         match route {
@@ -290,8 +325,7 @@ impl Gateway {
             }
             Ok(Route::Inference(endpoint)) => {
                 ctx.endpoint = Some(endpoint);
-                ctx.explain =
-                    wants_explanation(&session.req_header().headers, &self.state.admin_token);
+                ctx.explain = own.wants_explanation(&self.state.admin_token);
                 let table = self.state.tables.load();
                 worker_tick::ensure(table.upstream.pool_idle());
                 ctx.table = Some(Arc::clone(&table));
@@ -317,8 +351,10 @@ impl Gateway {
         };
         let ttft = ttft.filter(|_| served);
         self.state.history.record(outcome, ttft);
+        // The request's end, from the clock read the caller already made.
+        let ended = ctx.started + total;
         if let (Some(shard), true) = (&ctx.shard, ctx.attempts > 0) {
-            shard.window.record(crate::stats::now_s(), ttft);
+            shard.window.record(crate::stats::seconds_at(ended), ttft);
         }
         let d = std::mem::take(&mut ctx.decision);
         // A caller that marked its trace unsampled gets no spans exported.
@@ -329,7 +365,7 @@ impl Gateway {
         self.state.decisions.record(crate::decisions::Decision {
             id: std::mem::take(&mut ctx.request_id),
             trace_id: crate::proxy::trace::TraceId(ctx.trace.trace_id),
-            at_unix_ms: crate::stats::unix_ms(),
+            at_unix_ms: crate::stats::unix_ms_at(ended),
             tenant,
             priority: ctx.priority.as_str(),
             model: ctx.model.take(),
@@ -361,8 +397,12 @@ impl Gateway {
         let tenant = tenant_id.as_deref();
         // Labels from the policy only (a model no pool serves is "unknown"), so a client
         // cannot grow the series.
-        let model = match (&ctx.table, ctx.model.as_deref()) {
-            (Some(table), Some(m)) => table.router.route(m).map_or("unknown", |r| &*r.name),
+        let model = match (&ctx.table, ctx.route, &ctx.model) {
+            (Some(table), Some(i), _) => table
+                .router
+                .route_by_index(i)
+                .map_or("unknown", |r| &*r.name),
+            (_, None, Some(_)) => "unknown",
             _ => "",
         };
         self.state.metrics.request(&crate::metrics::Finished {
@@ -398,7 +438,7 @@ impl Gateway {
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,
-            trace_id = %format_args!("{:032x}", ctx.trace.trace_id),
+            trace_id = trace::hex128(ctx.trace.trace_id).as_str(),
             tenant = tenant.unwrap_or(""),
             priority = ctx.tenant.map(|_| ctx.priority.as_str()),
             queue_wait_ms = ctx.queue_wait.map(|w| w.as_secs_f64() * 1e3),
@@ -481,14 +521,6 @@ fn spans(
         });
     }
     out
-}
-
-/// Whether a request asks for its routing decision and holds the admin token.
-fn wants_explanation(headers: &http::HeaderMap, admin_token: &str) -> bool {
-    headers.get(EXPLAIN_HEADER).is_some_and(|v| v == "1")
-        && headers
-            .get(ADMIN_TOKEN_HEADER)
-            .is_some_and(|t| crate::admin::constant_time_eq(t.as_bytes(), admin_token.as_bytes()))
 }
 
 /// Resolves when the server starts shutting down.

@@ -34,7 +34,7 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits.
     pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        hex128(self.trace_id).as_str().to_owned()
     }
 
     /// A new span id for a child of this trace (an attempt).
@@ -61,13 +61,21 @@ pub struct Traceparent {
     flags: u8,
 }
 
+impl Traceparent {
+    /// The value's 55 bytes, written without the formatting machinery (every attempt of
+    /// every request sends one).
+    pub fn to_bytes(&self) -> [u8; 55] {
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        write_hex(&self.trace_id.to_be_bytes(), &mut out[3..35]);
+        write_hex(&self.span_id.to_be_bytes(), &mut out[36..52]);
+        write_hex(&[self.flags], &mut out[53..55]);
+        out
+    }
+}
+
 impl std::fmt::Display for Traceparent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.flags
-        )
+        f.write_str(std::str::from_utf8(&self.to_bytes()).map_err(|_| std::fmt::Error)?)
     }
 }
 
@@ -77,8 +85,32 @@ pub struct TraceId(pub u128);
 
 impl serde::Serialize for TraceId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{:032x}", self.0))
+        s.serialize_str(hex128(self.0).as_str())
     }
+}
+
+/// 128 bits as 32 lowercase hex digits, on the stack.
+#[derive(Debug, Clone, Copy)]
+pub struct Hex128([u8; 32]);
+
+impl Hex128 {
+    /// The digits.
+    pub fn as_str(&self) -> &str {
+        // Hex digits are ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// `v` as 32 lowercase hex digits (request ids, trace ids).
+pub fn hex128(v: u128) -> Hex128 {
+    let mut out = [0; 32];
+    write_hex(&v.to_be_bytes(), &mut out);
+    Hex128(out)
+}
+
+fn write_hex(bytes: &[u8], out: &mut [u8]) {
+    // `out` is always twice `bytes` long here, so this cannot fail.
+    let _ = hex::encode_to_slice(bytes, out);
 }
 
 fn nonzero<T: PartialEq + From<u8>>(v: T) -> T {
@@ -130,6 +162,22 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn hex_is_written_with_leading_zeros_and_lowercase() {
+        assert_eq!(hex128(0xab).as_str(), "000000000000000000000000000000ab");
+        assert_eq!(hex128(u128::MAX).as_str(), "f".repeat(32));
+        let t = Traceparent {
+            trace_id: 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10,
+            span_id: 0xfe,
+            flags: 0x0a,
+        };
+        assert_eq!(
+            t.to_string(),
+            "00-0102030405060708090a0b0c0d0e0f10-00000000000000fe-0a"
+        );
+        assert_eq!(parse(&t.to_bytes()).unwrap().parent_id, Some(0xfe));
+    }
 
     #[test]
     fn a_valid_header_is_kept_and_rewritten_with_a_new_span() {

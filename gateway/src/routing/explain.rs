@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use serde::Serialize;
+use smallvec::SmallVec;
 
 use super::ShardEntry;
 
@@ -25,11 +26,11 @@ pub enum Exclusion {
     Tried,
 }
 
-/// One shard as a pick saw it.
-#[derive(Debug, Clone)]
+/// One shard as a pick saw it: plain numbers, so recording one costs no reference count.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
-    /// The shard.
-    pub shard: Arc<ShardEntry>,
+    /// The shard: its position in the routing table's shards (see [`Candidates`]).
+    pub shard: u32,
     /// Its position in the route's region order (0: home).
     pub tier: u8,
     /// Its load score then (lower is better): seconds of work per unit of capacity.
@@ -38,15 +39,48 @@ pub struct Candidate {
     pub excluded: Option<Exclusion>,
 }
 
-impl Serialize for Candidate {
+/// Candidates kept inline: routes of up to this many shards record without allocating.
+pub const INLINE: usize = 8;
+
+/// The candidates of one pick, with the table's shards they point into (one shared
+/// reference for all of them).
+#[derive(Debug, Clone)]
+pub struct Candidates {
+    /// The routing table's shards, indexed by [`Candidate::shard`].
+    pub shards: Arc<[Arc<ShardEntry>]>,
+    /// Every shard of the route, in tier order.
+    pub list: SmallVec<[Candidate; INLINE]>,
+}
+
+impl Candidates {
+    /// The shard a candidate names.
+    pub fn shard(&self, c: &Candidate) -> Option<&ShardEntry> {
+        self.shards.get(c.shard as usize).map(|s| &**s)
+    }
+}
+
+impl Serialize for Candidates {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("Candidate", 5)?;
-        st.serialize_field("shard", &self.shard.id)?;
-        st.serialize_field("region", &self.shard.region)?;
-        st.serialize_field("tier", &self.tier)?;
-        st.serialize_field("score", &((f64::from(self.score) * 1e4).round() / 1e4))?;
-        st.serialize_field("excluded", &self.excluded)?;
-        st.end()
+        use serde::ser::{SerializeSeq, SerializeStruct};
+        struct One<'a>(&'a ShardEntry, &'a Candidate);
+        impl Serialize for One<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let One(shard, c) = self;
+                let mut st = s.serialize_struct("Candidate", 5)?;
+                st.serialize_field("shard", &shard.id)?;
+                st.serialize_field("region", &shard.region)?;
+                st.serialize_field("tier", &c.tier)?;
+                st.serialize_field("score", &((f64::from(c.score) * 1e4).round() / 1e4))?;
+                st.serialize_field("excluded", &c.excluded)?;
+                st.end()
+            }
+        }
+        let mut seq = s.serialize_seq(Some(self.list.len()))?;
+        for c in &self.list {
+            if let Some(shard) = self.shard(c) {
+                seq.serialize_element(&One(shard, c))?;
+            }
+        }
+        seq.end()
     }
 }

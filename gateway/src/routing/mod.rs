@@ -18,6 +18,7 @@ pub mod select;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use breakwater_health::{
@@ -166,7 +167,7 @@ impl Fleet {
 /// statistics and the health snapshot. Immutable once built; a policy reload builds the
 /// next one from the previous ([`Router::build`]).
 pub struct Router {
-    shards: Vec<Arc<ShardEntry>>,
+    shards: Arc<[Arc<ShardEntry>]>,
     /// Routes by model index (the estimator's numbering).
     routes: Vec<ModelRoute>,
     /// Model name → index into `routes`.
@@ -281,7 +282,7 @@ impl Router {
             previous.map(|p| (p.model_names.as_slice(), &p.estimator)),
         );
         Self {
-            shards,
+            shards: shards.into(),
             routes,
             models,
             model_names,
@@ -298,6 +299,11 @@ impl Router {
     /// The route for a model, or `None` when no pool serves it.
     pub fn route(&self, model: &str) -> Option<&ModelRoute> {
         self.models.get(model).map(|i| &self.routes[*i])
+    }
+
+    /// The route [`ModelRoute::model`] numbers `i`.
+    pub fn route_by_index(&self, i: usize) -> Option<&ModelRoute> {
+        self.routes.get(i)
     }
 
     /// Every model some pool serves, sorted.
@@ -337,14 +343,25 @@ impl Router {
 
     /// Shard `i`'s engine reading, if it is recent enough to act on (three scrapes);
     /// an older one is unknown.
-    fn fresh_engine<'h>(&self, i: usize, health: &'h HealthView) -> Option<&'h EngineLoad> {
-        self.fresh(self.shards[i].key, health)
+    fn fresh_engine<'h>(
+        &self,
+        i: usize,
+        health: &'h HealthView,
+        now: Instant,
+    ) -> Option<&'h EngineLoad> {
+        self.fresh(self.shards[i].key, health, now)
     }
 
-    fn fresh<'h>(&self, key: ShardId, health: &'h HealthView) -> Option<&'h EngineLoad> {
+    /// `now`: read once per routing decision, not once per shard looked at.
+    fn fresh<'h>(
+        &self,
+        key: ShardId,
+        health: &'h HealthView,
+        now: Instant,
+    ) -> Option<&'h EngineLoad> {
         health.engine(key).filter(|e| {
             e.taken
-                .is_some_and(|t| t.elapsed() <= self.engine_stale_after)
+                .is_some_and(|t| now.saturating_duration_since(t) <= self.engine_stale_after)
         })
     }
 
@@ -362,13 +379,15 @@ impl Router {
     /// gateway the two agree; with several replicas, or clients that bypass the gateway,
     /// only the engine sees everything. KV-cache use past 80 % adds up to 100 % more, as
     /// the engine is about to preempt. Engine readings older than three scrapes are ignored.
-    pub fn score(&self, i: usize, health: &HealthView) -> f64 {
+    /// `now` is the decision's time (engine readings older than three scrapes by then are
+    /// ignored).
+    pub fn score(&self, i: usize, health: &HealthView, now: Instant) -> f64 {
         let s = &self.shards[i];
         let factor = health.weight_factor(s.key).clamp(0.01, 1.0);
         let ledger = s.load.inflight_tokens() as f64;
         let mut work = ledger;
         let mut pressure = 1.0;
-        if let Some(e) = self.fresh_engine(i, health) {
+        if let Some(e) = self.fresh_engine(i, health, now) {
             let requests = s.load.inflight_requests();
             let per_request = if requests > 0 {
                 ledger / requests as f64
@@ -396,20 +415,21 @@ impl Router {
         tried: &[ShardId],
         rng: &mut R,
     ) -> Option<&Arc<ShardEntry>> {
-        self.pick_fitting(route, tried, |_, _| true, rng)
+        self.pick_fitting(route, tried, |_, _, _| true, rng)
     }
 
-    /// [`Router::pick`] among the shards `fits` accepts (given the shard and the health
-    /// snapshot): admission's "has room for this request". A region whose shards are all
+    /// [`Router::pick`] among the shards `fits` accepts (given the shard, the health
+    /// snapshot and the decision's time): admission's "has room for this request". A region whose shards are all
     /// full is passed over for the next one, so traffic spills before it queues.
     pub fn pick_fitting<R: Rng + ?Sized>(
         &self,
         route: &ModelRoute,
         tried: &[ShardId],
-        fits: impl Fn(&ShardEntry, &HealthView) -> bool,
+        fits: impl Fn(&ShardEntry, &HealthView, Instant) -> bool,
         rng: &mut R,
     ) -> Option<&Arc<ShardEntry>> {
         let health = self.fleet.health.load();
+        let now = Instant::now();
         let panic = !route
             .tiers
             .iter()
@@ -419,7 +439,7 @@ impl Router {
         // A first attempt may start in a later region: the share of traffic each region
         // keeps follows its healthy capacity (see `region_shares`). Retries go in order.
         let first_tier = if tried.is_empty() && !panic {
-            self.spill_tier(route, &health, rng.gen::<f64>())
+            self.spill_tier(route, &health, now, rng.gen::<f64>())
         } else {
             0
         };
@@ -437,9 +457,9 @@ impl Router {
                 } else {
                     self.admitted(*i, &health)
                 };
-                allowed && !tried.contains(&s.key) && fits(s, &health)
+                allowed && !tried.contains(&s.key) && fits(s, &health, now)
             }));
-            if let Some(i) = select::p2c(&candidates, |i| self.score(i, &health), rng) {
+            if let Some(i) = select::p2c(&candidates, |i| self.score(i, &health, now), rng) {
                 return Some(&self.shards[i]);
             }
         }
@@ -455,7 +475,7 @@ impl Router {
     /// about 71 % of its capacity is healthy, then sheds the surplus proportionally — and
     /// takes it back as its shards return and ramp up (slow start), which makes failback
     /// gradual.
-    fn spill_tier(&self, route: &ModelRoute, health: &HealthView, u: f64) -> usize {
+    fn spill_tier(&self, route: &ModelRoute, health: &HealthView, now: Instant, u: f64) -> usize {
         let mut rest = 1.0;
         let mut acc = 0.0;
         for (t, tier) in route.tiers.iter().enumerate() {
@@ -465,7 +485,7 @@ impl Router {
                 .sum();
             let healthy: f64 = tier
                 .iter()
-                .filter(|i| self.admitted(**i, health) && self.has_room(**i, health))
+                .filter(|i| self.admitted(**i, health) && self.has_room(**i, health, now))
                 .map(|i| {
                     let s = &self.shards[*i];
                     s.effective_capacity * health.weight_factor(s.key)
@@ -488,8 +508,9 @@ impl Router {
     /// Whether a shard's engine has room: fresh metrics below both saturation thresholds
     /// (queue depth and KV use; GIE's defaults 5 and 0.8). Unknown metrics count as room —
     /// nothing is held against a shard for a signal that is missing.
-    pub fn has_headroom(&self, shard: &ShardEntry, health: &HealthView) -> bool {
-        match self.fresh(shard.key, health) {
+    /// `now`: the decision's time.
+    pub fn has_headroom(&self, shard: &ShardEntry, health: &HealthView, now: Instant) -> bool {
+        match self.fresh(shard.key, health, now) {
             Some(e) => {
                 e.queue_depth
                     .is_none_or(|q| q < self.saturation_queue_depth)
@@ -499,8 +520,8 @@ impl Router {
         }
     }
 
-    fn has_room(&self, i: usize, health: &HealthView) -> bool {
-        self.has_headroom(&self.shards[i], health)
+    fn has_room(&self, i: usize, health: &HealthView, now: Instant) -> bool {
+        self.has_headroom(&self.shards[i], health, now)
     }
 
     /// The other shards of `shard`'s tier for `route` when that whole tier is saturated
@@ -516,7 +537,7 @@ impl Router {
         };
         let saturated = !tier
             .iter()
-            .any(|i| self.admitted(*i, &health) && self.has_room(*i, &health));
+            .any(|i| self.admitted(*i, &health) && self.has_room(*i, &health, Instant::now()));
         if saturated {
             tier.iter()
                 .map(|i| self.shards[*i].key)
@@ -536,10 +557,11 @@ impl Router {
         cost: u64,
         tried: &[ShardId],
         limits: bool,
-    ) -> Vec<explain::Candidate> {
+    ) -> explain::Candidates {
         use explain::Exclusion;
         let health = self.fleet.health.load();
-        let mut out = Vec::with_capacity(route.tiers.iter().map(Vec::len).sum());
+        let now = Instant::now();
+        let mut list = smallvec::SmallVec::new();
         for (tier, shards) in route.tiers.iter().enumerate() {
             for &i in shards {
                 let s = &self.shards[i];
@@ -552,22 +574,25 @@ impl Router {
                         ShardState::Draining => Exclusion::Draining,
                         _ => Exclusion::Ejected,
                     })
-                } else if limits && !self.has_headroom(s, &health) {
+                } else if limits && !self.has_headroom(s, &health, now) {
                     Some(Exclusion::Saturated)
                 } else if limits && !s.limit_fits(cost, &health) {
                     Some(Exclusion::Full)
                 } else {
                     None
                 };
-                out.push(explain::Candidate {
-                    shard: Arc::clone(s),
+                list.push(explain::Candidate {
+                    shard: i as u32,
                     tier: tier.min(u8::MAX as usize) as u8,
-                    score: self.score(i, &health) as f32,
+                    score: self.score(i, &health, now) as f32,
                     excluded,
                 });
             }
         }
-        out
+        explain::Candidates {
+            shards: Arc::clone(&self.shards),
+            list,
+        }
     }
 
     /// Whether any shard may take traffic now (`/readyz`).
@@ -807,7 +832,7 @@ capacity_tps = 100
         entries[2].engine = Some(busy);
         r.publish_health(view(&r, entries.clone()));
         let h = r.health();
-        assert!(r.score(2, &h) > r.score(1, &h));
+        assert!(r.score(2, &h, Instant::now()) > r.score(1, &h, Instant::now()));
         for _ in 0..20 {
             assert_eq!(pos(&r, r.pick(route, &keys(&r, &[]), &mut rng)), Some(1));
         }
@@ -819,7 +844,7 @@ capacity_tps = 100
             ..Default::default()
         });
         r.publish_health(view(&r, entries.clone()));
-        let with_kv = r.score(2, &r.health());
+        let with_kv = r.score(2, &r.health(), Instant::now());
         entries[2].engine = Some(breakwater_health::EngineLoad {
             kv_usage: Some(0.5),
             queue_depth: Some(1.0),
@@ -827,7 +852,7 @@ capacity_tps = 100
             ..Default::default()
         });
         r.publish_health(view(&r, entries.clone()));
-        assert!((with_kv / r.score(2, &r.health()) - 2.0).abs() < 1e-9);
+        assert!((with_kv / r.score(2, &r.health(), Instant::now()) - 2.0).abs() < 1e-9);
         // A reading from long ago counts for nothing.
         let old = now
             .checked_sub(std::time::Duration::from_secs(60))
@@ -837,7 +862,7 @@ capacity_tps = 100
             ..busy
         });
         r.publish_health(view(&r, entries));
-        assert_eq!(r.score(2, &r.health()), 0.0);
+        assert_eq!(r.score(2, &r.health(), Instant::now()), 0.0);
     }
 
     #[test]

@@ -28,10 +28,26 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The process's clock anchor: a monotonic instant and the Unix time it was taken at.
+fn anchor() -> &'static (Instant, u64) {
+    static ANCHOR: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    ANCHOR.get_or_init(|| (Instant::now(), unix_ms()))
+}
+
 /// Seconds on a monotonic clock shared by every window and history of the process.
 pub fn now_s() -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_secs()
+    seconds_at(Instant::now())
+}
+
+/// [`now_s`] at instant `t` (a time the caller already read: no clock read here).
+pub fn seconds_at(t: Instant) -> u64 {
+    t.saturating_duration_since(anchor().0).as_secs()
+}
+
+/// Unix milliseconds at instant `t`, from the monotonic clock (no clock read here).
+pub fn unix_ms_at(t: Instant) -> u64 {
+    let (at, unix) = anchor();
+    unix + t.saturating_duration_since(*at).as_millis() as u64
 }
 
 /// The largest TTFT recorded, microseconds (longer ones are clamped to it).

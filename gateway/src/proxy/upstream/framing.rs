@@ -42,10 +42,9 @@ pub fn request_head<'a>(
     authority: &str,
     fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     request_id: &str,
-    traceparent: impl std::fmt::Display,
+    traceparent: &[u8],
     content_length: usize,
 ) -> Vec<u8> {
-    use std::io::Write as _;
     let mut h = Vec::with_capacity(512);
     h.extend_from_slice(b"POST ");
     h.extend_from_slice(path_and_query.as_bytes());
@@ -59,11 +58,10 @@ pub fn request_head<'a>(
     }
     h.extend_from_slice(b"\r\nx-request-id: ");
     h.extend_from_slice(request_id.as_bytes());
-    // Writing into a Vec cannot fail.
-    let _ = write!(
-        h,
-        "\r\ntraceparent: {traceparent}\r\ncontent-length: {content_length}"
-    );
+    h.extend_from_slice(b"\r\ntraceparent: ");
+    h.extend_from_slice(traceparent);
+    h.extend_from_slice(b"\r\ncontent-length: ");
+    h.extend_from_slice(itoa::Buffer::new().format(content_length).as_bytes());
     h.extend_from_slice(b"\r\n\r\n");
     h
 }
@@ -384,7 +382,7 @@ mod tests {
             "10.0.0.1:8000",
             fields.iter().map(|(n, v)| (n, v)),
             "abc",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             42,
         );
         assert_eq!(
