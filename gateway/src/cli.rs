@@ -103,6 +103,12 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// `GET` a URL over plain HTTP and exit 0 on a 2xx answer, 1 otherwise (a container's
+    /// health check: no curl or shell needed in the image).
+    CheckHealth {
+        /// e.g. `http://127.0.0.1:8080/healthz`.
+        url: String,
+    },
     /// Run the gateway in front of a built-in simulated fleet (two regions) on 127.0.0.1.
     #[cfg(feature = "demo")]
     Demo {
@@ -237,6 +243,13 @@ pub fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Diff { old, new },
         } => policy_diff(&old, &new),
+        Command::CheckHealth { url } => match crate::check_health::check(&url) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve {
             policy: dir,
             listen,

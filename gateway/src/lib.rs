@@ -12,10 +12,12 @@
 //! 4. [`policy`] — the TOML policy set everything above is built from.
 //! 5. [`admin`], [`metrics`], [`stats`] and [`decisions`] — the admin listener and its
 //!    dashboard, Prometheus, the in-memory history, the routing decisions log.
-//! 6. [`server`] — assembling it all on Pingora; [`cli`] and [`demo`] — the commands.
+//! 6. [`server`] — assembling it all on Pingora; [`cli`], [`check_health`] and [`demo`] —
+//!    the commands.
 
 pub mod admin;
 pub mod admission;
+pub mod check_health;
 pub mod cli;
 pub mod decisions;
 #[cfg(feature = "demo")]
