@@ -69,6 +69,16 @@ async fn non_streamed_completion_carries_routing_headers_and_usage() {
         .unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL);
+    // One model by id, as `client.models.retrieve(...)` asks for it.
+    let model: Value = client()
+        .get(gw.url(&format!("/v1/models/{MODEL}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(model, models["data"][0]);
     assert_eq!(
         client()
             .get(gw.url("/readyz"))

@@ -110,6 +110,15 @@ async fn bad_requests_get_clear_openai_errors_and_never_reach_a_shard() {
     let (s, _, b) = send(&gw, post.clone(), "/v1/assistants", b"{}".to_vec()).await;
     assert_eq!(s, 404);
     assert_openai_error(&b, "not_found");
+    // An unknown path is told what is served.
+    let message = b["error"]["message"].as_str().unwrap();
+    assert!(message.contains("POST /v1/chat/completions"), "{message}");
+    let (s, _, b) = send(&gw, reqwest::Method::GET, "/v1/models/gpt-9", vec![]).await;
+    assert_eq!(s, 404);
+    assert_openai_error(&b, "model_not_found");
+    let (s, _, b) = send(&gw, reqwest::Method::GET, "/v1/models/%FF%FE", vec![]).await;
+    assert_eq!(s, 400);
+    assert_openai_error(&b, "invalid_request");
     let (s, _, b) = send(&gw, reqwest::Method::GET, "/v1/chat/completions", vec![]).await;
     assert_eq!(s, 405);
     assert_openai_error(&b, "method_not_allowed");

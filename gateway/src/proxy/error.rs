@@ -126,8 +126,11 @@ impl UpstreamFailure {
 /// A request the gateway answers itself with an error.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
-    /// No such route (404).
-    #[error("no route for {method} {path}")]
+    /// No such route (404); the message lists what is served.
+    #[error(
+        "no route for {method} {path}; this gateway serves {}",
+        super::request::SERVED
+    )]
     NotFound {
         /// Request method.
         method: String,

@@ -251,6 +251,11 @@ impl<'a> OwnHeaders<'a> {
     }
 }
 
+/// A model in the OpenAI format (`GET /v1/models`, `GET /v1/models/{model}`).
+fn model_object(id: &str) -> serde_json::Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "breakwater"})
+}
+
 /// A request id for a request that brought none: 128 random bits in hex.
 fn new_request_id() -> String {
     trace::hex128(rand::random::<u128>()).as_str().to_owned()
@@ -318,10 +323,18 @@ impl Gateway {
                     .router
                     .model_names()
                     .iter()
-                    .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "breakwater"}))
+                    .map(|m| model_object(m))
                     .collect();
                 let body = json!({"object": "list", "data": data}).to_string();
                 respond_json(session, ctx, 200, body).await
+            }
+            Ok(Route::Model(id)) => {
+                let served = self.state.tables.peek().router.route(&id).is_some();
+                if served {
+                    respond_json(session, ctx, 200, model_object(&id).to_string()).await
+                } else {
+                    respond_error(session, ctx, &GatewayError::ModelNotFound(id)).await
+                }
             }
             Ok(Route::Inference(endpoint)) => {
                 ctx.endpoint = Some(endpoint);

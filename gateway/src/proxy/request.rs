@@ -31,17 +31,26 @@ impl Endpoint {
 }
 
 /// What a request asks of the gateway itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// Forward to a shard.
     Inference(Endpoint),
     /// `GET /v1/models`, answered from the policy.
     Models,
+    /// `GET /v1/models/{model}`, answered from the policy (the id percent-decoded; it may
+    /// hold `/`, as in `meta-llama/Llama-3.1-8B-Instruct`).
+    Model(String),
     /// `GET /healthz`: the process is up.
     Healthz,
     /// `GET /readyz`: some shard can take traffic.
     Readyz,
 }
+
+const MODEL_PREFIX: &str = "/v1/models/";
+
+/// What the gateway serves, as a 404 for any other path lists it.
+pub const SERVED: &str = "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, \
+GET /v1/models, GET /v1/models/{model}, GET /healthz, GET /readyz";
 
 /// Maps method and path to a route, or the error to answer.
 pub fn classify(method: &str, path: &str) -> Result<Route, GatewayError> {
@@ -52,6 +61,12 @@ pub fn classify(method: &str, path: &str) -> Result<Route, GatewayError> {
         "/v1/models" => ("GET", Route::Models),
         "/healthz" => ("GET", Route::Healthz),
         "/readyz" => ("GET", Route::Readyz),
+        _ if path.len() > MODEL_PREFIX.len() && path.starts_with(MODEL_PREFIX) => {
+            let id = percent_encoding::percent_decode_str(&path[MODEL_PREFIX.len()..])
+                .decode_utf8()
+                .map_err(|_| GatewayError::BadRequest("the model id is not UTF-8".into()))?;
+            ("GET", Route::Model(id.into_owned()))
+        }
         _ => {
             return Err(GatewayError::NotFound {
                 method: method.into(),
@@ -206,6 +221,22 @@ mod tests {
             405
         );
         assert_eq!(classify("POST", "/v2/anything").unwrap_err().status(), 404);
+        assert_eq!(
+            classify("GET", "/v1/models/meta-llama/Llama-3.1-8B-Instruct").unwrap(),
+            Route::Model("meta-llama/Llama-3.1-8B-Instruct".into())
+        );
+        assert_eq!(
+            classify("HEAD", "/v1/models/org%2Fmodel%20x").unwrap(),
+            Route::Model("org/model x".into())
+        );
+        assert_eq!(classify("GET", "/v1/models/%FF").unwrap_err().status(), 400);
+        assert_eq!(
+            classify("DELETE", "/v1/models/m").unwrap_err().status(),
+            405
+        );
+        let unknown = classify("POST", "/v1/responses").unwrap_err().to_string();
+        assert!(unknown.contains("POST /v1/chat/completions"), "{unknown}");
+        assert!(unknown.contains("GET /v1/models/{model}"), "{unknown}");
     }
 
     #[test]
