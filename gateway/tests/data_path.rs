@@ -91,6 +91,73 @@ async fn non_streamed_completion_carries_routing_headers_and_usage() {
     assert_eq!(a.stats().requests_total, 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_engines_own_endpoints_are_routed_by_model_and_relayed() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let b = start_shard(ShardSpec::new("b", "away")).await;
+    let gw = Gateway::start(&policy_text(&[&a, &b], "")).await;
+    let post = |path: &str, body: Value| {
+        let req = client().post(gw.url(path)).json(&body);
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let shard = resp
+                .headers()
+                .get("x-breakwater-shard")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, shard, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let docs = json!(["a breakwater", "a harbour", "a wave"]);
+    for path in ["/v1/rerank", "/rerank"] {
+        let (s, shard, body) = post(
+            path,
+            json!({"model": MODEL, "query": "what stops waves?", "documents": docs}),
+        )
+        .await;
+        assert_eq!(s, 200, "{path}: {body}");
+        assert_eq!(shard.as_deref(), Some("a"), "home region first");
+        assert_eq!(body["results"].as_array().unwrap().len(), 3, "{body}");
+    }
+    for path in ["/v1/score", "/score"] {
+        let (s, _, body) = post(
+            path,
+            json!({"model": MODEL, "text_1": "breakwater", "text_2": "jetty"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{path}: {body}");
+        assert_eq!(body["data"][0]["object"], "score");
+    }
+    let (s, _, body) = post(
+        "/tokenize",
+        json!({"model": MODEL, "prompt": "x".repeat(360)}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        body["count"], 100,
+        "the engine's own tokenizer: 3.6 bytes a token"
+    );
+    let (s, _, body) = post("/detokenize", json!({"model": MODEL, "tokens": [0, 1, 2]})).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["prompt"], "breakwater keeps the ");
+    assert_eq!(a.stats().requests_total, 6);
+
+    // The gateway reads `model` as for the rest: missing is a 400, unknown a 404, neither
+    // forwarded.
+    let (s, _, body) = post("/tokenize", json!({"prompt": "x"})).await;
+    assert_eq!(s, 400);
+    assert_eq!(body["error"]["code"], "invalid_request");
+    let (s, _, body) = post(
+        "/v1/rerank",
+        json!({"model": "gpt-9", "query": "q", "documents": []}),
+    )
+    .await;
+    assert_eq!(s, 404);
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert_eq!(a.stats().requests_total + b.stats().requests_total, 6);
+}
+
 /// Reads a streamed body to the end and splits it into SSE events.
 async fn events(resp: reqwest::Response) -> Vec<String> {
     let text = resp.text().await.unwrap();

@@ -655,6 +655,11 @@ impl Call<'_> {
             u.prompt_tokens.unwrap_or(0),
             u.completion_tokens.unwrap_or(0),
         ));
+        // An answer without a prompt count teaches nothing (a zero would read as "no
+        // tokens in all those bytes").
+        let Some(prompt_tokens) = u.prompt_tokens.filter(|_| self.req.calibrates) else {
+            return;
+        };
         let completion = self
             .req
             .size
@@ -663,7 +668,7 @@ impl Call<'_> {
         self.table.router.estimator().observe(
             self.route_model,
             self.req.size.prompt_bytes,
-            u.prompt_tokens.unwrap_or(0),
+            prompt_tokens,
             completion,
         );
     }

@@ -17,6 +17,14 @@ pub enum Endpoint {
     Completions,
     /// `POST /v1/embeddings`
     Embeddings,
+    /// `POST /v1/rerank` or `/rerank` (vLLM, Jina and Cohere style): one query, documents.
+    Rerank,
+    /// `POST /v1/score` or `/score` (vLLM): similarity of text pairs.
+    Score,
+    /// `POST /tokenize` (vLLM): a prompt's token ids.
+    Tokenize,
+    /// `POST /detokenize` (vLLM): token ids back to text.
+    Detokenize,
 }
 
 impl Endpoint {
@@ -26,7 +34,21 @@ impl Endpoint {
             Endpoint::ChatCompletions => "POST /v1/chat/completions",
             Endpoint::Completions => "POST /v1/completions",
             Endpoint::Embeddings => "POST /v1/embeddings",
+            Endpoint::Rerank => "POST /v1/rerank",
+            Endpoint::Score => "POST /v1/score",
+            Endpoint::Tokenize => "POST /tokenize",
+            Endpoint::Detokenize => "POST /detokenize",
         }
+    }
+
+    /// The engine's own endpoints beside OpenAI's: routed by `model` like the rest, but
+    /// their bodies are the engine's business (the gateway reads only `model`, and the
+    /// string content for the token estimate); they never stream or generate.
+    pub fn is_engine_extra(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Rerank | Endpoint::Score | Endpoint::Tokenize | Endpoint::Detokenize
+        )
     }
 }
 
@@ -50,6 +72,7 @@ const MODEL_PREFIX: &str = "/v1/models/";
 
 /// What the gateway serves, as a 404 for any other path lists it.
 pub const SERVED: &str = "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, \
+POST /v1/rerank (or /rerank), POST /v1/score (or /score), POST /tokenize, POST /detokenize, \
 GET /v1/models, GET /v1/models/{model}, GET /healthz, GET /readyz";
 
 /// Maps method and path to a route, or the error to answer.
@@ -58,6 +81,10 @@ pub fn classify(method: &str, path: &str) -> Result<Route, GatewayError> {
         "/v1/chat/completions" => ("POST", Route::Inference(Endpoint::ChatCompletions)),
         "/v1/completions" => ("POST", Route::Inference(Endpoint::Completions)),
         "/v1/embeddings" => ("POST", Route::Inference(Endpoint::Embeddings)),
+        "/v1/rerank" | "/rerank" => ("POST", Route::Inference(Endpoint::Rerank)),
+        "/v1/score" | "/score" => ("POST", Route::Inference(Endpoint::Score)),
+        "/tokenize" => ("POST", Route::Inference(Endpoint::Tokenize)),
+        "/detokenize" => ("POST", Route::Inference(Endpoint::Detokenize)),
         "/v1/models" => ("GET", Route::Models),
         "/healthz" => ("GET", Route::Healthz),
         "/readyz" => ("GET", Route::Readyz),
@@ -112,6 +139,9 @@ pub struct InferenceRequest {
     pub stream: bool,
     /// Size for the token estimate.
     pub size: RequestSize,
+    /// Whether the answer's usage teaches the estimator this model's bytes per token (not
+    /// for an engine endpoint's body, whose documents and pairs are tokenized their own way).
+    pub calibrates: bool,
 }
 
 #[derive(Deserialize)]
@@ -160,6 +190,9 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, Gatewa
         Endpoint::ChatCompletions => (b.messages, "messages"),
         Endpoint::Completions => (b.prompt, "prompt"),
         Endpoint::Embeddings => (b.input, "input"),
+        Endpoint::Rerank | Endpoint::Score | Endpoint::Tokenize | Endpoint::Detokenize => {
+            return Ok(engine_extra(model, body))
+        }
     };
     let Some(text) = text else {
         return Err(bad(format!("the `{required}` field is required")));
@@ -173,7 +206,23 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, Gatewa
             max_completion_tokens: max_completion.or(max_tokens),
             generates: endpoint != Endpoint::Embeddings,
         },
+        calibrates: true,
     })
+}
+
+/// An engine endpoint's request ([`Endpoint::is_engine_extra`]): all of the body's string
+/// content is input (a query and documents, text pairs, a prompt); nothing is generated.
+fn engine_extra(model: String, body: &[u8]) -> InferenceRequest {
+    InferenceRequest {
+        model,
+        stream: false,
+        size: RequestSize {
+            prompt_bytes: std::str::from_utf8(body).map_or(body.len(), text_bytes),
+            max_completion_tokens: Some(0),
+            generates: false,
+        },
+        calibrates: false,
+    }
 }
 
 /// Bytes of string content in a JSON value (keys and punctuation excluded). Walks the raw

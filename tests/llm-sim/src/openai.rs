@@ -13,6 +13,21 @@ pub enum Endpoint {
     Completions,
     /// `POST /v1/embeddings`
     Embeddings,
+    /// `POST /v1/rerank`, `/rerank` (vLLM's shape: a query and documents).
+    Rerank,
+    /// `POST /v1/score`, `/score` (vLLM's shape: `text_1` against `text_2`).
+    Score,
+    /// `POST /tokenize` (vLLM).
+    Tokenize,
+    /// `POST /detokenize` (vLLM).
+    Detokenize,
+}
+
+impl Endpoint {
+    /// Whether it generates tokens (and so may stream).
+    pub fn generates(self) -> bool {
+        matches!(self, Endpoint::Chat | Endpoint::Completions)
+    }
 }
 
 /// What the engine needs from a request body.
@@ -35,6 +50,16 @@ pub struct InferenceRequest {
     pub prompt: Option<Value>,
     /// Embedding input.
     pub input: Option<Value>,
+    /// Rerank query.
+    pub query: Option<Value>,
+    /// Rerank documents.
+    pub documents: Option<Value>,
+    /// Score: the first text(s).
+    pub text_1: Option<Value>,
+    /// Score: the second text(s).
+    pub text_2: Option<Value>,
+    /// Detokenize: token ids.
+    pub tokens: Option<Vec<u64>>,
 }
 
 /// `stream_options` of a streamed request.
@@ -57,9 +82,17 @@ impl InferenceRequest {
     pub fn prompt_tokens(&self) -> u64 {
         let mut bytes = 0usize;
         let mut messages = 0u64;
-        for v in [&self.messages, &self.prompt, &self.input]
-            .into_iter()
-            .flatten()
+        for v in [
+            &self.messages,
+            &self.prompt,
+            &self.input,
+            &self.query,
+            &self.documents,
+            &self.text_1,
+            &self.text_2,
+        ]
+        .into_iter()
+        .flatten()
         {
             text_bytes(v, &mut bytes);
             if let Value::Array(items) = v {
@@ -156,6 +189,35 @@ pub fn full_response(
                 .collect();
             json!({"object": "list", "data": data, "model": model,
                 "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
+        }
+        Endpoint::Rerank => {
+            let documents = match &req.documents {
+                Some(Value::Array(items)) => items.clone(),
+                _ => Vec::new(),
+            };
+            let mut results: Vec<Value> = documents
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let text = d.as_str().map_or(d.clone(), |t| json!(t));
+                    json!({"index": i, "relevance_score": 1.0 / (i as f64 + 1.0),
+                           "document": {"text": text}})
+                })
+                .collect();
+            results.truncate(MAX_COMPLETION_TOKENS as usize);
+            json!({"id": id, "model": model, "results": results,
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
+        }
+        Endpoint::Score => json!({"id": id, "object": "list", "created": created, "model": model,
+            "data": [{"index": 0, "object": "score", "score": 0.5}],
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}),
+        Endpoint::Tokenize => {
+            let tokens: Vec<u64> = (0..prompt).collect();
+            json!({"count": prompt, "max_model_len": 65536, "tokens": tokens})
+        }
+        Endpoint::Detokenize => {
+            let n = req.tokens.as_ref().map_or(0, Vec::len) as u64;
+            json!({"prompt": (0..n).map(word).collect::<String>()})
         }
     }
 }

@@ -161,6 +161,10 @@ async fn handle(engine: Engine, req: Request<Incoming>) -> Result<Response<SimBo
         (&Method::POST, "/v1/chat/completions") => Endpoint::Chat,
         (&Method::POST, "/v1/completions") => Endpoint::Completions,
         (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
+        (&Method::POST, "/v1/rerank" | "/rerank") => Endpoint::Rerank,
+        (&Method::POST, "/v1/score" | "/score") => Endpoint::Score,
+        (&Method::POST, "/tokenize") => Endpoint::Tokenize,
+        (&Method::POST, "/detokenize") => Endpoint::Detokenize,
         _ => {
             return Ok(error_response(
                 StatusCode::NOT_FOUND,
@@ -226,7 +230,7 @@ async fn handle(engine: Engine, req: Request<Incoming>) -> Result<Response<SimBo
             "model_not_found",
         ));
     }
-    if request.stream && endpoint != Endpoint::Embeddings {
+    if request.stream && endpoint.generates() {
         Ok(stream(engine, endpoint, request, fault))
     } else {
         Ok(complete(engine, endpoint, request).await)
@@ -250,10 +254,10 @@ fn request_id() -> String {
 
 async fn complete(engine: Engine, endpoint: Endpoint, req: InferenceRequest) -> Response<SimBody> {
     let prompt = req.prompt_tokens();
-    let completion = if endpoint == Endpoint::Embeddings {
-        0
-    } else {
+    let completion = if endpoint.generates() {
         req.completion_tokens()
+    } else {
+        0
     };
     let mut running = engine.admit(prompt).await;
     for _ in 0..completion {
