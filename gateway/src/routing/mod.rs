@@ -171,7 +171,9 @@ pub struct Router {
     /// Routes by model index (the estimator's numbering).
     routes: Vec<ModelRoute>,
     /// Model name → index into `routes`.
-    models: HashMap<Arc<str>, usize>,
+    /// Looked up on every request: a fast hasher (the keys are the policy's; a client's
+    /// model name only probes the map).
+    models: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
     model_names: Vec<String>,
     estimator: Estimator,
     fleet: Arc<Fleet>,
