@@ -29,6 +29,8 @@ import tempfile
 import time
 import urllib.request
 
+from common import wait_http
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 PROD = os.path.join(ROOT, "target", "production")
@@ -52,19 +54,6 @@ def loadgen(mode, model, **kw):
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=330).stdout
     return out
-
-
-def wait_http(url, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return
-        except Exception:
-            time.sleep(0.2)
-    raise SystemExit(f"not reachable: {url}")
 
 
 def dump(pid, out_dir):
@@ -92,7 +81,7 @@ def measure(binary, policy):
          "--admin-listen", "127.0.0.1:18711", "--threads", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, RUST_LOG="warn"))
     try:
-        wait_http("http://%s:%d/v1/models" % GATEWAY)
+        wait_http("http://%s:%d/v1/models" % GATEWAY, timeout=90, poll=0.2)
         loadgen("max", "bench-model", concurrency=4, requests=500)
         loadgen("stream", "bench-model", concurrency=10, requests=20, max_tokens=50)
         subprocess.run(["callgrind_control", "-z", str(gw.pid)], check=True, capture_output=True, timeout=60)

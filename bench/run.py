@@ -55,6 +55,8 @@ import tempfile
 import time
 import urllib.request
 
+from common import wait_http
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 # The proxies under test are built as shipped: the `production` profile (fat LTO, one
@@ -106,19 +108,6 @@ def start(cmd, cpus=None, **kw):
                          preexec_fn=pinned(cpus), **kw)
     procs.append(p)
     return p
-
-
-def wait_http(url, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return
-        except Exception:
-            time.sleep(0.1)
-    raise SystemExit(f"not reachable: {url}")
 
 
 def cpu_ticks(pids):

@@ -166,7 +166,7 @@ def check_gateway_wiring(name, objects):
             sel = None
             if o["kind"] == "Service":
                 sel = o["spec"]["selector"]
-            elif o["kind"] in ("NetworkPolicy",):
+            elif o["kind"] == "NetworkPolicy":
                 sel = o["spec"]["podSelector"]["matchLabels"]
             elif o["kind"] == "PodDisruptionBudget":
                 sel = o["spec"]["selector"]["matchLabels"]

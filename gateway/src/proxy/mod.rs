@@ -136,7 +136,8 @@ pub const SHARD_HEADER: HeaderName = HeaderName::from_static("x-breakwater-shard
 /// `x-breakwater-region`: the region of the shard that answered.
 pub const REGION_HEADER: HeaderName = HeaderName::from_static("x-breakwater-region");
 /// `x-request-id`: the client's, or one the gateway made.
-pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
+const REQUEST_ID: &str = "x-request-id";
 /// `x-breakwater-explain: 1` on a request (with the admin token): the answer carries the
 /// routing decision, as JSON, in a header of the same name.
 pub const EXPLAIN_HEADER: HeaderName = HeaderName::from_static(EXPLAIN);
@@ -221,7 +222,7 @@ impl<'a> OwnHeaders<'a> {
         let mut own = Self::default();
         for (name, value) in headers {
             let slot = match name.as_str() {
-                "x-request-id" => &mut own.request_id,
+                REQUEST_ID => &mut own.request_id,
                 trace::TRACEPARENT => &mut own.traceparent,
                 EXPLAIN => &mut own.explain,
                 ADMIN_TOKEN => &mut own.admin_token,

@@ -40,16 +40,6 @@ impl Endpoint {
             Endpoint::Detokenize => "POST /detokenize",
         }
     }
-
-    /// The engine's own endpoints beside OpenAI's: routed by `model` like the rest, but
-    /// their bodies are the engine's business (the gateway reads only `model`, and the
-    /// string content for the token estimate); they never stream or generate.
-    pub fn is_engine_extra(self) -> bool {
-        matches!(
-            self,
-            Endpoint::Rerank | Endpoint::Score | Endpoint::Tokenize | Endpoint::Detokenize
-        )
-    }
 }
 
 /// What a request asks of the gateway itself.
@@ -210,8 +200,10 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, Gatewa
     })
 }
 
-/// An engine endpoint's request ([`Endpoint::is_engine_extra`]): all of the body's string
-/// content is input (a query and documents, text pairs, a prompt); nothing is generated.
+/// A request to one of the engine's own endpoints (rerank, score, tokenize, detokenize):
+/// routed by `model` like the rest, its body the engine's business. All of the body's
+/// string content is input (a query and documents, text pairs, a prompt); nothing is
+/// generated or streamed.
 fn engine_extra(model: String, body: &[u8]) -> InferenceRequest {
     InferenceRequest {
         model,
@@ -283,6 +275,14 @@ mod tests {
             classify("DELETE", "/v1/models/m").unwrap_err().status(),
             405
         );
+        // Everything the 404 message lists is served.
+        for entry in SERVED.split(", ") {
+            let (method, rest) = entry.split_once(' ').unwrap();
+            for path in rest.split(" (or ").map(|p| p.trim_end_matches(')')) {
+                let path = path.replace("{model}", "m");
+                assert!(classify(method, &path).is_ok(), "{method} {path}");
+            }
+        }
         let unknown = classify("POST", "/v1/responses").unwrap_err().to_string();
         assert!(unknown.contains("POST /v1/chat/completions"), "{unknown}");
         assert!(unknown.contains("GET /v1/models/{model}"), "{unknown}");
