@@ -144,7 +144,7 @@ pub fn start_fleet(policy: &Policy) -> Result<FaultControls, DemoError> {
                 let mut sims = Vec::new();
                 let mut controls = FaultControls::default();
                 for (id, addr, control, probe, config) in plan {
-                    match SimHandle::bind(config, addr, control).await {
+                    match SimHandle::bind(config, addr, control, None).await {
                         Ok(sim) => {
                             controls.engines.insert(id.clone(), sim.control_addr());
                             sims.push(sim);

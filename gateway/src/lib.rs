@@ -32,3 +32,4 @@ pub mod routing;
 pub mod server;
 pub mod stats;
 pub mod table;
+pub mod tls;

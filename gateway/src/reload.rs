@@ -200,7 +200,10 @@ impl Reloader {
             Ok(ok) => ok,
             Err(e) => return Err(self.rejected(trigger, describe(&e))),
         };
-        let same = *self.content.lock().unwrap_or_else(|p| p.into_inner()) == revision;
+        // The same files can still compile to a new policy when what they point to changed
+        // (a pool's CA bundle).
+        let same = *self.content.lock().unwrap_or_else(|p| p.into_inner()) == revision
+            && self.tables.peek().policy == policy;
         if same {
             self.metrics.reload(trigger.as_str(), "unchanged");
             let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -303,6 +306,17 @@ fn needs_restart(old: &Policy, new: &Policy) -> Vec<&'static str> {
     }
     if old.admin_listen != new.admin_listen {
         out.push("gateway.admin_listen");
+    }
+    // The listeners' certificate *files* are followed as they change; which files, and
+    // the protocols offered, are fixed when the listeners open.
+    if old.tls != new.tls {
+        out.push("gateway.tls");
+    }
+    if old.admin_tls != new.admin_tls {
+        out.push("gateway.admin_tls");
+    }
+    if old.h2c != new.h2c {
+        out.push("gateway.h2c");
     }
     out
 }

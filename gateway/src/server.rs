@@ -23,6 +23,7 @@ use crate::policy::Policy;
 use crate::reload::{HealthUpdates, Reloader, Retuned, Trigger};
 use crate::routing::Fleet;
 use crate::table::Tables;
+use crate::tls::live::LiveCert;
 use breakwater_health::{HealthMonitor, HealthView, Probes};
 
 use crate::proxy::budget::BodyBudget;
@@ -75,6 +76,58 @@ pub enum ServeError {
     /// A listen address is taken (or cannot be bound).
     #[error(transparent)]
     Listen(#[from] ListenError),
+    /// A listener's certificate cannot be used.
+    #[error("the {listener} listener's certificate: {source}")]
+    Tls {
+        /// `traffic` or `admin`.
+        listener: &'static str,
+        /// Why.
+        #[source]
+        source: crate::tls::TlsError,
+    },
+    /// Pingora refused the TLS settings.
+    #[error("TLS settings: {0}")]
+    TlsSettings(String),
+}
+
+/// A listener's certificate, with whether it offers HTTP/2.
+struct ListenerCert {
+    cert: Arc<LiveCert>,
+    http2: bool,
+}
+
+fn listener_cert(
+    listener: &'static str,
+    tls: Option<&crate::policy::ListenerTls>,
+) -> Result<Option<ListenerCert>, ServeError> {
+    let Some(tls) = tls else {
+        return Ok(None);
+    };
+    let cert = LiveCert::load(format!("{listener} listener"), tls.files.clone())
+        .map_err(|source| ServeError::Tls { listener, source })?;
+    Ok(Some(ListenerCert {
+        cert,
+        http2: tls.http2,
+    }))
+}
+
+/// Adds the listening socket `addr` (as Pingora names it) to `service`: HTTPS with `tls`.
+fn add_listener<A>(
+    service: &mut Service<A>,
+    addr: &str,
+    tls: Option<&ListenerCert>,
+) -> Result<(), ServeError> {
+    let mut socket = TcpSocketOptions::default();
+    socket.so_reuseport = Some(true); // beside the reservation, and the other workers
+    match tls {
+        None => service.add_tcp_with_settings(addr, socket),
+        Some(t) => {
+            let settings = crate::tls::listener::settings(&t.cert, t.http2)
+                .map_err(|e| ServeError::TlsSettings(e.to_string()))?;
+            service.add_tls_with_settings(addr, Some(socket), settings);
+        }
+    }
+    Ok(())
 }
 
 /// The health thread: its own single-threaded runtime (health must not depend on the
@@ -201,6 +254,9 @@ pub async fn os_signals() -> Stop {
 pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Result<(), ServeError> {
     let policy = opts.policy;
     let (listen, admin_listen) = (listeners.traffic, listeners.admin);
+    let traffic_tls = listener_cert("traffic", policy.tls.as_ref())?;
+    let admin_tls = listener_cert("admin", policy.admin_tls.as_ref())?;
+    let h2c = policy.h2c;
     let metrics = Arc::new(Metrics::try_new()?);
     let cell = Arc::new(ArcSwap::from_pointee(HealthView::default()));
     let health = start_health(&policy, Arc::clone(&cell))?;
@@ -287,19 +343,21 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
     // kernel spreads connections over them, and a connection is accepted, read and answered
     // on one thread. (With one shared listener, Pingora accepts on one runtime and serves on
     // another, and every read then costs a cross-thread wake-up.)
-    let traffic: Vec<_> = (0..threads.max(1))
+    let traffic = (0..threads.max(1))
         .map(|i| {
             let mut service = Service::new(
                 format!("breakwater traffic {i}"),
-                Gateway::new(Arc::clone(&state)),
+                Gateway::new(Arc::clone(&state), h2c),
             );
             service.threads = Some(1);
-            let mut socket = TcpSocketOptions::default();
-            socket.so_reuseport = Some(true);
-            service.add_tcp_with_settings(&listener_name(listen, i), socket);
-            service
+            add_listener(
+                &mut service,
+                &listener_name(listen, i),
+                traffic_tls.as_ref(),
+            )?;
+            Ok(service)
         })
-        .collect();
+        .collect::<Result<Vec<_>, ServeError>>()?;
     if opts.admin_token.is_empty() {
         tracing::warn!(
             "BREAKWATER_ADMIN_TOKEN is unset: the admin API's /admin routes refuse every request"
@@ -307,15 +365,22 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
     }
     let admin = Admin::new(Arc::clone(&state), reloader, opts.fault_controls);
     let mut admin_service = Service::new("breakwater admin".to_string(), admin);
-    let mut socket = TcpSocketOptions::default();
-    socket.so_reuseport = Some(true); // beside the reservation
-    admin_service.add_tcp_with_settings(&admin_listen.to_string(), socket);
+    add_listener(
+        &mut admin_service,
+        &admin_listen.to_string(),
+        admin_tls.as_ref(),
+    )?;
     for service in traffic {
         server.add_service(service);
     }
     server.add_service(admin_service);
     tracing::info!(%listen, %admin_listen, threads, "{}", tables.peek().policy.summary());
-    tracing::info!("breakwater listening on http://{listen} (admin http://{admin_listen})");
+    let scheme = |tls: &Option<ListenerCert>| if tls.is_some() { "https" } else { "http" };
+    tracing::info!(
+        "breakwater listening on {}://{listen} (admin {}://{admin_listen})",
+        scheme(&traffic_tls),
+        scheme(&admin_tls)
+    );
     if let Some(path) = opts.addr_file {
         crate::listeners::write_when_listening(path, listen, admin_listen);
     }

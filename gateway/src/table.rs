@@ -105,6 +105,10 @@ fn shard_probes(policy: &Policy, s: &ShardEntry) -> ShardProbes {
                 devices: sp.gpu_devices.clone(),
             })
         }),
+        tls: s.tls.as_ref().map(|t| breakwater_health::ProbeTls {
+            id: t.id().to_string(),
+            config: t.config(),
+        }),
     }
 }
 

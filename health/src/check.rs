@@ -111,7 +111,7 @@ mod tests {
                 s.write_all(resp.as_bytes()).await.unwrap();
             }
         });
-        let client = crate::probes::client(Duration::from_secs(2), true);
+        let client = crate::probes::client(Duration::from_secs(2), true, None);
         let url = format!("http://{addr}/health");
         let t = Duration::from_secs(2);
         assert_eq!(check_once(&client, &url, t).await, Signal::CheckPassed);

@@ -29,6 +29,6 @@ pub mod view;
 pub use config::HealthConfig;
 pub use engine::{EngineKind, EngineLoad};
 pub use monitor::{HealthMonitor, Joining, ShardInfo, ShardReporter, Transition};
-pub use probes::{Probes, ShardProbes};
+pub use probes::{ProbeTls, Probes, ShardProbes};
 pub use tracker::Signal;
 pub use view::{GpuSummary, HealthView, ShardHealth, ShardId, ShardState};

@@ -3,10 +3,13 @@
 //! the probes of shards that left stop, those of shards that joined start, those whose
 //! targets or timings changed restart, and the rest keep running undisturbed.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -20,8 +23,33 @@ use crate::gpu::{spawn_gpu_poll, GpuTarget};
 use crate::monitor::{HealthMonitor, Joining, ShardInfo};
 use crate::view::ShardId;
 
-/// The HTTP client probes use (plain HTTP/1.1, no body).
-pub type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+/// The HTTP client probes use (HTTP/1.1, no body; `http://`, and `https://` when built
+/// with a [`ProbeTls`]).
+pub type ProbeClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// The client TLS for a shard's `https://` probes: the same trust anchors and client
+/// certificate as its traffic. Equal when `id` is (a digest of what it trusts).
+#[derive(Clone)]
+pub struct ProbeTls {
+    /// Identifies the configuration.
+    pub id: String,
+    /// The rustls client configuration.
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for ProbeTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl fmt::Debug for ProbeTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProbeTls")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What to watch on one shard.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +62,8 @@ pub struct ShardProbes {
     pub scrape: Option<ScrapeTarget>,
     /// Its gpu-probe, if it has one.
     pub gpu: Option<GpuTarget>,
+    /// Client TLS for an `https://` shard's check and scrape.
+    pub tls: Option<ProbeTls>,
 }
 
 /// A task that is stopped when this is dropped.
@@ -65,20 +95,56 @@ struct Clients {
     gpu: ProbeClient,
 }
 
-/// A probe client whose connections time out after `connect`.
-pub(crate) fn client(connect: Duration, nodelay: bool) -> ProbeClient {
+/// A probe client whose connections time out after `connect`; `http://` only, or both
+/// schemes with `tls`.
+pub(crate) fn client(connect: Duration, nodelay: bool, tls: Option<&ProbeTls>) -> ProbeClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect));
     connector.set_nodelay(nodelay);
+    connector.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let connector = match tls {
+        Some(t) => builder
+            .with_tls_config({
+                // hyper-rustls sets ALPN itself (and insists on doing so).
+                let mut config = (*t.config).clone();
+                config.alpn_protocols.clear();
+                config
+            })
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector),
+        // No TLS configuration: `https://` fails its handshake (a plain pool has none).
+        None => builder
+            .with_tls_config(trusting_nothing())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector),
+    };
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
+/// A client configuration with no trust anchors.
+fn trusting_nothing() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = match rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => b,
+        // `ring` offers every default version, so this is not reached.
+        Err(_) => rustls::ClientConfig::builder(),
+    };
+    builder
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+}
+
 impl Clients {
-    fn new(cfg: &HealthConfig) -> Self {
+    fn new(cfg: &HealthConfig, tls: Option<&ProbeTls>) -> Self {
         Self {
-            check: client(cfg.check_timeout, true),
-            scrape: client(cfg.metrics_timeout, false),
-            gpu: client(cfg.gpu_timeout, false),
+            check: client(cfg.check_timeout, true, tls),
+            scrape: client(cfg.metrics_timeout, false, tls),
+            gpu: client(cfg.gpu_timeout, false, None),
         }
     }
 }
@@ -91,7 +157,7 @@ impl Probes {
         monitor.reconfigure(infos, cfg.clone(), Joining::AtFullWeight);
         let mut probes = Self {
             monitor,
-            clients: Clients::new(&cfg),
+            clients: Clients::new(&cfg, None),
             cfg,
             running: SecondaryMap::new(),
         };
@@ -121,7 +187,7 @@ impl Probes {
         );
         if cfg != self.cfg {
             self.running.clear();
-            self.clients = Clients::new(&cfg);
+            self.clients = Clients::new(&cfg, None);
             self.cfg = cfg;
         }
         let keep: Vec<ShardId> = shards.iter().map(|s| s.info.id).collect();
@@ -141,8 +207,11 @@ impl Probes {
     fn spawn(&mut self, spec: ShardProbes) {
         let cfg = &self.cfg;
         let mut tasks = Vec::with_capacity(3);
+        // An `https://` shard's check and scrape use clients with its pool's TLS.
+        let own = spec.tls.as_ref().map(|t| Clients::new(cfg, Some(t)));
+        let clients = own.as_ref().unwrap_or(&self.clients);
         if cfg.checks_enabled() {
-            let (target, client) = (spec.check.clone(), self.clients.check.clone());
+            let (target, client) = (spec.check.clone(), clients.check.clone());
             tasks.push(Owned(spawn_check(
                 target,
                 client,
@@ -154,7 +223,7 @@ impl Probes {
             if !cfg.metrics_interval.is_zero() && t.engine != EngineMetrics::Generic {
                 tasks.push(Owned(spawn_scrape(
                     t,
-                    self.clients.scrape.clone(),
+                    clients.scrape.clone(),
                     cfg.metrics_interval,
                     cfg.metrics_timeout,
                     cfg.silent_death,
@@ -228,6 +297,7 @@ mod tests {
             check: CheckTarget { shard: id, url },
             scrape: None,
             gpu: None,
+            tls: None,
         }
     }
 

@@ -3,18 +3,22 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use url::Url;
 
-use super::raw::{RawAdmission, RawTenant};
+use super::raw::{RawAdmission, RawListenerTls, RawPoolTls, RawTenant};
 use super::raw::{
     RawFile, RawGateway, RawHealth, RawLimits, RawRetries, RawRouting, RawShard, RawTimeouts,
 };
 use super::{
-    AdmissionSettings, EngineKind, Limits, Policy, PolicyIssue, Pool, Priority, Region,
-    RetrySettings, RoutingSettings, Shard, Shutdown, Tenant, Timeouts,
+    AdmissionSettings, EngineKind, Limits, ListenerTls, Policy, PolicyIssue, Pool, Priority,
+    Region, RetrySettings, RoutingSettings, Shard, Shutdown, Tenant, Timeouts,
 };
+use crate::tls::upstream::{PoolTlsFiles, UpstreamTls};
+use crate::tls::CertFiles;
 
 /// Compiles parsed files (name, contents) into one policy, or every problem found.
 pub fn compile(files: &[(String, RawFile)]) -> Result<Policy, Vec<PolicyIssue>> {
@@ -30,6 +34,8 @@ pub fn compile(files: &[(String, RawFile)]) -> Result<Policy, Vec<PolicyIssue>> 
 struct Compiler {
     issues: Vec<PolicyIssue>,
     policy: Option<Policy>,
+    /// Each pool's `[pools.tls]` (file, key prefix, files), settled once its shards are known.
+    pool_tls: HashMap<String, (String, String, PoolTlsFiles)>,
 }
 
 impl Compiler {
@@ -94,8 +100,9 @@ impl Compiler {
         let admission = self.singleton(files, "admission", |f| f.admission.as_ref());
 
         let (regions, region_file) = self.regions(files);
-        let pools = self.pools(files, &region_file);
+        let mut pools = self.pools(files, &region_file);
         let shards = self.shards(files, &pools);
+        self.upstream_tls(&mut pools, &shards);
         let Some((gw_file, gw)) = gateway else {
             self.issue(
                 &files[0].0,
@@ -105,6 +112,14 @@ impl Compiler {
             return;
         };
         let (listen, admin_listen, shutdown) = self.gateway(gw_file, gw, &region_file);
+        let tls = gw
+            .tls
+            .as_ref()
+            .and_then(|t| self.listener_tls(gw_file, "gateway.tls", t));
+        let admin_tls = gw
+            .admin_tls
+            .as_ref()
+            .and_then(|t| self.listener_tls(gw_file, "gateway.admin_tls", t));
         let limits_section = limits.map(|(f, l)| self.limits(f, l)).unwrap_or_default();
         let timeouts_section = timeouts
             .map(|(f, t)| self.timeouts(f, t))
@@ -122,6 +137,9 @@ impl Compiler {
             home_region: gw.home_region.clone(),
             listen,
             admin_listen,
+            tls,
+            admin_tls,
+            h2c: gw.h2c.unwrap_or(false),
             shutdown,
             limits: limits_section,
             timeouts: timeouts_section,
@@ -261,6 +279,11 @@ impl Compiler {
                     }
                     None => "/metrics".to_string(),
                 };
+                if let Some(raw) = &p.tls {
+                    let files = self.pool_tls_files(name, &at("tls"), raw);
+                    self.pool_tls
+                        .insert(p.id.clone(), (name.clone(), at("tls"), files));
+                }
                 pools.push(Pool {
                     id: p.id.clone(),
                     region: p.region.clone(),
@@ -271,6 +294,7 @@ impl Compiler {
                     context_window: p
                         .context_window
                         .map(|v| self.bounded(name, &at("context_window"), v, 16, 100_000_000)),
+                    tls: None,
                 });
             }
         }
@@ -912,6 +936,13 @@ impl Compiler {
         let gpu_probe = match &s.gpu_probe {
             Some(p) => {
                 let u = self.base_url(file, &at("gpu_probe"), p);
+                let u = u.filter(|u| {
+                    let plain = u.scheme() == "http";
+                    if !plain {
+                        self.issue(file, at("gpu_probe"), "the gpu-probe agent speaks http://");
+                    }
+                    plain
+                });
                 ok &= u.is_some();
                 u
             }
@@ -934,7 +965,7 @@ impl Compiler {
         })
     }
 
-    /// An `http://HOST:PORT` base URL with no path, query, fragment or credentials.
+    /// An `http://` or `https://HOST:PORT` base URL with no path, query, fragment or credentials.
     fn base_url(&mut self, file: &str, key: &str, raw: &str) -> Option<Url> {
         let url = match Url::parse(raw) {
             Ok(u) => u,
@@ -943,8 +974,8 @@ impl Compiler {
                 return None;
             }
         };
-        let problem = if url.scheme() != "http" {
-            Some("only http:// upstreams are supported")
+        let problem = if !matches!(url.scheme(), "http" | "https") {
+            Some("the scheme must be http:// or https://")
         } else if url.host_str().is_none_or(str::is_empty) {
             Some("the URL has no host")
         } else if !url.username().is_empty() || url.password().is_some() {
@@ -960,6 +991,94 @@ impl Compiler {
                 None
             }
             None => Some(url),
+        }
+    }
+
+    /// An absolute file path.
+    fn path(&mut self, file: &str, key: &str, raw: &str) -> Option<PathBuf> {
+        let path = PathBuf::from(raw);
+        if path.is_absolute() {
+            Some(path)
+        } else {
+            self.issue(file, key, format!("{raw:?} must be an absolute path"));
+            None
+        }
+    }
+
+    /// `[gateway.tls]` or `[gateway.admin_tls]`: the pair is read now, so a missing file or a
+    /// key that is not the certificate's fails validation rather than the start.
+    fn listener_tls(&mut self, file: &str, key: &str, raw: &RawListenerTls) -> Option<ListenerTls> {
+        let cert_file = self.path(file, &format!("{key}.cert_file"), &raw.cert_file);
+        let key_file = self.path(file, &format!("{key}.key_file"), &raw.key_file);
+        let files = CertFiles {
+            cert_file: cert_file?,
+            key_file: key_file?,
+        };
+        if let Err(e) = files.load() {
+            self.issue(file, key, e.to_string());
+            return None;
+        }
+        Some(ListenerTls {
+            files,
+            http2: raw.http2.unwrap_or(true),
+        })
+    }
+
+    fn pool_tls_files(&mut self, file: &str, key: &str, raw: &RawPoolTls) -> PoolTlsFiles {
+        let ca_file = raw
+            .ca_file
+            .as_deref()
+            .and_then(|p| self.path(file, &format!("{key}.ca_file"), p));
+        let client_cert = match (&raw.client_cert_file, &raw.client_key_file) {
+            (Some(c), Some(k)) => {
+                let cert_file = self.path(file, &format!("{key}.client_cert_file"), c);
+                let key_file = self.path(file, &format!("{key}.client_key_file"), k);
+                cert_file
+                    .zip(key_file)
+                    .map(|(cert_file, key_file)| CertFiles {
+                        cert_file,
+                        key_file,
+                    })
+            }
+            (None, None) => None,
+            _ => {
+                self.issue(
+                    file,
+                    key,
+                    "client_cert_file and client_key_file go together",
+                );
+                None
+            }
+        };
+        PoolTlsFiles {
+            ca_file,
+            client_cert,
+        }
+    }
+
+    /// Every pool with an `https://` shard gets its client TLS (its `[pools.tls]`, or the
+    /// system's roots); an `http://` shard in a pool with `[pools.tls]` is a mistake.
+    fn upstream_tls(&mut self, pools: &mut [Pool], shards: &[Shard]) {
+        for pool in pools.iter_mut() {
+            let mine = || shards.iter().filter(|s| s.pool == pool.id);
+            let declared = self.pool_tls.remove(&pool.id);
+            if let Some((file, key, _)) = &declared {
+                if let Some(plain) = mine().find(|s| s.url.scheme() == "http") {
+                    let msg = format!(
+                        "the pool has [pools.tls] but shard {:?} is {}; use https://",
+                        plain.id, plain.url
+                    );
+                    self.issue(file, key.clone(), msg);
+                }
+            }
+            if !mine().any(|s| s.url.scheme() == "https") {
+                continue;
+            }
+            let (file, key, files) = declared.unwrap_or_default();
+            match UpstreamTls::load(&pool.id, files) {
+                Ok(tls) => pool.tls = Some(Arc::new(tls)),
+                Err(e) => self.issue(&file, key, e.to_string()),
+            }
         }
     }
 

@@ -15,9 +15,13 @@ pub mod watch;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use url::Url;
+
+use crate::tls::upstream::UpstreamTls;
+use crate::tls::CertFiles;
 
 /// One problem in a policy set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +87,9 @@ pub struct Pool {
     pub metrics_path: String,
     /// The models' context window, tokens, when the policy declares it.
     pub context_window: Option<u64>,
+    /// Client TLS for its `https://` shards (loaded from `[pools.tls]`, or the system's
+    /// roots); `None` when every shard is `http://`.
+    pub tls: Option<Arc<UpstreamTls>>,
 }
 
 /// One inference endpoint.
@@ -328,6 +335,15 @@ impl Default for AdmissionSettings {
     }
 }
 
+/// A listener's HTTPS settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// The certificate and key files.
+    pub files: CertFiles,
+    /// Offer HTTP/2 by ALPN.
+    pub http2: bool,
+}
+
 /// A complete, validated policy set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -337,6 +353,12 @@ pub struct Policy {
     pub listen: SocketAddr,
     /// Admin listener.
     pub admin_listen: SocketAddr,
+    /// The traffic listener's certificate (`None`: plain HTTP).
+    pub tls: Option<ListenerTls>,
+    /// The admin listener's certificate.
+    pub admin_tls: Option<ListenerTls>,
+    /// Cleartext HTTP/2 on a plain traffic listener.
+    pub h2c: bool,
     /// Graceful shutdown timings.
     pub shutdown: Shutdown,
     /// Buffering bounds.
@@ -814,5 +836,134 @@ models = ["llama"]
         assert!(issues(one(&text))
             .iter()
             .any(|s| s.contains("pools[1].models[0]")));
+    }
+
+    /// A CA certificate and a server pair (for `localhost`) written to `dir`.
+    fn tls_files(dir: &Path) -> (String, String, String) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        let s = |p: PathBuf| p.display().to_string();
+        (s(cert.clone()), s(key), s(cert))
+    }
+
+    #[test]
+    fn tls_sections_compile_and_name_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, ca) = tls_files(dir.path());
+        let text = BASE
+            .replace(
+                "home_region = \"east\"",
+                &format!(
+                    "home_region = \"east\"\nh2c = true\n[gateway.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n\
+                     [gateway.admin_tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nhttp2 = false\n"
+                ),
+            )
+            .replace(
+                "models = [\"llama\"]",
+                &format!("models = [\"llama\"]\n[pools.tls]\nca_file = {ca:?}\nclient_cert_file = {cert:?}\nclient_key_file = {key:?}\n"),
+            )
+            .replace("http://127.0.0.1:9001", "https://localhost:9001");
+        let p = one(&text).unwrap();
+        let tls = p.tls.as_ref().unwrap();
+        assert_eq!(tls.files.cert_file, PathBuf::from(&cert));
+        assert!(tls.http2);
+        assert!(!p.admin_tls.as_ref().unwrap().http2);
+        assert!(p.h2c);
+        let upstream = p.pools[0].tls.as_ref().unwrap();
+        assert_eq!(upstream.files().ca_file, Some(PathBuf::from(&ca)));
+        assert!(upstream.has_client_cert());
+        // An https:// shard in a pool without [pools.tls] trusts the system's roots.
+        let system = one(&BASE.replace("http://127.0.0.1:9001", "https://localhost:9001")).unwrap();
+        let upstream = system.pools[0].tls.as_ref().unwrap();
+        assert_eq!(upstream.files().ca_file, None);
+        assert!(!upstream.has_client_cert());
+        // A plain policy has no TLS anywhere.
+        let plain = one(BASE).unwrap();
+        assert!(plain.tls.is_none() && plain.pools[0].tls.is_none() && !plain.h2c);
+    }
+
+    #[test]
+    fn tls_mistakes_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, ca) = tls_files(dir.path());
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let gateway = |tls: &str| {
+            BASE.replace(
+                "home_region = \"east\"",
+                &format!("home_region = \"east\"\n{tls}"),
+            )
+        };
+        let pool = |tls: &str, url: &str| {
+            BASE.replace(
+                "models = [\"llama\"]",
+                &format!("models = [\"llama\"]\n{tls}"),
+            )
+            .replace("http://127.0.0.1:9001", url)
+        };
+        let cases = [
+            (
+                gateway("[gateway.tls]\ncert_file = \"tls.crt\"\nkey_file = \"tls.key\""),
+                "gateway.tls.cert_file: \"tls.crt\" must be an absolute path",
+            ),
+            (
+                gateway(&format!(
+                    "[gateway.tls]\ncert_file = {missing:?}\nkey_file = {key:?}"
+                )),
+                "gateway.tls: cannot read",
+            ),
+            (
+                gateway(&format!(
+                    "[gateway.tls]\ncert_file = {key:?}\nkey_file = {key:?}"
+                )),
+                "no certificate",
+            ),
+            (
+                gateway(&format!(
+                    "[gateway.admin_tls]\ncert_file = {cert:?}\nkey_file = {cert:?}"
+                )),
+                "gateway.admin_tls: ",
+            ),
+            (
+                pool(
+                    &format!("[pools.tls]\nca_file = {ca:?}"),
+                    "http://127.0.0.1:9001",
+                ),
+                "the pool has [pools.tls] but shard \"e1\" is http://127.0.0.1:9001/; use https://",
+            ),
+            (
+                pool(
+                    &format!("[pools.tls]\nca_file = {missing:?}"),
+                    "https://localhost:9001",
+                ),
+                "pools[0].tls: cannot read",
+            ),
+            (
+                pool(
+                    &format!("[pools.tls]\nclient_cert_file = {cert:?}"),
+                    "https://localhost:9001",
+                ),
+                "client_cert_file and client_key_file go together",
+            ),
+            (
+                pool("", "ftp://127.0.0.1:9001"),
+                "the scheme must be http:// or https://",
+            ),
+            (
+                BASE.replace(
+                    "capacity_tps = 1000",
+                    "capacity_tps = 1000\ngpu_probe = \"https://127.0.0.1:9400\"",
+                ),
+                "the gpu-probe agent speaks http://",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = issues(one(&text));
+            assert!(
+                got.iter().any(|i| i.contains(want)),
+                "want {want:?} in {got:?}"
+            );
+        }
     }
 }

@@ -55,6 +55,38 @@ pub struct RawGateway {
     /// On SIGTERM, after the delay: how long requests and streams in flight may take to
     /// finish before the rest are ended with an error event, ms. Default 30000.
     pub shutdown_grace_ms: Option<u64>,
+    /// `[gateway.tls]`: the traffic listener speaks HTTPS (HTTP/2 and HTTP/1.1 by ALPN).
+    pub tls: Option<RawListenerTls>,
+    /// `[gateway.admin_tls]`: the admin listener speaks HTTPS.
+    pub admin_tls: Option<RawListenerTls>,
+    /// Accept cleartext HTTP/2 (h2c, prior knowledge) on a plain traffic listener beside
+    /// HTTP/1.1. Default false.
+    pub h2c: Option<bool>,
+}
+
+/// `[gateway.tls]`, `[gateway.admin_tls]`: a listener's certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    /// The certificate chain, leaf first (PEM), an absolute path. Read again when it changes.
+    pub cert_file: String,
+    /// Its private key (PEM), an absolute path.
+    pub key_file: String,
+    /// Offer HTTP/2 by ALPN. Default true.
+    pub http2: Option<bool>,
+}
+
+/// `[pools.tls]`: how the pool's `https://` shards are verified and what the gateway presents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPoolTls {
+    /// CA bundle (PEM) the shards' certificates must chain to, an absolute path. Default:
+    /// the system's roots.
+    pub ca_file: Option<String>,
+    /// The gateway's client certificate (PEM), for shards that require mTLS.
+    pub client_cert_file: Option<String>,
+    /// Its private key (PEM).
+    pub client_key_file: Option<String>,
 }
 
 /// `[limits]`
@@ -205,6 +237,8 @@ pub struct RawPool {
     /// The models' context window, tokens: a request whose estimated prompt plus
     /// completion exceeds it gets 400 `context_length_exceeded`. Default: unchecked.
     pub context_window: Option<u64>,
+    /// `[pools.tls]`: trust anchors and client certificate for the pool's `https://` shards.
+    pub tls: Option<RawPoolTls>,
 }
 
 /// `[[shards]]`
@@ -217,7 +251,7 @@ pub struct RawShard {
     pub pool: String,
     /// The shard's region; optional, must match the pool's.
     pub region: Option<String>,
-    /// Base URL of the engine's OpenAI API, `http://HOST:PORT`.
+    /// Base URL of the engine's OpenAI API, `http://HOST:PORT` or `https://HOST:PORT`.
     pub url: String,
     /// Decode capacity, tokens per second.
     pub capacity_tps: f64,

@@ -28,6 +28,10 @@ pub enum UpstreamFailure {
     /// Could not connect or send (refused, reset, DNS, connect timeout).
     #[error("connection failed: {0}")]
     Connect(String),
+    /// The TLS handshake with an `https://` shard failed (an untrusted or misnamed
+    /// certificate, a client certificate refused, no handshake in time).
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     /// No response header (or, for a stream, no first event) within the first-byte timeout.
     #[error("no first byte within {0} ms")]
     FirstByteTimeout(u128),
@@ -86,7 +90,7 @@ impl UpstreamFailure {
     /// overload). The request's own deadline is never retried.
     pub fn retry(&self, cx: RetryContext) -> Retry {
         match self {
-            Self::Connect(_) => Retry::Free,
+            Self::Connect(_) | Self::Tls(_) => Retry::Free,
             Self::Deadline => Retry::Never,
             Self::FirstByteTimeout(_)
                 if cx.first_byte_timeouts > 1 || cx.prompt_tokens > cx.max_retry_prompt_tokens =>
@@ -102,7 +106,7 @@ impl UpstreamFailure {
     pub fn health_signal(&self) -> Option<breakwater_health::Signal> {
         let local = match self {
             Self::Status(429) | Self::Deadline => return None,
-            Self::Connect(_) | Self::FirstByteTimeout(_) => true,
+            Self::Connect(_) | Self::Tls(_) | Self::FirstByteTimeout(_) => true,
             Self::IdleTimeout(_) | Self::Cut(_) | Self::Status(_) | Self::TooLarge(_) => false,
         };
         Some(breakwater_health::Signal::Failure {
@@ -118,6 +122,7 @@ impl UpstreamFailure {
             Self::Status(s) => format!("status_{s}").into(),
             f if f.is_timeout() => "timeout".into(),
             Self::Connect(_) => "connect_error".into(),
+            Self::Tls(_) => "tls_error".into(),
             _ => "error".into(),
         }
     }

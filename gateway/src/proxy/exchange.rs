@@ -541,7 +541,7 @@ impl Call<'_> {
         let sent = std::time::Instant::now();
         ctx.first_sent_at.get_or_insert(sent);
         let first_byte = self.first_byte_deadline();
-        let send = self.table.upstream.send(&self.shard.authority, &head, body);
+        let send = self.table.upstream.send(self.shard.endpoint(), &head, body);
         // `biased`: the exchange is polled first, so while it is ready the check for a
         // departed client is not even polled (that check may cost a read system call).
         let response = tokio::select! {

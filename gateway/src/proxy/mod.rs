@@ -26,7 +26,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::server::ShutdownWatch;
@@ -197,12 +197,20 @@ pub struct RequestCtx {
 /// The traffic listener's Pingora application.
 pub struct Gateway {
     state: Arc<State>,
+    /// Set when cleartext HTTP/2 (h2c) is accepted beside HTTP/1.1.
+    options: Option<HttpServerOptions>,
 }
 
 impl Gateway {
-    /// A gateway over shared state.
-    pub fn new(state: Arc<State>) -> Self {
-        Self { state }
+    /// A gateway over shared state; `h2c`: a plain connection that opens with the HTTP/2
+    /// preface is served as HTTP/2 (TLS connections choose by ALPN either way).
+    pub fn new(state: Arc<State>, h2c: bool) -> Self {
+        let options = h2c.then(|| {
+            let mut o = HttpServerOptions::default();
+            o.h2c = true;
+            o
+        });
+        Self { state, options }
     }
 }
 
@@ -553,6 +561,10 @@ async fn stopping(shutdown: &ShutdownWatch) {
 
 #[async_trait]
 impl HttpServerApp for Gateway {
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.options.as_ref()
+    }
+
     /// One request on a downstream connection: read its header, answer it, log it, and
     /// hand the connection back for the next request when it can be reused.
     async fn process_new_http(

@@ -31,7 +31,9 @@ use url::Url;
 
 use crate::admission::limit::ShardLimit;
 use crate::policy::{Policy, Shard};
+use crate::proxy::upstream::Endpoint;
 use crate::stats::LatencyWindow;
+use crate::tls::upstream::UpstreamTls;
 use estimate::Estimator;
 use ledger::ShardLoad;
 
@@ -51,6 +53,12 @@ pub struct ShardEntry {
     pub url: Url,
     /// `host:port`, for the upstream `Host` header.
     pub authority: String,
+    /// Its pool's client TLS, for an `https://` shard.
+    pub tls: Option<Arc<UpstreamTls>>,
+    /// What its kept connections are filed under: the authority, and for TLS the scheme
+    /// and the trust settings, so a TLS and a plain connection (or two pools' different
+    /// CAs) never share one.
+    pub conn_key: String,
     /// Capacity × weight, tokens/s: the denominator of the load score.
     pub effective_capacity: f64,
     /// Declared capacity, tokens/s.
@@ -70,6 +78,18 @@ pub struct ShardEntry {
 }
 
 impl ShardEntry {
+    /// Where the upstream client sends its requests.
+    pub fn endpoint(&self) -> Endpoint<'_> {
+        Endpoint {
+            authority: &self.authority,
+            conn_key: &self.conn_key,
+            tls: self
+                .tls
+                .as_deref()
+                .map(|t| (t, self.url.host_str().unwrap_or_default())),
+        }
+    }
+
     /// Whether an operator has drained the shard.
     pub fn is_drained(&self) -> bool {
         self.drained.load(Ordering::Relaxed)
@@ -653,15 +673,26 @@ fn shard_entry(
             )
         }
     };
+    let authority = match s.url.port_or_known_default() {
+        Some(p) => format!("{}:{p}", s.url.host_str().unwrap_or_default()),
+        None => s.url.host_str().unwrap_or_default().to_string(),
+    };
+    let tls = (s.url.scheme() == "https")
+        .then(|| policy.pools.iter().find(|p| p.id == s.pool))
+        .flatten()
+        .and_then(|p| p.tls.clone());
+    let conn_key = match &tls {
+        Some(t) => format!("https://{authority}#{}", t.id()),
+        None => authority.clone(),
+    };
     ShardEntry {
         key,
         id: s.id.clone(),
         region: s.region.clone(),
         pool: s.pool.clone(),
-        authority: match s.url.port_or_known_default() {
-            Some(p) => format!("{}:{p}", s.url.host_str().unwrap_or_default()),
-            None => s.url.host_str().unwrap_or_default().to_string(),
-        },
+        authority,
+        tls,
+        conn_key,
         url: s.url.clone(),
         effective_capacity,
         capacity_tps: s.capacity_tps,

@@ -11,13 +11,16 @@
 //! - [`fault`]: the fault switch's modes and body.
 //! - [`openai`]: request parsing and response shapes.
 //! - `server`: the serving and control listeners.
+//! - [`tls`]: HTTPS (and mTLS) on the serving port.
 
 pub mod engine;
 pub mod fault;
 pub mod openai;
 mod server;
+pub mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -31,6 +34,7 @@ pub use server::metrics;
 pub struct SimHandle {
     engine: Engine,
     addr: SocketAddr,
+    https: bool,
     control_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -43,30 +47,45 @@ impl SimHandle {
         listener: TcpListener,
         control: TcpListener,
     ) -> std::io::Result<Self> {
+        Self::spawn_with_tls(config, listener, control, None)
+    }
+
+    /// [`Self::spawn`], with the serving port speaking HTTPS when `tls` is given (see
+    /// [`tls::server_config`]); the control port stays plain.
+    pub fn spawn_with_tls(
+        config: SimConfig,
+        listener: TcpListener,
+        control: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let control_addr = control.local_addr()?;
         let engine = Engine::new(config);
+        let https = tls.is_some();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let tasks = vec![
-            tokio::spawn(server::serve(engine.clone(), listener)),
+            tokio::spawn(server::serve(engine.clone(), listener, acceptor)),
             tokio::spawn(server::control(engine.clone(), control)),
         ];
         Ok(Self {
             engine,
             addr,
+            https,
             control_addr,
             tasks,
         })
     }
 
-    /// Binds both listeners on the given addresses, then starts.
+    /// Binds both listeners on the given addresses, then starts (HTTPS with `tls`).
     pub async fn bind(
         config: SimConfig,
         addr: SocketAddr,
         control_addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let control = TcpListener::bind(control_addr).await?;
-        Self::spawn(config, listener, control)
+        Self::spawn_with_tls(config, listener, control, tls)
     }
 
     /// The serving address.
@@ -74,9 +93,10 @@ impl SimHandle {
         self.addr
     }
 
-    /// `http://ADDR`, the base URL of the OpenAI API.
+    /// `http://ADDR` (`https://` when it serves TLS), the base URL of the OpenAI API.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The control listener's address.

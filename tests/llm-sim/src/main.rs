@@ -36,6 +36,15 @@ struct Args {
     /// KV-cache size, tokens.
     #[arg(long, default_value_t = 65_536)]
     kv_capacity_tokens: u64,
+    /// Serve HTTPS with this certificate chain (PEM); needs `--tls-key`.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates issued by this CA (PEM): mTLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -61,7 +70,20 @@ async fn main() -> anyhow::Result<()> {
         itl: Duration::from_millis(args.itl_ms),
         kv_capacity_tokens: args.kv_capacity_tokens.max(1),
     };
-    let sim = SimHandle::bind(config, args.listen, args.control_listen)
+    let read =
+        |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let ca = args.tls_client_ca.as_deref().map(read).transpose()?;
+            Some(llm_sim::tls::server_config(
+                &read(cert)?,
+                &read(key)?,
+                ca.as_deref(),
+            )?)
+        }
+        _ => None,
+    };
+    let sim = SimHandle::bind(config, args.listen, args.control_listen, tls)
         .await
         .with_context(|| format!("binding {} and {}", args.listen, args.control_listen))?;
     tracing::info!(listen = %sim.addr(), control = %sim.control_addr(), "llm-sim ready");

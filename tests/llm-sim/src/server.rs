@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 use crate::engine::Engine;
 use crate::fault::{Fault, FaultMode};
@@ -79,7 +80,7 @@ fn error_response(status: StatusCode, message: &str, kind: &str, code: &str) -> 
 
 /// Accepts on the serving port until the task is aborted. In `down` mode the port is
 /// closed (connections are refused and open ones cut) and re-bound when the mode changes.
-pub(crate) async fn serve(engine: Engine, listener: TcpListener) {
+pub(crate) async fn serve(engine: Engine, listener: TcpListener, tls: Option<TlsAcceptor>) {
     let addr = match listener.local_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -103,7 +104,7 @@ pub(crate) async fn serve(engine: Engine, listener: TcpListener) {
                     accepted = l.accept() => {
                         if let Ok((stream, _)) = accepted {
                             engine.note_connection();
-                            connections.spawn(connection(engine.clone(), stream));
+                            connections.spawn(connection(engine.clone(), stream, tls.clone()));
                         }
                     }
                     changed = faults.changed() => if changed.is_err() { return },
@@ -130,15 +131,24 @@ async fn rebind(addr: SocketAddr) -> Option<TcpListener> {
     None
 }
 
-async fn connection(engine: Engine, stream: TcpStream) {
+async fn connection(engine: Engine, stream: TcpStream, tls: Option<TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |req| {
         let engine = engine.clone();
         async move { handle(engine, req).await }
     });
-    let _ = http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+    let http = http1::Builder::new();
+    match tls {
+        None => {
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+        }
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(stream) => {
+                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+        },
+    }
 }
 
 async fn handle(engine: Engine, req: Request<Incoming>) -> Result<Response<SimBody>, io::Error> {

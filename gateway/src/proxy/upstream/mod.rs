@@ -1,5 +1,6 @@
 //! The upstream call: one HTTP/1.1 exchange with a shard over a keep-alive, `TCP_NODELAY`
-//! connection, driven inside the request's own task.
+//! connection — plain, or TLS for an `https://` shard ([`conn`]) — driven inside the
+//! request's own task.
 //!
 //! The gateway owns this client instead of using a general-purpose one because the hand-off
 //! between a request task and a separate connection task (channels, wake-ups, a shared
@@ -14,6 +15,7 @@
 //! already closed costs nothing: the request is sent again on a new connection, and the
 //! shard's health does not hear of it.
 
+mod conn;
 pub mod framing;
 mod pool;
 
@@ -28,7 +30,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::error::UpstreamFailure;
+use crate::tls::upstream::UpstreamTls;
+use conn::Conn;
 use framing::{BodyDecoder, Decoded, FramingError};
+
+/// Where a request goes: [`crate::routing::ShardEntry::endpoint`].
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint<'a> {
+    /// `host:port`.
+    pub authority: &'a str,
+    /// The key of its kept connections.
+    pub conn_key: &'a str,
+    /// For `https://`: the pool's client TLS and the host name to verify.
+    pub tls: Option<(&'a UpstreamTls, &'a str)>,
+}
 
 /// Idle connections kept per shard and worker thread.
 pub const POOL_MAX_IDLE: usize = 512;
@@ -54,9 +69,9 @@ pub struct UpstreamResponse<'a> {
 
 #[derive(Debug)]
 struct Body<'a> {
-    authority: &'a str,
+    conn_key: &'a str,
     /// `None` once the body has ended (and the connection went back to the pool or closed).
-    stream: Option<TcpStream>,
+    stream: Option<Conn>,
     buf: BytesMut,
     decoder: BodyDecoder,
     keep_alive: bool,
@@ -102,29 +117,53 @@ impl UpstreamClient {
         self.pool_idle
     }
 
-    /// Sends one request to `authority` (`host:port`): `head` is the complete request head
+    /// Sends one request to `to`: `head` is the complete request head
     /// ([`framing::request_head`]), `body` the whole body. Returns once the response head
     /// has arrived; the caller bounds the wait with its first-byte timeout.
     pub async fn send<'a>(
         &self,
-        authority: &'a str,
+        to: Endpoint<'a>,
         head: &[u8],
         body: &[u8],
     ) -> Result<UpstreamResponse<'a>, UpstreamFailure> {
-        if let Some(stream) = pool::take(authority, self.pool_idle) {
-            match exchange(authority, stream, head, body).await {
+        if let Some(stream) = pool::take(to.conn_key, self.pool_idle) {
+            match exchange(to.conn_key, stream, head, body).await {
                 Ok(r) => return Ok(r),
                 Err(e) if e.before_answer => {} // the shard had closed it: once more, on a new one
                 Err(e) => return Err(e.cause),
             }
         }
-        let stream = self.connect(authority).await?;
-        exchange(authority, stream, head, body)
+        let stream = self.connect(to).await?;
+        exchange(to.conn_key, stream, head, body)
             .await
             .map_err(|e| e.cause)
     }
 
-    async fn connect(&self, authority: &str) -> Result<TcpStream, UpstreamFailure> {
+    /// A new connection, with its TLS handshake for `https://`, all within the connect
+    /// timeout.
+    async fn connect(&self, to: Endpoint<'_>) -> Result<Conn, UpstreamFailure> {
+        let tcp = self.connect_tcp(to.authority);
+        let Some((tls, host)) = to.tls else {
+            return tcp.await.map(Conn::Plain);
+        };
+        let handshake = async {
+            let tcp = tcp.await?;
+            tls.connect(host, tcp)
+                .await
+                .map(|s| Conn::Tls(Box::new(s)))
+                .map_err(|e| UpstreamFailure::Tls(format!("{}: {e}", to.authority)))
+        };
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamFailure::Tls(format!(
+                "{}: no TLS handshake within {} ms",
+                to.authority,
+                self.connect_timeout.as_millis()
+            ))),
+        }
+    }
+
+    async fn connect_tcp(&self, authority: &str) -> Result<TcpStream, UpstreamFailure> {
         let connect = TcpStream::connect(authority);
         let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(s)) => s,
@@ -145,8 +184,8 @@ impl UpstreamClient {
 
 /// Writes the request and reads the response head.
 async fn exchange<'a>(
-    authority: &'a str,
-    mut stream: TcpStream,
+    conn_key: &'a str,
+    mut stream: Conn,
     head: &[u8],
     body: &[u8],
 ) -> Result<UpstreamResponse<'a>, SendError> {
@@ -176,9 +215,12 @@ async fn exchange<'a>(
             }
             Ok(_) => {}
             Err(e) if buf.is_empty() => {
+                if let Some(cause) = crate::tls::upstream::tls_cause(&e) {
+                    return Err(SendError::during_answer(UpstreamFailure::Tls(cause)));
+                }
                 return Err(SendError::before_answer(format!(
                     "reading the response: {e}"
-                )))
+                )));
             }
             Err(e) => {
                 return Err(SendError::during_answer(UpstreamFailure::Cut(
@@ -191,7 +233,7 @@ async fn exchange<'a>(
         status: parsed.status,
         content_type: parsed.content_type,
         body: Body {
-            authority,
+            conn_key,
             stream: Some(stream),
             buf,
             decoder: BodyDecoder::new(parsed.body),
@@ -200,8 +242,9 @@ async fn exchange<'a>(
     })
 }
 
-/// Writes head and body with as few system calls as the socket allows (one, usually).
-async fn write_request(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+/// Writes head and body with as few system calls as the socket allows (one, usually;
+/// through TLS, the records are pushed out by the flush).
+async fn write_request(stream: &mut Conn, head: &[u8], body: &[u8]) -> std::io::Result<()> {
     let (mut head, mut body) = (head, body);
     while !head.is_empty() || !body.is_empty() {
         let n = stream
@@ -213,6 +256,9 @@ async fn write_request(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> std:
         let from_head = n.min(head.len());
         head = &head[from_head..];
         body = &body[n - from_head..];
+    }
+    if stream.is_tls() {
+        stream.flush().await?;
     }
     Ok(())
 }
@@ -261,7 +307,7 @@ impl Body<'_> {
         if let Some(stream) = self.stream.take() {
             // Bytes past the body's end mean the shard and the gateway disagree on framing.
             if self.keep_alive && self.buf.is_empty() {
-                pool::put(self.authority, stream, POOL_MAX_IDLE);
+                pool::put(self.conn_key, stream, POOL_MAX_IDLE);
             }
         }
     }

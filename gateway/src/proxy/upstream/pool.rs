@@ -6,10 +6,10 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use super::conn::Conn;
 
 struct Idle {
-    stream: TcpStream,
+    stream: Conn,
     since: Instant,
 }
 
@@ -17,19 +17,20 @@ thread_local! {
     static IDLE: RefCell<HashMap<String, VecDeque<Idle>>> = RefCell::new(HashMap::new());
 }
 
-/// The most recently used idle connection to `authority` that is still open, if any.
-/// Connections idle for `max_idle_time` or longer are closed instead.
-pub fn take(authority: &str, max_idle_time: Duration) -> Option<TcpStream> {
+/// The most recently used idle connection filed under `key` (a shard's
+/// [`crate::routing::ShardEntry::conn_key`]) that is still open, if any. Connections idle
+/// for `max_idle_time` or longer are closed instead.
+pub fn take(key: &str, max_idle_time: Duration) -> Option<Conn> {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let queue = pool.get_mut(authority)?;
+        let queue = pool.get_mut(key)?;
         let now = Instant::now();
-        while let Some(idle) = queue.pop_back() {
+        while let Some(mut idle) = queue.pop_back() {
             if now.duration_since(idle.since) >= max_idle_time {
                 queue.clear(); // the rest have been idle longer still
                 return None;
             }
-            if still_open(&idle.stream) {
+            if idle.stream.still_open() {
                 return Some(idle.stream);
             }
         }
@@ -37,14 +38,14 @@ pub fn take(authority: &str, max_idle_time: Duration) -> Option<TcpStream> {
     })
 }
 
-/// Keeps `stream` for the next request to `authority`, closing the oldest idle connection
+/// Keeps `stream` under `key` for the next request, closing the oldest idle connection
 /// when `max_idle` are already kept.
-pub fn put(authority: &str, stream: TcpStream, max_idle: usize) {
+pub fn put(key: &str, stream: Conn, max_idle: usize) {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let queue = match pool.get_mut(authority) {
+        let queue = match pool.get_mut(key) {
             Some(q) => q,
-            None => pool.entry(authority.to_owned()).or_default(),
+            None => pool.entry(key.to_owned()).or_default(),
         };
         if queue.len() >= max_idle {
             queue.pop_front();
@@ -74,24 +75,23 @@ pub fn close_expired(max_idle_time: Duration) {
     });
 }
 
-/// Whether an idle connection can carry a request: nothing to read on it (a shard that
-/// closed it, or sent bytes nobody asked for, makes it unusable). Costs no system call when
-/// the reactor has seen nothing since the last read.
-fn still_open(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
-    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    async fn pair(listener: &TcpListener) -> (Conn, TcpStream) {
         let client = TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
+        (Conn::Plain(client.unwrap()), accepted.unwrap().0)
+    }
+
+    fn port(c: &Conn) -> u16 {
+        match c {
+            Conn::Plain(s) => s.local_addr().unwrap().port(),
+            Conn::Tls(s) => s.get_ref().0.local_addr().unwrap().port(),
+        }
     }
 
     #[tokio::test]
@@ -100,13 +100,13 @@ mod tests {
         let key = format!("test-{}", listener.local_addr().unwrap());
         let (old, _old_server) = pair(&listener).await;
         let (closed, closed_server) = pair(&listener).await;
-        let old_port = old.local_addr().unwrap().port();
+        let old_port = port(&old);
         put(&key, old, 8);
         put(&key, closed, 8);
         drop(closed_server); // the shard closes this one while it is idle
         tokio::time::sleep(Duration::from_millis(50)).await;
         let got = take(&key, Duration::from_secs(60)).expect("the open one");
-        assert_eq!(got.local_addr().unwrap().port(), old_port);
+        assert_eq!(port(&got), old_port);
         assert!(take(&key, Duration::from_secs(60)).is_none());
     }
 
