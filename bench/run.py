@@ -2,7 +2,7 @@
 """Breakwater benchmark: the gateway versus going straight to the simulator and versus
 nginx, in the same run, on loopback.
 
-Usage:  python3 bench/run.py [--quick] [--rounds N] [--no-pin] [--baseline BIN]
+Usage:  python3 bench/run.py [--quick] [--rounds N] [--no-pin] [--baseline BIN] [--tls]
         python3 bench/run.py --table     (the table again, from bench/out/results.json)
 
 --baseline BIN adds another breakwater binary (an earlier build, e.g. one built in a git
@@ -10,6 +10,12 @@ worktree of the commit before a change) as the target "baseline", taking its tur
 same rounds as this build, and prints both builds' ratios against nginx and this build's
 against the baseline per round: the guard for a change on the request path, without the
 run-to-run drift of comparing two separate runs.
+
+--tls adds the targets "breakwater-tls" and "nginx-tls": the same runs over HTTPS, both
+servers presenting the same certificate (ECDSA P-256, made with openssl for the run) and the
+load generator offering TLS 1.3 with TLS_AES_128_GCM_SHA256 only, so both encrypt the same
+way; connections are kept (nginx's keepalive_requests raised to match the gateway's
+unlimited reuse), so the figures are the cost of the records, not of handshakes.
 
 It builds the proxies with the `production` profile (the simulator and load generator with
 `release`), installs nginx if missing (Debian/Ubuntu), starts two
@@ -77,6 +83,10 @@ BASELINE = os.path.abspath(sys.argv[sys.argv.index("--baseline") + 1]) if "--bas
 NGINX_FAST = ("127.0.0.1", 18620)
 NGINX_STREAM = ("127.0.0.1", 18621)
 STOCK = ("127.0.0.1", 18640)
+TLS = "--tls" in sys.argv
+TLS_GATEWAY = ("127.0.0.1", 18660)
+NGINX_TLS_FAST = ("127.0.0.1", 18622)
+NGINX_TLS_STREAM = ("127.0.0.1", 18623)
 
 procs = []
 
@@ -150,28 +160,29 @@ def loadgen(url, mode, model, **kw):
     return json.loads(out)
 
 
-def run_target(name, fast_url, stream_url, pids):
+def run_target(name, fast_url, stream_url, pids, ca=None):
     res = {"target": name, "stream": None, "stream10": None}
+    tls = dict(ca_file=ca) if ca else {}
     # Warm-up: connections, pools, page cache.
-    loadgen(fast_url, "max", "bench-model", concurrency=8, requests=2000, duration=2)
+    loadgen(fast_url, "max", "bench-model", concurrency=8, requests=2000, duration=2, **tls)
     for mode, kw in (("rate", dict(rate=1000)), ("max", dict(concurrency=32))):
         before = cpu_ticks(pids) if pids else 0
-        r = loadgen(fast_url, mode, "bench-model", **kw)
+        r = loadgen(fast_url, mode, "bench-model", **kw, **tls)
         used = (cpu_ticks(pids) - before) / TICK if pids else None
         r["cpu_s_per_10k"] = used / r["ok"] * 10_000 if pids and r["ok"] else None
         res[mode] = r
     if stream_url:
         loadgen(stream_url, "stream", "bench-stream", concurrency=100, max_tokens=50,
-                requests=100_000, duration=2)
+                requests=100_000, duration=2, **tls)
         before = cpu_ticks(pids) if pids else 0
         res["stream"] = loadgen(stream_url, "stream", "bench-stream", concurrency=100,
-                                max_tokens=50, requests=100_000, duration=DUR)
+                                max_tokens=50, requests=100_000, duration=DUR, **tls)
         used = (cpu_ticks(pids) - before) / TICK if pids else None
         ok = res["stream"]["ok"]
         res["stream"]["cpu_s_per_1k"] = used / ok * 1000 if pids and ok else None
         # A light load isolates the per-hop latency from CPU contention on small machines.
         res["stream10"] = loadgen(stream_url, "stream", "bench-stream", concurrency=10,
-                                  max_tokens=50, requests=100_000, duration=DUR)
+                                  max_tokens=50, requests=100_000, duration=DUR, **tls)
     res["rss_mib"] = rss_kib(pids) / 1024 if pids else None
     return res
 
@@ -220,6 +231,20 @@ pool = "stream"
 url = "http://{STREAM[0]}:{STREAM[1]}"
 capacity_tps = 1000000
 """)
+    tls_dir = make_certificate(tmp) if TLS else None
+    tls_gw = None
+    if TLS:
+        with open(os.path.join(tmp, "policy.toml")) as f:
+            plain_policy = f.read()
+        tls_section = "\n".join([
+            'home_region = "local"', "[gateway.tls]", f'cert_file = "{tls_dir}/tls.crt"',
+            f'key_file = "{tls_dir}/tls.key"'])
+        os.makedirs(os.path.join(tls_dir, "policy"))
+        with open(os.path.join(tls_dir, "policy", "policy.toml"), "w") as f:
+            f.write(plain_policy.replace('home_region = "local"', tls_section))
+        tls_gw = start([os.path.join(PROD, "breakwater"), "serve", "--policy", os.path.join(tls_dir, "policy"),
+                        "--listen", "%s:%d" % TLS_GATEWAY, "--admin-listen", "127.0.0.1:18661",
+                        "--threads", str(WORKERS)], PROXY_CPUS, env=dict(os.environ, RUST_LOG="warn"))
     gw = start([os.path.join(PROD, "breakwater"), "serve", "--policy", tmp, "--listen",
                 "%s:%d" % GATEWAY, "--admin-listen", "127.0.0.1:18631", "--threads", str(WORKERS)],
                PROXY_CPUS, env=dict(os.environ, RUST_LOG="warn"))
@@ -248,6 +273,7 @@ http {{
     location / {{ proxy_pass http://stream; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_buffering off; }}
   }}
+{nginx_tls_servers(tls_dir) if TLS else ''}
 }}
 """)
     ng = start([nginx, "-c", os.path.join(tmp, "nginx.conf"), "-g", "daemon off;"], PROXY_CPUS)
@@ -257,6 +283,9 @@ http {{
           if PROXY_CPUS else "unpinned, 2 workers per proxy", file=sys.stderr)
     for host, port in (FAST, STREAM, NGINX_FAST, GATEWAY, STOCK) + ((BASE_GATEWAY,) if base else ()):
         wait_http(f"http://{host}:{port}/v1/models")
+    if TLS:
+        for host, port in (TLS_GATEWAY, NGINX_TLS_FAST, NGINX_TLS_STREAM):
+            wait_tcp(host, port)
     time.sleep(0.5)
     targets = [
         ("direct", "http://%s:%d" % FAST, "http://%s:%d" % STREAM, []),
@@ -267,6 +296,14 @@ http {{
     if base:
         targets.insert(2, ("baseline", "http://%s:%d" % BASE_GATEWAY, "http://%s:%d" % BASE_GATEWAY,
                            [base.pid]))
+    if TLS:
+        ca = os.path.join(tls_dir, "ca.crt")
+        targets += [
+            ("breakwater-tls", "https://localhost:%d" % TLS_GATEWAY[1],
+             "https://localhost:%d" % TLS_GATEWAY[1], [tls_gw.pid], ca),
+            ("nginx-tls", "https://localhost:%d" % NGINX_TLS_FAST[1],
+             "https://localhost:%d" % NGINX_TLS_STREAM[1], nginx_pids(ng.pid), ca),
+        ]
     rounds = []
     for i in range(ROUNDS):
         print(f"round {i + 1} of {ROUNDS}", file=sys.stderr)
@@ -274,6 +311,52 @@ http {{
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(rounds, f, indent=2)
     print_table(rounds)
+
+
+def make_certificate(tmp):
+    """A CA and a certificate for localhost signed by it (ECDSA P-256), in tmp/tls."""
+    d = os.path.join(tmp, "tls")
+    os.makedirs(d)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    quiet = dict(cwd=d, capture_output=True)
+    sh(["openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=breakwater bench CA"], **quiet)
+    sh(["openssl", "req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=localhost"], **quiet)
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    sh(["openssl", "x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "tls.crt", "-days", "2", "-extfile", "san.ext"], **quiet)
+    return d
+
+
+def nginx_tls_servers(d):
+    """nginx's HTTPS servers in front of the same upstreams, with the run's certificate."""
+    tls = (f"ssl_certificate {d}/tls.crt; ssl_certificate_key {d}/tls.key; "
+           "ssl_protocols TLSv1.2 TLSv1.3; keepalive_requests 10000000;")
+    return f"""
+  server {{
+    listen {NGINX_TLS_FAST[0]}:{NGINX_TLS_FAST[1]} ssl; {tls}
+    location / {{ proxy_pass http://fast; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_buffering off; client_max_body_size 8m; }}
+  }}
+  server {{
+    listen {NGINX_TLS_STREAM[0]}:{NGINX_TLS_STREAM[1]} ssl; {tls}
+    location / {{ proxy_pass http://stream; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_buffering off; }}
+  }}"""
+
+
+def wait_tcp(host, port, within=20):
+    """Waits until host:port accepts connections."""
+    import socket
+    deadline = time.time() + within
+    while time.time() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{host}:{port} never listened")
 
 
 def fmt(v, digits=2):
@@ -343,6 +426,8 @@ def print_table(rounds):
     pairs = [("breakwater", "nginx")]
     if "baseline" in names:
         pairs += [("baseline", "nginx"), ("breakwater", "baseline")]
+    if "breakwater-tls" in names:
+        pairs += [("breakwater-tls", "nginx-tls")]
     for label, f in per_round:
         for a, b in pairs:
             ia, ib = names.index(a), names.index(b)

@@ -279,6 +279,25 @@ async fn cleartext_http2_streams_when_the_policy_asks_for_h2c() {
         first_at * 2 < all_at,
         "streamed, not buffered: first event at {first_at:?}, last at {all_at:?}"
     );
+    // A header over HTTP/2's bound (64 KiB) is refused, and the connection and the gateway
+    // go on serving.
+    let big = h2
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-big", "a".repeat(100 << 10))
+        .json(&chat(4, false))
+        .send()
+        .await;
+    assert!(
+        big.as_ref().map(|r| r.status() != 200).unwrap_or(true),
+        "{big:?}"
+    );
+    let resp = h2
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(4, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
     // HTTP/1.1 still works on the same listener.
     let resp = common::client()
         .post(gw.url("/v1/chat/completions"))

@@ -57,9 +57,36 @@ struct Args {
     /// The model name.
     #[arg(long, default_value = "bench-model")]
     model: String,
+    /// For an `https://` URL: trust only this CA (PEM). TLS 1.3 with one cipher suite,
+    /// TLS_AES_128_GCM_SHA256, so every server under test encrypts the same way.
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The client TLS settings: `ca_file`'s certificates, TLS 1.3, AES-128-GCM only.
+fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca_file {
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("reading {}", path.display()))?
+        {
+            roots.add(cert.context("--ca-file")?)?;
+        }
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
 
 struct Shared {
     client: HttpClient,
@@ -165,6 +192,12 @@ async fn main() -> anyhow::Result<()> {
     });
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(args.ca_file.as_deref())?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     let client = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(4096)
         .build(connector);

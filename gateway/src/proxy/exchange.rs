@@ -21,7 +21,7 @@ use super::budget::Reservation;
 use super::error::{
     AttemptFailure, GatewayError, Retry, RetryContext, ShedReason, UpstreamFailure,
 };
-use super::request::{self, Endpoint, InferenceRequest};
+use super::request::{self, Dialect, Endpoint, InferenceRequest};
 use super::trace::TraceContext;
 use super::upstream::{framing, UpstreamResponse};
 use super::{
@@ -687,7 +687,8 @@ impl Call<'_> {
         h
     }
 
-    /// Relays a stream: hold the header back until the first complete `data:` event, then
+    /// Relays a stream: hold the header back until the first complete output event (a
+    /// `data:` event for chat; for Responses, the first past the lifecycle preamble), then
     /// forward every complete event as it arrives.
     async fn stream(
         &self,
@@ -716,7 +717,7 @@ impl Call<'_> {
                 Ok(Ok(Some(data))) => {
                     pending.extend_from_slice(&data);
                     if let Some(end) = sse::last_event_end(&pending) {
-                        if sse::has_data_event(&pending[..end])
+                        if sse::has_output_event(&pending[..end], self.req.dialect)
                             || pending.len() > MAX_HELD_BACK_BYTES
                         {
                             break end;
@@ -744,7 +745,7 @@ impl Call<'_> {
         };
         ctx.status = 200;
         ctx.first_byte_at = Some(std::time::Instant::now());
-        let mut tally = StreamTally::default();
+        let mut tally = StreamTally::new(self.req.dialect);
         let first = pending.split_to(ready).freeze();
         tally.see(&first);
         if session
@@ -793,8 +794,10 @@ impl Call<'_> {
             None if shutting_down => {
                 ctx.stream_error = Some("the gateway is shutting down".into());
                 sse::error_event(
+                    self.req.dialect,
                     "the gateway is shutting down; retry the request",
                     "shutting_down",
+                    tally.events,
                 )
             }
             // A clean end: pass on whatever the shard sent last, complete or not.
@@ -804,12 +807,14 @@ impl Call<'_> {
                 tracing::warn!(request_id = %ctx.request_id, shard = %self.shard.id, %cause, "stream failed after output started");
                 ctx.stream_error = Some(cause.to_string());
                 sse::error_event(
+                    self.req.dialect,
                     &format!("the shard failed mid-stream: {cause}"),
                     if cause.is_timeout() {
                         "upstream_timeout"
                     } else {
                         "upstream_error"
                     },
+                    tally.events,
                 )
             }
         };
@@ -842,23 +847,40 @@ impl Call<'_> {
     }
 }
 
-/// A `usage` block.
+/// A `usage` block: chat's names, or the Responses API's (`input_tokens`, `output_tokens`).
 #[derive(Debug, Clone, Copy, serde::Deserialize)]
 struct Usage {
+    #[serde(alias = "input_tokens")]
     prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
 }
 
 /// What a relayed stream said about its size.
-#[derive(Default)]
 struct StreamTally {
+    dialect: Dialect,
+    /// Events that carried generated tokens.
     data_events: u64,
+    /// Every `data:` event relayed (a Responses error event is numbered after them).
+    events: u64,
     usage: Option<Usage>,
 }
 
 impl StreamTally {
+    fn new(dialect: Dialect) -> Self {
+        Self {
+            dialect,
+            data_events: 0,
+            events: 0,
+            usage: None,
+        }
+    }
+
     fn see(&mut self, events: &[u8]) {
-        self.data_events += sse::count_data_events(events);
+        self.data_events += sse::count_output_events(events, self.dialect);
+        if self.dialect == Dialect::Responses {
+            self.events += sse::count_data_events(events);
+        }
         // Only the (rare) event that carries usage is parsed.
         if USAGE_FINDER.find(events).is_some() {
             for line in sse::lines(events) {

@@ -17,6 +17,8 @@ pub enum Endpoint {
     Completions,
     /// `POST /v1/embeddings`
     Embeddings,
+    /// `POST /v1/responses`: OpenAI's Responses API (vLLM and SGLang serve it).
+    Responses,
     /// `POST /v1/rerank` or `/rerank` (vLLM, Jina and Cohere style): one query, documents.
     Rerank,
     /// `POST /v1/score` or `/score` (vLLM): similarity of text pairs.
@@ -34,12 +36,33 @@ impl Endpoint {
             Endpoint::ChatCompletions => "POST /v1/chat/completions",
             Endpoint::Completions => "POST /v1/completions",
             Endpoint::Embeddings => "POST /v1/embeddings",
+            Endpoint::Responses => "POST /v1/responses",
             Endpoint::Rerank => "POST /v1/rerank",
             Endpoint::Score => "POST /v1/score",
             Endpoint::Tokenize => "POST /tokenize",
             Endpoint::Detokenize => "POST /detokenize",
         }
     }
+}
+
+impl Endpoint {
+    /// How its streams are framed.
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Endpoint::Responses => Dialect::Responses,
+            _ => Dialect::Chat,
+        }
+    }
+}
+
+/// The two ways OpenAI-style streams are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// Chat and legacy completions: `data:` chunks, then `data: [DONE]`.
+    Chat,
+    /// Responses: named events (`event: response.output_text.delta` and its `data:` whose
+    /// `type` says the same), opened by lifecycle events and closed by `response.completed`.
+    Responses,
 }
 
 /// What a request asks of the gateway itself.
@@ -62,7 +85,7 @@ const MODEL_PREFIX: &str = "/v1/models/";
 
 /// What the gateway serves, as a 404 for any other path lists it.
 pub const SERVED: &str = "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, \
-POST /v1/rerank (or /rerank), POST /v1/score (or /score), POST /tokenize, POST /detokenize, \
+POST /v1/responses, POST /v1/rerank (or /rerank), POST /v1/score (or /score), POST /tokenize, POST /detokenize, \
 GET /v1/models, GET /v1/models/{model}, GET /healthz, GET /readyz";
 
 /// Maps method and path to a route, or the error to answer.
@@ -71,6 +94,7 @@ pub fn classify(method: &str, path: &str) -> Result<Route, GatewayError> {
         "/v1/chat/completions" => ("POST", Route::Inference(Endpoint::ChatCompletions)),
         "/v1/completions" => ("POST", Route::Inference(Endpoint::Completions)),
         "/v1/embeddings" => ("POST", Route::Inference(Endpoint::Embeddings)),
+        "/v1/responses" => ("POST", Route::Inference(Endpoint::Responses)),
         "/v1/rerank" | "/rerank" => ("POST", Route::Inference(Endpoint::Rerank)),
         "/v1/score" | "/score" => ("POST", Route::Inference(Endpoint::Score)),
         "/tokenize" => ("POST", Route::Inference(Endpoint::Tokenize)),
@@ -132,6 +156,8 @@ pub struct InferenceRequest {
     /// Whether the answer's usage teaches the estimator this model's bytes per token (not
     /// for an engine endpoint's body, whose documents and pairs are tokenized their own way).
     pub calibrates: bool,
+    /// How a stream of it is framed.
+    pub dialect: Dialect,
 }
 
 #[derive(Deserialize)]
@@ -141,8 +167,11 @@ struct Body<'a> {
     stream: Option<serde_json::Value>,
     max_tokens: Option<serde_json::Value>,
     max_completion_tokens: Option<serde_json::Value>,
+    max_output_tokens: Option<serde_json::Value>,
     #[serde(borrow)]
     messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    instructions: Option<&'a RawValue>,
     #[serde(borrow)]
     prompt: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -176,10 +205,11 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, Gatewa
     };
     let max_completion = limit("max_completion_tokens", b.max_completion_tokens)?;
     let max_tokens = limit("max_tokens", b.max_tokens)?;
+    let max_output = limit("max_output_tokens", b.max_output_tokens)?;
     let (text, required) = match endpoint {
         Endpoint::ChatCompletions => (b.messages, "messages"),
         Endpoint::Completions => (b.prompt, "prompt"),
-        Endpoint::Embeddings => (b.input, "input"),
+        Endpoint::Embeddings | Endpoint::Responses => (b.input, "input"),
         Endpoint::Rerank | Endpoint::Score | Endpoint::Tokenize | Endpoint::Detokenize => {
             return Ok(engine_extra(model, body))
         }
@@ -187,16 +217,26 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, Gatewa
     let Some(text) = text else {
         return Err(bad(format!("the `{required}` field is required")));
     };
-    let prompt_bytes = text_bytes(text.get());
+    // A Responses request's `instructions` are its system prompt: input too.
+    let instructions = match endpoint {
+        Endpoint::Responses => b.instructions.map_or(0, |i| text_bytes(i.get())),
+        _ => 0,
+    };
+    let prompt_bytes = text_bytes(text.get()) + instructions;
+    let max_completion_tokens = match endpoint {
+        Endpoint::Responses => max_output,
+        _ => max_completion.or(max_tokens),
+    };
     Ok(InferenceRequest {
         model,
         stream: stream && endpoint != Endpoint::Embeddings,
         size: RequestSize {
             prompt_bytes,
-            max_completion_tokens: max_completion.or(max_tokens),
+            max_completion_tokens,
             generates: endpoint != Endpoint::Embeddings,
         },
         calibrates: true,
+        dialect: endpoint.dialect(),
     })
 }
 
@@ -214,6 +254,7 @@ fn engine_extra(model: String, body: &[u8]) -> InferenceRequest {
             generates: false,
         },
         calibrates: false,
+        dialect: Dialect::Chat,
     }
 }
 
@@ -283,7 +324,7 @@ mod tests {
                 assert!(classify(method, &path).is_ok(), "{method} {path}");
             }
         }
-        let unknown = classify("POST", "/v1/responses").unwrap_err().to_string();
+        let unknown = classify("POST", "/v1/assistants").unwrap_err().to_string();
         assert!(unknown.contains("POST /v1/chat/completions"), "{unknown}");
         assert!(unknown.contains("GET /v1/models/{model}"), "{unknown}");
     }
@@ -312,6 +353,35 @@ mod tests {
         .unwrap();
         assert!(!r.stream && !r.size.generates);
         assert_eq!(r.size.prompt_bytes, 4);
+        // Responses: `input` (a string or items) and `instructions` are the prompt,
+        // `max_output_tokens` the limit (the chat names are not Responses fields).
+        let r = parse(
+            Endpoint::Responses,
+            br#"{"model":"m","stream":true,"instructions":"be brief","input":"hi","max_output_tokens":12,"max_tokens":99}"#,
+        )
+        .unwrap();
+        assert!(r.stream && r.size.generates);
+        assert_eq!(r.dialect, Dialect::Responses);
+        assert_eq!(r.size.prompt_bytes, "be brief".len() + "hi".len());
+        assert_eq!(r.size.max_completion_tokens, Some(12));
+        let r = parse(
+            Endpoint::Responses,
+            br#"{"model":"m","input":[{"role":"user","content":[{"type":"input_text","text":"abc"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.size.prompt_bytes,
+            "user".len() + "input_text".len() + "abc".len()
+        );
+        assert_eq!(r.size.max_completion_tokens, None);
+        let e = parse(Endpoint::Responses, br#"{"model":"m"}"#).unwrap_err();
+        assert!(e.to_string().contains("`input` field is required"), "{e}");
+        let e = parse(
+            Endpoint::Responses,
+            br#"{"model":"m","input":"x","max_output_tokens":"9"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("max_output_tokens"), "{e}");
     }
 
     #[test]

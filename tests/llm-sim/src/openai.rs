@@ -13,6 +13,8 @@ pub enum Endpoint {
     Completions,
     /// `POST /v1/embeddings`
     Embeddings,
+    /// `POST /v1/responses` (OpenAI's Responses API, as vLLM serves it).
+    Responses,
     /// `POST /v1/rerank`, `/rerank` (vLLM's shape: a query and documents).
     Rerank,
     /// `POST /v1/score`, `/score` (vLLM's shape: `text_1` against `text_2`).
@@ -26,7 +28,10 @@ pub enum Endpoint {
 impl Endpoint {
     /// Whether it generates tokens (and so may stream).
     pub fn generates(self) -> bool {
-        matches!(self, Endpoint::Chat | Endpoint::Completions)
+        matches!(
+            self,
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+        )
     }
 }
 
@@ -42,6 +47,10 @@ pub struct InferenceRequest {
     pub max_tokens: Option<u64>,
     /// Completion length limit (current name, takes precedence).
     pub max_completion_tokens: Option<u64>,
+    /// Completion length limit of a Responses request.
+    pub max_output_tokens: Option<u64>,
+    /// A Responses request's system prompt.
+    pub instructions: Option<Value>,
     /// `include_usage` asks for a final usage chunk.
     pub stream_options: Option<StreamOptions>,
     /// Chat messages.
@@ -90,6 +99,7 @@ impl InferenceRequest {
             &self.documents,
             &self.text_1,
             &self.text_2,
+            &self.instructions,
         ]
         .into_iter()
         .flatten()
@@ -109,7 +119,8 @@ impl InferenceRequest {
 
     /// Tokens to generate.
     pub fn completion_tokens(&self) -> u64 {
-        self.max_completion_tokens
+        self.max_output_tokens
+            .or(self.max_completion_tokens)
             .or(self.max_tokens)
             .unwrap_or(DEFAULT_COMPLETION_TOKENS)
             .min(MAX_COMPLETION_TOKENS)
@@ -176,6 +187,13 @@ pub fn full_response(
                 "choices": [{"index": 0, "text": text, "finish_reason": "length", "logprobs": null}],
                 "usage": usage(prompt, completion)})
         }
+        Endpoint::Responses => response_object(
+            id,
+            model,
+            "completed",
+            &(0..completion).map(word).collect::<String>(),
+            Some((prompt, completion)),
+        ),
         Endpoint::Embeddings => {
             let inputs = match &req.input {
                 Some(Value::Array(items)) => items.len().max(1),
@@ -240,6 +258,108 @@ pub fn token_event(endpoint: Endpoint, id: &str, model: &str, i: u64, last: bool
         }
     };
     sse(&chunk)
+}
+
+/// A Responses `response` object with one message of `text`; `usage` once completed.
+pub fn response_object(
+    id: &str,
+    model: &str,
+    status: &str,
+    text: &str,
+    usage: Option<(u64, u64)>,
+) -> Value {
+    let output = if status == "completed" {
+        json!([message_item(id, "completed", text)])
+    } else {
+        json!([])
+    };
+    json!({"id": id, "object": "response", "created_at": created(), "status": status,
+        "model": model, "output": output, "parallel_tool_calls": true, "tool_choice": "auto",
+        "tools": [], "text": {"format": {"type": "text"}},
+        "usage": usage.map(|(p, c)| json!({
+            "input_tokens": p, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": c, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": p + c})),
+    })
+}
+
+fn message_item(id: &str, status: &str, text: &str) -> Value {
+    let content = if status == "completed" {
+        json!([{"type": "output_text", "text": text, "annotations": []}])
+    } else {
+        json!([])
+    };
+    json!({"type": "message", "id": format!("msg_{id}"), "status": status, "role": "assistant",
+        "content": content})
+}
+
+/// A named Responses event (`event:` line and `data:` with the same `type`).
+fn named(kind: &str, mut data: Value, sequence: u64) -> Bytes {
+    data["type"] = json!(kind);
+    data["sequence_number"] = json!(sequence);
+    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+/// The events a Responses stream opens with, before any output (sequence 0 to 3).
+pub fn responses_preamble(id: &str, model: &str) -> Vec<Bytes> {
+    let opening = response_object(id, model, "in_progress", "", None);
+    vec![
+        named("response.created", json!({"response": opening}), 0),
+        named("response.in_progress", json!({"response": opening}), 1),
+        named(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": message_item(id, "in_progress", "")}),
+            2,
+        ),
+        named(
+            "response.content_part.added",
+            json!({"item_id": format!("msg_{id}"), "output_index": 0, "content_index": 0,
+                   "part": {"type": "output_text", "text": "", "annotations": []}}),
+            3,
+        ),
+    ]
+}
+
+/// Token `i` of a Responses stream.
+pub fn responses_delta(id: &str, i: u64) -> Bytes {
+    named(
+        "response.output_text.delta",
+        json!({"item_id": format!("msg_{id}"), "output_index": 0, "content_index": 0,
+               "delta": word(i)}),
+        4 + i,
+    )
+}
+
+/// The events that close a Responses stream of `completion` tokens, `response.completed`
+/// (with the usage) last.
+pub fn responses_close(id: &str, model: &str, prompt: u64, completion: u64) -> Vec<Bytes> {
+    let text: String = (0..completion).map(word).collect();
+    let seq = 4 + completion;
+    let item = format!("msg_{id}");
+    vec![
+        named(
+            "response.output_text.done",
+            json!({"item_id": item, "output_index": 0, "content_index": 0, "text": text}),
+            seq,
+        ),
+        named(
+            "response.content_part.done",
+            json!({"item_id": item, "output_index": 0, "content_index": 0,
+                   "part": {"type": "output_text", "text": text, "annotations": []}}),
+            seq + 1,
+        ),
+        named(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": message_item(id, "completed", &text)}),
+            seq + 2,
+        ),
+        named(
+            "response.completed",
+            json!({"response": response_object(id, model, "completed", &text,
+                                               Some((prompt, completion)))}),
+            seq + 3,
+        ),
+    ]
 }
 
 /// The final usage chunk of a streamed answer (`stream_options.include_usage`).

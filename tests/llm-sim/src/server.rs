@@ -171,6 +171,7 @@ async fn handle(engine: Engine, req: Request<Incoming>) -> Result<Response<SimBo
         (&Method::POST, "/v1/chat/completions") => Endpoint::Chat,
         (&Method::POST, "/v1/completions") => Endpoint::Completions,
         (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
+        (&Method::POST, "/v1/responses") => Endpoint::Responses,
         (&Method::POST, "/v1/rerank" | "/rerank") => Endpoint::Rerank,
         (&Method::POST, "/v1/score" | "/score") => Endpoint::Score,
         (&Method::POST, "/tokenize") => Endpoint::Tokenize,
@@ -262,6 +263,12 @@ fn request_id() -> String {
     format!("cmpl-sim-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+fn response_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("resp_sim{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 async fn complete(engine: Engine, endpoint: Endpoint, req: InferenceRequest) -> Response<SimBody> {
     let prompt = req.prompt_tokens();
     let completion = if endpoint.generates() {
@@ -275,7 +282,12 @@ async fn complete(engine: Engine, endpoint: Endpoint, req: InferenceRequest) -> 
     }
     running.finish();
     let model = &engine.config().model;
-    let body = openai::full_response(endpoint, &request_id(), model, &req, prompt, completion);
+    let id = if endpoint == Endpoint::Responses {
+        response_id()
+    } else {
+        request_id()
+    };
+    let body = openai::full_response(endpoint, &id, model, &req, prompt, completion);
     json_response(StatusCode::OK, &body)
 }
 
@@ -290,10 +302,29 @@ fn stream(
     tokio::spawn(async move {
         let prompt = req.prompt_tokens();
         let completion = req.completion_tokens();
-        let id = request_id();
+        let responses = endpoint == Endpoint::Responses;
+        let id = if responses {
+            response_id()
+        } else {
+            request_id()
+        };
         let model = engine.config().model.clone();
         let die_after = (fault.mode == FaultMode::Midstream).then_some(fault.after_tokens);
+        // A Responses stream opens (as vLLM's does) before the first token is computed;
+        // a crash "after 0 tokens" comes after that preamble.
+        if responses {
+            for event in openai::responses_preamble(&id, &model) {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        }
         if die_after == Some(0) {
+            if responses {
+                // Let the preamble leave first (hyper drops unwritten output when a body
+                // fails): the client side sees an opened response, then the cut.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
             let _ = tx.send(Err(simulated_crash())).await;
             return;
         }
@@ -303,7 +334,11 @@ fn stream(
         };
         for i in 0..completion {
             running.next_token().await;
-            let event = openai::token_event(endpoint, &id, &model, i, i + 1 == completion);
+            let event = if responses {
+                openai::responses_delta(&id, i)
+            } else {
+                openai::token_event(endpoint, &id, &model, i, i + 1 == completion)
+            };
             if tx.send(Ok(event)).await.is_err() {
                 return;
             }
@@ -314,6 +349,16 @@ fn stream(
                 let _ = tx.send(Err(simulated_crash())).await;
                 return;
             }
+        }
+        if responses {
+            // No `[DONE]`: `response.completed` ends a Responses stream.
+            for event in openai::responses_close(&id, &model, prompt, completion) {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            running.finish();
+            return;
         }
         if req.include_usage() {
             let _ = tx

@@ -1,0 +1,215 @@
+//! The Responses API (`POST /v1/responses`) end to end: plain and streamed answers, usage
+//! counted from `response.completed`, a shard that dies after opening the response retried
+//! with no trace of it, and a shard that dies mid-answer ending the stream with an `error`
+//! event in the Responses format.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{client, policy_text, start_shard, Gateway, ShardSpec, MODEL};
+use llm_sim::{Fault, FaultMode};
+use serde_json::{json, Value};
+
+fn responses(max_output_tokens: u64, stream: bool) -> Value {
+    json!({
+        "model": MODEL,
+        "instructions": "Answer in one sentence.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "What is a breakwater?"}]}],
+        "max_output_tokens": max_output_tokens,
+        "stream": stream,
+    })
+}
+
+/// The (event name, data) pairs of a Responses stream.
+fn events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let mut name = String::new();
+            let mut data = Value::Null;
+            for line in e.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_string();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).unwrap_or_else(|_| panic!("not JSON: {d}"));
+                }
+            }
+            (name, data)
+        })
+        .collect()
+}
+
+/// The model's completion tokens counted from answers' usage, in `/metrics`.
+async fn completion_tokens(gw: &Gateway) -> u64 {
+    gw.metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("breakwater_completion_tokens_total{") && l.contains(MODEL))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test]
+async fn responses_plain_and_streamed_are_routed_and_their_usage_counted() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let gw = Gateway::start(&policy_text(&[&a], "")).await;
+
+    let resp = client()
+        .post(gw.url("/v1/responses"))
+        .json(&responses(12, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-breakwater-shard"], "a");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["status"], "completed");
+    assert!(v["id"].as_str().unwrap().starts_with("resp_"));
+    let text = v["output"][0]["content"][0]["text"].as_str().unwrap();
+    assert!(text.len() > 20, "{v}");
+    assert_eq!(v["usage"]["output_tokens"], 12);
+    assert_eq!(
+        completion_tokens(&gw).await,
+        12,
+        "usage read from the Responses body"
+    );
+
+    let resp = client()
+        .post(gw.url("/v1/responses"))
+        .json(&responses(10, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let body = resp.text().await.unwrap();
+    let evs = events(&body);
+    let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"response.created"), "{body}");
+    assert_eq!(names.last(), Some(&"response.completed"), "{body}");
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| **n == "response.output_text.delta")
+            .count(),
+        10
+    );
+    // Every event is relayed as sent: its `type` matches its name, sequence numbers count up.
+    for (i, (name, data)) in evs.iter().enumerate() {
+        assert_eq!(data["type"], name.as_str());
+        assert_eq!(data["sequence_number"], i as u64);
+    }
+    assert!(!body.contains("[DONE]"));
+    assert_eq!(
+        completion_tokens(&gw).await,
+        22,
+        "usage read from response.completed"
+    );
+    assert_eq!(gw.wait_ledger_zero().await, 0);
+}
+
+#[tokio::test]
+async fn a_shard_that_dies_after_opening_the_response_is_retried_with_no_trace_of_it() {
+    let dying = start_shard(ShardSpec::new("dying", "home")).await;
+    let healthy = start_shard(ShardSpec::new("healthy", "away")).await;
+    // The engine sends response.created, in_progress and the empty message and part, then
+    // crashes before its first token: nothing the client could use has been made.
+    dying.set_fault(Fault {
+        after_tokens: 0,
+        ..Fault::new(FaultMode::Midstream)
+    });
+    let gw = Gateway::start(&policy_text(&[&dying, &healthy], "")).await;
+    for _ in 0..3 {
+        let resp = client()
+            .post(gw.url("/v1/responses"))
+            .json(&responses(4, true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-breakwater-shard"], "healthy");
+        let body = resp.text().await.unwrap();
+        let evs = events(&body);
+        assert_eq!(
+            evs.iter().filter(|(n, _)| n == "response.created").count(),
+            1,
+            "one response, from the healthy shard only: {body}"
+        );
+        assert_eq!(evs.last().unwrap().0, "response.completed", "{body}");
+        assert!(!body.contains("\"error\""), "{body}");
+    }
+    assert_eq!(dying.stats().requests_total, 3);
+    assert_eq!(healthy.stats().completed_total, 3);
+}
+
+#[tokio::test]
+async fn a_shard_that_dies_mid_answer_ends_the_stream_with_a_responses_error_event() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    a.set_fault(Fault {
+        after_tokens: 3,
+        ..Fault::new(FaultMode::Midstream)
+    });
+    let gw = Gateway::start(&policy_text(&[&a], "")).await;
+    let resp = client()
+        .post(gw.url("/v1/responses"))
+        .json(&responses(10, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    let evs = events(&body);
+    let deltas = evs
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .count();
+    assert_eq!(deltas, 3, "{body}");
+    let (name, data) = evs.last().unwrap();
+    assert_eq!(name, "error", "{body}");
+    assert_eq!(data["type"], "error");
+    assert_eq!(data["code"], "upstream_error");
+    assert!(data["message"]
+        .as_str()
+        .unwrap()
+        .contains("the shard failed mid-stream"));
+    // Numbered after the 4 preamble events and 3 deltas.
+    assert_eq!(data["sequence_number"], 7);
+    assert!(!body.contains("response.completed"));
+    // Output had started: no second attempt.
+    assert_eq!(a.stats().requests_total, 1);
+    assert_eq!(gw.wait_ledger_zero().await, 0);
+}
+
+#[tokio::test]
+async fn bad_responses_bodies_are_openai_400s() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let gw = Gateway::start(&policy_text(&[&a], "")).await;
+    for (body, needle) in [
+        (json!({"model": MODEL}), "`input` field is required"),
+        (
+            json!({"model": MODEL, "input": "hi", "max_output_tokens": -3}),
+            "max_output_tokens",
+        ),
+        (json!({"input": "hi"}), "`model` field is required"),
+    ] {
+        let resp = client()
+            .post(gw.url("/v1/responses"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{v}"
+        );
+    }
+    assert_eq!(a.stats().requests_total, 0, "nothing bad is forwarded");
+}
