@@ -213,3 +213,115 @@ async fn bad_responses_bodies_are_openai_400s() {
     }
     assert_eq!(a.stats().requests_total, 0, "nothing bad is forwarded");
 }
+
+/// A `multipart/form-data` body with `model` (after the file, as some clients send it).
+fn audio_form(model: &str, audio: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "breakwater-test-boundary";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(audio);
+    body.extend_from_slice(
+        format!("\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n--{boundary}--\r\n").as_bytes(),
+    );
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test]
+async fn audio_forms_are_routed_by_their_model_field_and_pools_serve_only_what_they_list() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let gw = Gateway::start(&policy_text(&[&a], "")).await;
+    for path in ["/v1/audio/transcriptions", "/v1/audio/translations"] {
+        let (ct, body) = audio_form(MODEL, &[7u8; 40_000]);
+        let resp = client()
+            .post(gw.url(path))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.headers()["x-breakwater-shard"], "a");
+        let v: Value = resp.json().await.unwrap();
+        assert!(v["text"].as_str().unwrap().split(' ').count() >= 9, "{v}");
+    }
+    // A form without a model, an unknown model, and a body that is not a form.
+    let (ct, body) = audio_form("", b"RIFF");
+    let resp = client()
+        .post(gw.url("/v1/audio/transcriptions"))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`model` form field"),
+        "{v}"
+    );
+    let (ct, body) = audio_form("no-such-model", b"RIFF");
+    let resp = client()
+        .post(gw.url("/v1/audio/transcriptions"))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let resp = client()
+        .post(gw.url("/v1/audio/transcriptions"))
+        .json(&json!({"model": MODEL}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("multipart/form-data"),
+        "{v}"
+    );
+    assert_eq!(
+        a.stats().requests_total,
+        2,
+        "only the two good forms reached the shard"
+    );
+    drop(gw);
+
+    // A pool that lists its endpoints: anything else is a clear 404, never forwarded.
+    let gw = Gateway::start(&policy_text(&[&a], "").replace(
+        "models = [\"test-model\"]",
+        "models = [\"test-model\"]\nendpoints = [\"chat\", \"responses\"]",
+    ))
+    .await;
+    let resp = client()
+        .post(gw.url("/v1/responses"))
+        .json(&responses(3, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = client()
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": MODEL, "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "endpoint_not_served", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("POST /v1/embeddings")
+            && msg.contains("POST /v1/chat/completions, POST /v1/responses"),
+        "{msg}"
+    );
+    assert_eq!(a.stats().requests_total, 3);
+}

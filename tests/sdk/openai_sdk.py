@@ -8,9 +8,22 @@ serves; API_KEY a tenant's key where the policy has them (`breakwater demo` prin
 script prints one line per check and exits non-zero at the first failure. Every call has a
 timeout and the SDK's own retries are off, so a hang or a retried error cannot hide.
 """
+import io
 import sys
+import wave
 
 import openai
+
+
+def wav(seconds=1.0, rate=16000):
+    """A small WAV file of silence, 16-bit mono."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * int(rate * seconds))
+    return out.getvalue()
 
 
 def main():
@@ -69,6 +82,13 @@ def main():
                                                        max_output_tokens=2, stream=True)]
     check("responses stream events", events[0] == "response.created"
           and events[-1] == "response.completed", events)
+
+    # Audio: a multipart form, routed by its `model` field.
+    audio = wav()
+    tr = client.audio.transcriptions.create(model=model, file=("speech.wav", audio, "audio/wav"))
+    check("audio.transcriptions.create", bool(tr.text), tr)
+    tl = client.audio.translations.create(model=model, file=("speech.wav", audio, "audio/wav"))
+    check("audio.translations.create", bool(tl.text), tl)
 
     # Models.
     models = [m.id for m in client.models.list()]

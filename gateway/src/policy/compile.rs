@@ -17,6 +17,7 @@ use super::{
     AdmissionSettings, EngineKind, Limits, ListenerTls, Policy, PolicyIssue, Pool, Priority,
     Region, RetrySettings, RoutingSettings, Shard, Shutdown, Tenant, Timeouts,
 };
+use crate::proxy::request::{Endpoint, EndpointSet};
 use crate::tls::upstream::{PoolTlsFiles, UpstreamTls};
 use crate::tls::CertFiles;
 
@@ -101,6 +102,7 @@ impl Compiler {
 
         let (regions, region_file) = self.regions(files);
         let mut pools = self.pools(files, &region_file);
+        self.same_endpoints_per_model(files, &pools);
         let shards = self.shards(files, &pools);
         self.upstream_tls(&mut pools, &shards);
         let Some((gw_file, gw)) = gateway else {
@@ -295,6 +297,7 @@ impl Compiler {
                         .context_window
                         .map(|v| self.bounded(name, &at("context_window"), v, 16, 100_000_000)),
                     tls: None,
+                    endpoints: self.endpoints(name, &at("endpoints"), p.endpoints.as_deref()),
                 });
             }
         }
@@ -991,6 +994,50 @@ impl Compiler {
                 None
             }
             None => Some(url),
+        }
+    }
+
+    /// A pool's `endpoints` list (default: all).
+    fn endpoints(&mut self, file: &str, key: &str, raw: Option<&[String]>) -> EndpointSet {
+        let Some(names) = raw else {
+            return EndpointSet::ALL;
+        };
+        if names.is_empty() {
+            self.issue(file, key, "a pool must serve at least one endpoint");
+        }
+        names
+            .iter()
+            .filter_map(|n| {
+                let e = Endpoint::from_name(n);
+                if e.is_none() {
+                    let all: Vec<&str> = Endpoint::ALL.iter().map(|e| e.name()).collect();
+                    let msg = format!("unknown endpoint {n:?}; expected one of {}", all.join(", "));
+                    self.issue(file, key, msg);
+                }
+                e
+            })
+            .collect()
+    }
+
+    /// Pools serving the same model must serve the same endpoints: a request is routed by
+    /// model across regions, and one region's pool must not get what it cannot answer.
+    fn same_endpoints_per_model(&mut self, files: &[(String, RawFile)], pools: &[Pool]) {
+        for (i, p) in pools.iter().enumerate() {
+            for q in &pools[..i] {
+                if p.endpoints != q.endpoints {
+                    if let Some(m) = p.models.iter().find(|m| q.models.contains(m)) {
+                        let file = files
+                            .iter()
+                            .find(|(_, f)| f.pools.iter().any(|r| r.id == p.id))
+                            .map_or("", |(n, _)| n.as_str());
+                        let msg = format!(
+                            "pools {:?} and {:?} both serve {m:?} but list different endpoints; a model's pools must serve the same ones",
+                            q.id, p.id
+                        );
+                        self.issue(file, "pools.endpoints", msg);
+                    }
+                }
+            }
         }
     }
 

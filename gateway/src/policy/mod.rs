@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::proxy::request::EndpointSet;
 use crate::tls::upstream::UpstreamTls;
 use crate::tls::CertFiles;
 
@@ -90,6 +91,8 @@ pub struct Pool {
     /// Client TLS for its `https://` shards (loaded from `[pools.tls]`, or the system's
     /// roots); `None` when every shard is `http://`.
     pub tls: Option<Arc<UpstreamTls>>,
+    /// The endpoints its engines serve.
+    pub endpoints: EndpointSet,
 }
 
 /// One inference endpoint.
@@ -965,5 +968,47 @@ models = ["llama"]
                 "want {want:?} in {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn pool_endpoint_lists_are_checked() {
+        use crate::proxy::request::Endpoint;
+        let listed = BASE.replace(
+            "models = [\"llama\"]",
+            "models = [\"llama\"]\nendpoints = [\"chat\", \"audio_transcriptions\"]",
+        );
+        let p = one(&listed).unwrap();
+        let e = p.pools[0].endpoints;
+        assert!(e.contains(Endpoint::ChatCompletions) && e.contains(Endpoint::AudioTranscriptions));
+        assert!(!e.contains(Endpoint::Embeddings));
+        assert!(one(BASE).unwrap().pools[0]
+            .endpoints
+            .contains(Endpoint::Responses));
+        let got = issues(one(&BASE.replace(
+            "models = [\"llama\"]",
+            "models = [\"llama\"]\nendpoints = [\"chat\", \"speech\"]",
+        )));
+        assert!(
+            got.iter()
+                .any(|i| i.contains("unknown endpoint \"speech\"")),
+            "{got:?}"
+        );
+        let got = issues(one(&BASE.replace(
+            "models = [\"llama\"]",
+            "models = [\"llama\"]\nendpoints = []",
+        )));
+        assert!(
+            got.iter().any(|i| i.contains("at least one endpoint")),
+            "{got:?}"
+        );
+        // Two regions' pools for one model must agree.
+        let west = format!(
+            "{listed}\n[[pools]]\nid = \"p-west\"\nregion = \"west\"\nmodels = [\"llama\"]\n"
+        );
+        let got = issues(one(&west));
+        assert!(
+            got.iter().any(|i| i.contains("list different endpoints")),
+            "{got:?}"
+        );
     }
 }

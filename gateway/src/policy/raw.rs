@@ -239,6 +239,10 @@ pub struct RawPool {
     pub context_window: Option<u64>,
     /// `[pools.tls]`: trust anchors and client certificate for the pool's `https://` shards.
     pub tls: Option<RawPoolTls>,
+    /// The endpoints the pool's engines serve, by name (`chat`, `completions`,
+    /// `embeddings`, `responses`, `rerank`, `score`, `tokenize`, `detokenize`,
+    /// `audio_transcriptions`, `audio_translations`). Default: all.
+    pub endpoints: Option<Vec<String>>,
 }
 
 /// `[[shards]]`

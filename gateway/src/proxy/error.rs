@@ -156,6 +156,20 @@ pub enum GatewayError {
     /// No pool serves the model (404).
     #[error("the model `{0}` does not exist or is not served here")]
     ModelNotFound(String),
+    /// The model's pools do not serve this endpoint (404; the policy's `endpoints`).
+    #[error(
+        "the model `{model}` is not served on {} here; it is served on: {}",
+        endpoint.span_name(),
+        served.iter().map(super::request::Endpoint::span_name).collect::<Vec<_>>().join(", ")
+    )]
+    EndpointNotServed {
+        /// The model asked for.
+        model: String,
+        /// The endpoint asked for.
+        endpoint: super::request::Endpoint,
+        /// What its pools serve.
+        served: super::request::EndpointSet,
+    },
     /// The body is over the policy's limit (413).
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge {
@@ -288,7 +302,7 @@ impl GatewayError {
     /// The HTTP status.
     pub fn status(&self) -> u16 {
         match self {
-            Self::NotFound { .. } | Self::ModelNotFound(_) => 404,
+            Self::NotFound { .. } | Self::ModelNotFound(_) | Self::EndpointNotServed { .. } => 404,
             Self::MethodNotAllowed { .. } => 405,
             Self::BadRequest(_) => 400,
             Self::BodyTooLarge { .. } => 413,
@@ -307,6 +321,7 @@ impl GatewayError {
             | Self::MethodNotAllowed { .. }
             | Self::BadRequest(_)
             | Self::ModelNotFound(_)
+            | Self::EndpointNotServed { .. }
             | Self::BodyTooLarge { .. }
             | Self::ContextLength { .. } => "invalid_request_error",
             Self::Unauthorized | Self::InvalidApiKey { .. } => "authentication_error",
@@ -322,6 +337,7 @@ impl GatewayError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::BadRequest(_) => "invalid_request",
             Self::ModelNotFound(_) => "model_not_found",
+            Self::EndpointNotServed { .. } => "endpoint_not_served",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::NoShard(_) => "no_shard_available",
             Self::BufferFull { .. } => "gateway_overloaded",

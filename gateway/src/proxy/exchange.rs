@@ -186,12 +186,24 @@ fn resolve<'t>(
     endpoint: Endpoint,
     body: &[u8],
 ) -> Result<Resolved<'t>, GatewayError> {
-    let req = request::parse(endpoint, body)?;
+    let content_type = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let req = request::parse(endpoint, body, content_type)?;
     ctx.model = Some(req.model.clone());
     let route = table
         .router
         .route(&req.model)
         .ok_or_else(|| GatewayError::ModelNotFound(req.model.clone()))?;
+    if !route.endpoints.contains(endpoint) {
+        return Err(GatewayError::EndpointNotServed {
+            model: req.model.clone(),
+            endpoint,
+            served: route.endpoints,
+        });
+    }
     ctx.route = Some(route.model);
     let cost = table.router.estimator().estimate(route.model, &req.size);
     ctx.estimated_tokens = cost.total();
@@ -651,6 +663,10 @@ impl Call<'_> {
     }
 
     fn learn(&self, ctx: &mut RequestCtx, u: Usage) {
+        // A usage block with neither count (an audio answer's `{"seconds": …}`) says nothing.
+        if u.prompt_tokens.is_none() && u.completion_tokens.is_none() {
+            return;
+        }
         ctx.usage = Some((
             u.prompt_tokens.unwrap_or(0),
             u.completion_tokens.unwrap_or(0),

@@ -14,6 +14,7 @@
 pub mod budget;
 pub mod error;
 pub mod exchange;
+pub mod multipart;
 pub mod request;
 pub mod retry;
 pub mod sse;

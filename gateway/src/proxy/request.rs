@@ -27,6 +27,10 @@ pub enum Endpoint {
     Tokenize,
     /// `POST /detokenize` (vLLM): token ids back to text.
     Detokenize,
+    /// `POST /v1/audio/transcriptions`: speech to text; a `multipart/form-data` body.
+    AudioTranscriptions,
+    /// `POST /v1/audio/translations`: speech to English text; `multipart/form-data`.
+    AudioTranslations,
 }
 
 impl Endpoint {
@@ -41,7 +45,69 @@ impl Endpoint {
             Endpoint::Score => "POST /v1/score",
             Endpoint::Tokenize => "POST /tokenize",
             Endpoint::Detokenize => "POST /detokenize",
+            Endpoint::AudioTranscriptions => "POST /v1/audio/transcriptions",
+            Endpoint::AudioTranslations => "POST /v1/audio/translations",
         }
+    }
+
+    /// Every endpoint, in the order the policy reference lists them.
+    pub const ALL: [Endpoint; 10] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::Rerank,
+        Endpoint::Score,
+        Endpoint::Tokenize,
+        Endpoint::Detokenize,
+        Endpoint::AudioTranscriptions,
+        Endpoint::AudioTranslations,
+    ];
+
+    /// Its name in a pool's `endpoints` list.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Rerank => "rerank",
+            Endpoint::Score => "score",
+            Endpoint::Tokenize => "tokenize",
+            Endpoint::Detokenize => "detokenize",
+            Endpoint::AudioTranscriptions => "audio_transcriptions",
+            Endpoint::AudioTranslations => "audio_translations",
+        }
+    }
+
+    /// The endpoint a pool's `endpoints` list names so.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.name() == name)
+    }
+}
+
+/// A set of endpoints: what a pool (and so a model's route) serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointSet(u16);
+
+impl EndpointSet {
+    /// Every endpoint (a pool that lists none).
+    pub const ALL: EndpointSet = EndpointSet((1 << Endpoint::ALL.len()) - 1);
+
+    /// Whether `e` is in the set.
+    pub fn contains(self, e: Endpoint) -> bool {
+        self.0 & (1 << e as u16) != 0
+    }
+
+    /// The endpoints in the set, in [`Endpoint::ALL`]'s order.
+    pub fn iter(self) -> impl Iterator<Item = Endpoint> {
+        Endpoint::ALL.into_iter().filter(move |e| self.contains(*e))
+    }
+}
+
+impl FromIterator<Endpoint> for EndpointSet {
+    fn from_iter<I: IntoIterator<Item = Endpoint>>(iter: I) -> Self {
+        EndpointSet(iter.into_iter().fold(0, |m, e| m | (1 << e as u16)))
     }
 }
 
@@ -86,7 +152,7 @@ const MODEL_PREFIX: &str = "/v1/models/";
 /// What the gateway serves, as a 404 for any other path lists it.
 pub const SERVED: &str = "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, \
 POST /v1/responses, POST /v1/rerank (or /rerank), POST /v1/score (or /score), POST /tokenize, POST /detokenize, \
-GET /v1/models, GET /v1/models/{model}, GET /healthz, GET /readyz";
+POST /v1/audio/transcriptions, POST /v1/audio/translations, GET /v1/models, GET /v1/models/{model}, GET /healthz, GET /readyz";
 
 /// Maps method and path to a route, or the error to answer.
 pub fn classify(method: &str, path: &str) -> Result<Route, GatewayError> {
@@ -99,6 +165,8 @@ pub fn classify(method: &str, path: &str) -> Result<Route, GatewayError> {
         "/v1/score" | "/score" => ("POST", Route::Inference(Endpoint::Score)),
         "/tokenize" => ("POST", Route::Inference(Endpoint::Tokenize)),
         "/detokenize" => ("POST", Route::Inference(Endpoint::Detokenize)),
+        "/v1/audio/transcriptions" => ("POST", Route::Inference(Endpoint::AudioTranscriptions)),
+        "/v1/audio/translations" => ("POST", Route::Inference(Endpoint::AudioTranslations)),
         "/v1/models" => ("GET", Route::Models),
         "/healthz" => ("GET", Route::Healthz),
         "/readyz" => ("GET", Route::Readyz),
@@ -178,9 +246,25 @@ struct Body<'a> {
     input: Option<&'a RawValue>,
 }
 
-/// Parses an inference body. Errors are 400s that say what is wrong.
-pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, GatewayError> {
+/// Audio bytes assumed per generated token: about 10 KiB of 16 kHz WAV per second of
+/// speech and three tokens a second, rounded down for compressed formats. A rough cost for
+/// admission; an audio answer does not calibrate the estimator.
+const AUDIO_BYTES_PER_TOKEN: usize = 4096;
+
+/// Parses an inference body (`content_type`: the request's, which an audio form needs for
+/// its boundary). Errors are 400s that say what is wrong.
+pub fn parse(
+    endpoint: Endpoint,
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<InferenceRequest, GatewayError> {
     let bad = |m: String| GatewayError::BadRequest(m);
+    if matches!(
+        endpoint,
+        Endpoint::AudioTranscriptions | Endpoint::AudioTranslations
+    ) {
+        return audio(body, content_type.unwrap_or_default());
+    }
     let b: Body<'_> = serde_json::from_slice(body)
         .map_err(|e| bad(format!("the request body is not a JSON object: {e}")))?;
     let model = match b.model {
@@ -212,6 +296,9 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, Gatewa
         Endpoint::Embeddings | Endpoint::Responses => (b.input, "input"),
         Endpoint::Rerank | Endpoint::Score | Endpoint::Tokenize | Endpoint::Detokenize => {
             return Ok(engine_extra(model, body))
+        }
+        Endpoint::AudioTranscriptions | Endpoint::AudioTranslations => {
+            return audio(body, content_type.unwrap_or_default())
         }
     };
     let Some(text) = text else {
@@ -256,6 +343,42 @@ fn engine_extra(model: String, body: &[u8]) -> InferenceRequest {
         calibrates: false,
         dialect: Dialect::Chat,
     }
+}
+
+/// An audio request: a `multipart/form-data` body whose `model` field routes it; its cost
+/// is the text the file's length suggests.
+fn audio(body: &[u8], content_type: &str) -> Result<InferenceRequest, GatewayError> {
+    let bad = |e: super::multipart::FormError| GatewayError::BadRequest(e.to_string());
+    let boundary = super::multipart::boundary(content_type).map_err(bad)?;
+    let form = super::multipart::read(body, boundary).map_err(bad)?;
+    let model = match form.model {
+        Some(m) if !m.trim().is_empty() => m.trim().to_string(),
+        _ => {
+            return Err(GatewayError::BadRequest(
+                "the `model` form field is required".into(),
+            ))
+        }
+    };
+    let stream = match form.stream.as_deref().map(str::trim) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(GatewayError::BadRequest(
+                "`stream` must be true or false".into(),
+            ))
+        }
+    };
+    Ok(InferenceRequest {
+        model,
+        stream,
+        size: RequestSize {
+            prompt_bytes: 0,
+            max_completion_tokens: Some((form.file_bytes / AUDIO_BYTES_PER_TOKEN).max(1) as u64),
+            generates: true,
+        },
+        calibrates: false,
+        dialect: Dialect::Chat,
+    })
 }
 
 /// Bytes of string content in a JSON value (keys and punctuation excluded). Walks the raw
@@ -331,10 +454,7 @@ mod tests {
 
     #[test]
     fn reads_what_routing_needs() {
-        let r = parse(
-            Endpoint::ChatCompletions,
-            br#"{"model":"m","stream":true,"max_tokens":9,"messages":[{"role":"user","content":"hello"}]}"#,
-        )
+        let r = parse(Endpoint::ChatCompletions, br#"{"model":"m","stream":true,"max_tokens":9,"messages":[{"role":"user","content":"hello"}]}"#, None)
         .unwrap();
         assert_eq!(r.model, "m");
         assert!(r.stream);
@@ -343,42 +463,39 @@ mod tests {
         let r = parse(
             Endpoint::Completions,
             br#"{"model":"m","prompt":"abc","max_tokens":4,"max_completion_tokens":2}"#,
+            None,
         )
         .unwrap();
         assert_eq!(r.size.max_completion_tokens, Some(2));
         let r = parse(
             Endpoint::Embeddings,
             br#"{"model":"m","input":["ab","cd"],"stream":true}"#,
+            None,
         )
         .unwrap();
         assert!(!r.stream && !r.size.generates);
         assert_eq!(r.size.prompt_bytes, 4);
         // Responses: `input` (a string or items) and `instructions` are the prompt,
         // `max_output_tokens` the limit (the chat names are not Responses fields).
-        let r = parse(
-            Endpoint::Responses,
-            br#"{"model":"m","stream":true,"instructions":"be brief","input":"hi","max_output_tokens":12,"max_tokens":99}"#,
-        )
+        let r = parse(Endpoint::Responses, br#"{"model":"m","stream":true,"instructions":"be brief","input":"hi","max_output_tokens":12,"max_tokens":99}"#, None)
         .unwrap();
         assert!(r.stream && r.size.generates);
         assert_eq!(r.dialect, Dialect::Responses);
         assert_eq!(r.size.prompt_bytes, "be brief".len() + "hi".len());
         assert_eq!(r.size.max_completion_tokens, Some(12));
-        let r = parse(
-            Endpoint::Responses,
-            br#"{"model":"m","input":[{"role":"user","content":[{"type":"input_text","text":"abc"}]}]}"#,
-        )
+        let r = parse(Endpoint::Responses, br#"{"model":"m","input":[{"role":"user","content":[{"type":"input_text","text":"abc"}]}]}"#, None)
         .unwrap();
         assert_eq!(
             r.size.prompt_bytes,
             "user".len() + "input_text".len() + "abc".len()
         );
         assert_eq!(r.size.max_completion_tokens, None);
-        let e = parse(Endpoint::Responses, br#"{"model":"m"}"#).unwrap_err();
+        let e = parse(Endpoint::Responses, br#"{"model":"m"}"#, None).unwrap_err();
         assert!(e.to_string().contains("`input` field is required"), "{e}");
         let e = parse(
             Endpoint::Responses,
             br#"{"model":"m","input":"x","max_output_tokens":"9"}"#,
+            None,
         )
         .unwrap_err();
         assert!(e.to_string().contains("max_output_tokens"), "{e}");
@@ -405,7 +522,7 @@ mod tests {
                 "non-negative integer",
             ),
         ] {
-            let e = parse(Endpoint::ChatCompletions, body).unwrap_err();
+            let e = parse(Endpoint::ChatCompletions, body, None).unwrap_err();
             assert_eq!(e.status(), 400);
             assert!(e.to_string().contains(needle), "{e} / {needle}");
         }

@@ -31,6 +31,7 @@ use url::Url;
 
 use crate::admission::limit::ShardLimit;
 use crate::policy::{Policy, Shard};
+use crate::proxy::request::EndpointSet;
 use crate::proxy::upstream::Endpoint;
 use crate::stats::LatencyWindow;
 use crate::tls::upstream::UpstreamTls;
@@ -138,6 +139,8 @@ pub struct ModelRoute {
     pub tiers: Vec<Vec<usize>>,
     /// The smallest context window the model's pools declare, tokens.
     pub context_window: Option<u64>,
+    /// The endpoints its pools serve (the same for all of them: the policy checks).
+    pub endpoints: EndpointSet,
 }
 
 /// What outlives every routing table: the shard ids handed out, the health snapshot the
@@ -284,11 +287,17 @@ impl Router {
                     .filter(|p| p.models.contains(model))
                     .filter_map(|p| p.context_window)
                     .min();
+                let endpoints = policy
+                    .pools
+                    .iter()
+                    .find(|p| p.models.contains(model))
+                    .map_or(EndpointSet::ALL, |p| p.endpoints);
                 ModelRoute {
                     name: Arc::from(model.as_str()),
                     model: idx,
                     tiers,
                     context_window,
+                    endpoints,
                 }
             })
             .collect();

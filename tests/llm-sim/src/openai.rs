@@ -143,6 +143,58 @@ fn text_bytes(v: &Value, total: &mut usize) {
     }
 }
 
+/// The parts of an audio request's form the engine reads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AudioForm {
+    /// The `model` field.
+    pub model: String,
+    /// Bytes of the `file` part.
+    pub file_bytes: usize,
+}
+
+impl AudioForm {
+    /// Reads `model` and the file's size from a `multipart/form-data` body; `None` when
+    /// either is missing or the body is not such a form.
+    pub fn parse(content_type: &str, body: &[u8]) -> Option<AudioForm> {
+        let boundary = content_type
+            .split(';')
+            .filter_map(|p| p.trim().strip_prefix("boundary="))
+            .next()?
+            .trim_matches('"');
+        let delimiter = format!("\r\n--{boundary}");
+        let mut model = None;
+        let mut file_bytes = None;
+        // Each part: its headers, a blank line, its content up to the next delimiter.
+        let text = body;
+        let mut at = find(text, format!("--{boundary}").as_bytes())?;
+        loop {
+            let part = &text[at..];
+            let head_end = find(part, b"\r\n\r\n")?;
+            let head = String::from_utf8_lossy(&part[..head_end]).to_ascii_lowercase();
+            let content = &part[head_end + 4..];
+            let len = find(content, delimiter.as_bytes())?;
+            if head.contains("name=\"model\"") {
+                model = Some(String::from_utf8_lossy(&content[..len]).trim().to_string());
+            } else if head.contains("filename=") {
+                file_bytes = Some(len);
+            }
+            let next = at + head_end + 4 + len + delimiter.len();
+            if text[next..].starts_with(b"--") {
+                break;
+            }
+            at = next;
+        }
+        Some(AudioForm {
+            model: model?,
+            file_bytes: file_bytes?,
+        })
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 /// The word generated at position `i`.
 pub fn word(i: u64) -> &'static str {
     const WORDS: [&str; 8] = [

@@ -172,6 +172,9 @@ async fn handle(engine: Engine, req: Request<Incoming>) -> Result<Response<SimBo
         (&Method::POST, "/v1/completions") => Endpoint::Completions,
         (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
         (&Method::POST, "/v1/responses") => Endpoint::Responses,
+        (&Method::POST, "/v1/audio/transcriptions" | "/v1/audio/translations") => {
+            return Ok(audio(engine, req).await)
+        }
         (&Method::POST, "/v1/rerank" | "/rerank") => Endpoint::Rerank,
         (&Method::POST, "/v1/score" | "/score") => Endpoint::Score,
         (&Method::POST, "/tokenize") => Endpoint::Tokenize,
@@ -246,6 +249,56 @@ async fn handle(engine: Engine, req: Request<Incoming>) -> Result<Response<SimBo
     } else {
         Ok(complete(engine, endpoint, request).await)
     }
+}
+
+/// Speech to text: a `multipart/form-data` body with `model` and `file`; one word for every
+/// 4 KiB of audio (at least one), decoded at the engine's pace.
+async fn audio(engine: Engine, req: Request<Incoming>) -> Response<SimBody> {
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large or cut",
+                "invalid_request_error",
+                "body_too_large",
+            )
+        }
+    };
+    engine.note_request(body.len());
+    let Some(form) = openai::AudioForm::parse(&content_type, &body) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "expected multipart/form-data with `model` and `file`",
+            "invalid_request_error",
+            "invalid_form",
+        );
+    };
+    if form.model != engine.config().model {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            &format!("model `{}` is not served here", form.model),
+            "invalid_request_error",
+            "model_not_found",
+        );
+    }
+    let words = (form.file_bytes as u64 / 4096).clamp(1, openai::MAX_COMPLETION_TOKENS);
+    let mut running = engine.admit(1).await;
+    for _ in 0..words {
+        running.next_token().await;
+    }
+    running.finish();
+    let text: String = (0..words).map(openai::word).collect();
+    json_response(StatusCode::OK, &json!({"text": text.trim_end()}))
 }
 
 fn wants_stream(body: &[u8]) -> bool {
