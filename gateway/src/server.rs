@@ -286,6 +286,7 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
             crate::otlp::Exporter::start(&health.runtime, url)
         }),
         admin_token: Arc::from(opts.admin_token.as_str()),
+        responses: Arc::default(),
     });
     health
         .runtime

@@ -325,3 +325,132 @@ async fn audio_forms_are_routed_by_their_model_field_and_pools_serve_only_what_t
     );
     assert_eq!(a.stats().requests_total, 3);
 }
+
+#[tokio::test]
+async fn stored_responses_are_fetched_and_deleted_on_the_shard_that_made_them() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let b = start_shard(ShardSpec::new("b", "away")).await;
+    let gw = Gateway::start(&policy_text(&[&a, &b], "")).await;
+    // Made through the gateway (on the home shard, a), plain and streamed.
+    let made: Value = client()
+        .post(gw.url("/v1/responses"))
+        .json(&responses(5, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let plain_id = made["id"].as_str().unwrap().to_string();
+    let streamed = client()
+        .post(gw.url("/v1/responses"))
+        .json(&responses(5, true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let stream_id = events(&streamed)[0].1["response"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for id in [&plain_id, &stream_id] {
+        let resp = client()
+            .get(gw.url(&format!("/v1/responses/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{id}");
+        assert_eq!(resp.headers()["x-breakwater-shard"], "a");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["id"], id.as_str());
+        assert_eq!(v["status"], "completed");
+    }
+    // Made on b without the gateway (another replica's work): found by asking each shard.
+    let direct: Value = client()
+        .post(format!("{}/v1/responses", b.sim.url()))
+        .json(&responses(3, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = direct["id"].as_str().unwrap();
+    let resp = client()
+        .get(gw.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-breakwater-shard"], "b");
+    // Deleted there; then every shard says 404, and so does the gateway, in the engine's words.
+    let resp = client()
+        .delete(gw.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["deleted"], true);
+    let resp = client()
+        .get(gw.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "response_not_found", "{v}");
+    // A response made with `store: false` is not kept.
+    let mut unstored = responses(2, false);
+    unstored["store"] = json!(false);
+    let v: Value = client()
+        .post(gw.url("/v1/responses"))
+        .json(&unstored)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let resp = client()
+        .get(gw.url(&format!("/v1/responses/{}", v["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    // Made through the gateway on b (a drained meanwhile): the gateway remembers, so the
+    // lookup goes to b without asking a.
+    let (status, _) = gw.admin_post("/admin/shards/a/drain").await;
+    assert_eq!(status, 200);
+    let on_b: Value = client()
+        .post(gw.url("/v1/responses"))
+        .json(&responses(2, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    gw.admin_post("/admin/shards/a/undrain").await;
+    let asked_a = a.stats().requests_total;
+    let resp = client()
+        .get(gw.url(&format!("/v1/responses/{}", on_b["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-breakwater-shard"], "b");
+    assert_eq!(
+        a.stats().requests_total,
+        asked_a,
+        "straight to the shard that made it"
+    );
+    // Only GET and DELETE on an id (and GET …/input_items, POST …/cancel) are routes.
+    let resp = client()
+        .put(gw.url(&format!("/v1/responses/{plain_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+}

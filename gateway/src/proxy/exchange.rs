@@ -35,7 +35,7 @@ use crate::table::Table;
 
 /// Request headers not forwarded to a shard: hop-by-hop ones, those the gateway sets
 /// (`traceparent` is rewritten per attempt), and the explanation's admin token.
-const SKIPPED_REQUEST_HEADERS: [&str; 15] = [
+pub(crate) const SKIPPED_REQUEST_HEADERS: [&str; 15] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -520,6 +520,7 @@ impl Call<'_> {
         // Each attempt is a span of the request's trace.
         let traceparent = ctx.trace.header_for(ctx.decision.current_span());
         framing::request_head(
+            "POST",
             path,
             &self.shard.authority,
             fields,
@@ -634,6 +635,11 @@ impl Call<'_> {
         let status = response.status;
         if (200..300).contains(&status) {
             self.learn_from_whole(ctx, &body);
+            if self.req.dialect == Dialect::Responses {
+                if let Some(id) = super::stored::response_id(&body) {
+                    self.state.responses.remember(&id, self.shard.key);
+                }
+            }
         }
         let mut headers = self.routing_headers(ctx, 2);
         if let Some(ct) = response.content_type.take() {
@@ -764,6 +770,11 @@ impl Call<'_> {
         let mut tally = StreamTally::new(self.req.dialect);
         let first = pending.split_to(ready).freeze();
         tally.see(&first);
+        if self.req.dialect == Dialect::Responses {
+            if let Some(id) = super::stored::created_id(&first) {
+                self.state.responses.remember(&id, self.shard.key);
+            }
+        }
         if session
             .write_response_header(Box::new(header))
             .await

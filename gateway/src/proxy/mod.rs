@@ -18,6 +18,7 @@ pub mod multipart;
 pub mod request;
 pub mod retry;
 pub mod sse;
+pub mod stored;
 pub mod trace;
 pub mod upstream;
 mod worker_tick;
@@ -64,6 +65,8 @@ pub struct State {
     pub journal: Arc<crate::stats::Journal>,
     /// Where finished requests' spans go, when OTLP export is on.
     pub otlp: Option<crate::otlp::Exporter>,
+    /// Which shard made each recent stored response (`GET /v1/responses/{id}`).
+    pub responses: Arc<stored::ResponseIndex>,
     /// The admin token: a request carrying it in `x-breakwater-admin-token` with
     /// `x-breakwater-explain: 1` gets its routing decision as a response header. Empty:
     /// nobody does.
@@ -345,6 +348,11 @@ impl Gateway {
                 } else {
                     respond_error(session, ctx, &GatewayError::ModelNotFound(id)).await
                 }
+            }
+            Ok(Route::StoredResponse(id)) => {
+                let table = self.state.tables.load();
+                worker_tick::ensure(table.upstream.pool_idle());
+                stored::serve(&self.state, &table, session, ctx, &id).await
             }
             Ok(Route::Inference(endpoint)) => {
                 ctx.endpoint = Some(endpoint);

@@ -141,6 +141,9 @@ pub enum Route {
     /// `GET /v1/models/{model}`, answered from the policy (the id percent-decoded; it may
     /// hold `/`, as in `meta-llama/Llama-3.1-8B-Instruct`).
     Model(String),
+    /// `GET` or `DELETE /v1/responses/{id}` (and `…/input_items`, `POST …/cancel`): a
+    /// response an engine stored, on the shard that made it (see [`super::stored`]).
+    StoredResponse(String),
     /// `GET /healthz`: the process is up.
     Healthz,
     /// `GET /readyz`: some shard can take traffic.
@@ -152,7 +155,10 @@ const MODEL_PREFIX: &str = "/v1/models/";
 /// What the gateway serves, as a 404 for any other path lists it.
 pub const SERVED: &str = "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, \
 POST /v1/responses, POST /v1/rerank (or /rerank), POST /v1/score (or /score), POST /tokenize, POST /detokenize, \
-POST /v1/audio/transcriptions, POST /v1/audio/translations, GET /v1/models, GET /v1/models/{model}, GET /healthz, GET /readyz";
+POST /v1/audio/transcriptions, POST /v1/audio/translations, GET /v1/models, GET /v1/models/{model}, GET /v1/responses/{id}, DELETE /v1/responses/{id}, \
+GET /healthz, GET /readyz";
+
+const RESPONSES_PREFIX: &str = "/v1/responses/";
 
 /// Maps method and path to a route, or the error to answer.
 pub fn classify(method: &str, path: &str) -> Result<Route, GatewayError> {
@@ -170,6 +176,27 @@ pub fn classify(method: &str, path: &str) -> Result<Route, GatewayError> {
         "/v1/models" => ("GET", Route::Models),
         "/healthz" => ("GET", Route::Healthz),
         "/readyz" => ("GET", Route::Readyz),
+        _ if path.len() > RESPONSES_PREFIX.len() && path.starts_with(RESPONSES_PREFIX) => {
+            let rest = &path[RESPONSES_PREFIX.len()..];
+            let (id, sub) = rest.split_once('/').unwrap_or((rest, ""));
+            let want = match sub {
+                "" if method == "DELETE" => "DELETE",
+                "" | "input_items" => "GET",
+                "cancel" => "POST",
+                _ => {
+                    return Err(GatewayError::NotFound {
+                        method: method.into(),
+                        path: path.into(),
+                    })
+                }
+            };
+            if id.is_empty() || id.len() > 256 {
+                return Err(GatewayError::BadRequest(
+                    "the response id is 1-256 characters".into(),
+                ));
+            }
+            (want, Route::StoredResponse(id.to_string()))
+        }
         _ if path.len() > MODEL_PREFIX.len() && path.starts_with(MODEL_PREFIX) => {
             let id = percent_encoding::percent_decode_str(&path[MODEL_PREFIX.len()..])
                 .decode_utf8()
@@ -443,7 +470,7 @@ mod tests {
         for entry in SERVED.split(", ") {
             let (method, rest) = entry.split_once(' ').unwrap();
             for path in rest.split(" (or ").map(|p| p.trim_end_matches(')')) {
-                let path = path.replace("{model}", "m");
+                let path = path.replace("{model}", "m").replace("{id}", "resp_1");
                 assert!(classify(method, &path).is_ok(), "{method} {path}");
             }
         }

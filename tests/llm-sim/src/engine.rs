@@ -96,7 +96,12 @@ struct Inner {
     // A watch channel, so the serving loop can wake on a change (to close its port) while
     // requests read the current value once per token without locking.
     fault: watch::Sender<Fault>,
+    /// Responses kept for `GET /v1/responses/{id}` (vLLM's `store`), oldest first.
+    stored: std::sync::Mutex<std::collections::VecDeque<(String, serde_json::Value)>>,
 }
+
+/// Responses an engine keeps.
+const STORED_RESPONSES: usize = 1024;
 
 impl Engine {
     /// Builds an idle engine.
@@ -108,8 +113,32 @@ impl Engine {
                 slots,
                 counters: Counters::default(),
                 fault: watch::Sender::new(Fault::default()),
+                stored: Default::default(),
             }),
         }
+    }
+
+    /// Keeps a finished response for later retrieval (the oldest goes past 1024).
+    pub fn store_response(&self, id: &str, response: serde_json::Value) {
+        let mut stored = self.inner.stored.lock().unwrap_or_else(|p| p.into_inner());
+        if stored.len() >= STORED_RESPONSES {
+            stored.pop_front();
+        }
+        stored.push_back((id.to_string(), response));
+    }
+
+    /// A stored response.
+    pub fn stored_response(&self, id: &str) -> Option<serde_json::Value> {
+        let stored = self.inner.stored.lock().unwrap_or_else(|p| p.into_inner());
+        stored.iter().find(|(i, _)| i == id).map(|(_, v)| v.clone())
+    }
+
+    /// Forgets a stored response; whether it was there.
+    pub fn delete_response(&self, id: &str) -> bool {
+        let mut stored = self.inner.stored.lock().unwrap_or_else(|p| p.into_inner());
+        let before = stored.len();
+        stored.retain(|(i, _)| i != id);
+        stored.len() != before
     }
 
     /// The engine's parameters.

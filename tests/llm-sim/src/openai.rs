@@ -51,6 +51,8 @@ pub struct InferenceRequest {
     pub max_output_tokens: Option<u64>,
     /// A Responses request's system prompt.
     pub instructions: Option<Value>,
+    /// Whether a Responses answer is kept for `GET /v1/responses/{id}` (default true).
+    pub store: Option<bool>,
     /// `include_usage` asks for a final usage chunk.
     pub stream_options: Option<StreamOptions>,
     /// Chat messages.

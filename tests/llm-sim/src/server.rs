@@ -175,6 +175,9 @@ async fn handle(engine: Engine, req: Request<Incoming>) -> Result<Response<SimBo
         (&Method::POST, "/v1/audio/transcriptions" | "/v1/audio/translations") => {
             return Ok(audio(engine, req).await)
         }
+        (method, path) if path.starts_with("/v1/responses/") => {
+            return Ok(stored(&engine, method, &path["/v1/responses/".len()..]))
+        }
         (&Method::POST, "/v1/rerank" | "/rerank") => Endpoint::Rerank,
         (&Method::POST, "/v1/score" | "/score") => Endpoint::Score,
         (&Method::POST, "/tokenize") => Endpoint::Tokenize,
@@ -301,6 +304,35 @@ async fn audio(engine: Engine, req: Request<Incoming>) -> Response<SimBody> {
     json_response(StatusCode::OK, &json!({"text": text.trim_end()}))
 }
 
+/// `GET` and `DELETE /v1/responses/{id}`: the responses this engine made and kept.
+fn stored(engine: &Engine, method: &Method, id: &str) -> Response<SimBody> {
+    engine.note_request(0);
+    let missing = || {
+        error_response(
+            StatusCode::NOT_FOUND,
+            &format!("Response with id '{id}' not found."),
+            "invalid_request_error",
+            "response_not_found",
+        )
+    };
+    match *method {
+        Method::GET => engine
+            .stored_response(id)
+            .map_or_else(missing, |v| json_response(StatusCode::OK, &v)),
+        Method::DELETE if engine.delete_response(id) => json_response(
+            StatusCode::OK,
+            &json!({"id": id, "object": "response", "deleted": true}),
+        ),
+        Method::DELETE => missing(),
+        _ => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET or DELETE",
+            "invalid_request_error",
+            "method_not_allowed",
+        ),
+    }
+}
+
 fn wants_stream(body: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Probe {
@@ -341,6 +373,9 @@ async fn complete(engine: Engine, endpoint: Endpoint, req: InferenceRequest) -> 
         request_id()
     };
     let body = openai::full_response(endpoint, &id, model, &req, prompt, completion);
+    if endpoint == Endpoint::Responses && req.store != Some(false) {
+        engine.store_response(&id, body.clone());
+    }
     json_response(StatusCode::OK, &body)
 }
 
@@ -405,6 +440,17 @@ fn stream(
         }
         if responses {
             // No `[DONE]`: `response.completed` ends a Responses stream.
+            if req.store != Some(false) {
+                let text: String = (0..completion).map(openai::word).collect();
+                let done = openai::response_object(
+                    &id,
+                    &model,
+                    "completed",
+                    &text,
+                    Some((prompt, completion)),
+                );
+                engine.store_response(&id, done);
+            }
             for event in openai::responses_close(&id, &model, prompt, completion) {
                 if tx.send(Ok(event)).await.is_err() {
                     return;

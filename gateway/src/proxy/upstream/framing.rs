@@ -38,6 +38,7 @@ pub enum FramingError {
 /// request id, the attempt's `traceparent` and `content-length`. Values come from already-parsed requests, so they
 /// hold no CR or LF.
 pub fn request_head<'a>(
+    method: &str,
     path_and_query: &str,
     authority: &str,
     fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
@@ -46,7 +47,8 @@ pub fn request_head<'a>(
     content_length: usize,
 ) -> Vec<u8> {
     let mut h = Vec::with_capacity(512);
-    h.extend_from_slice(b"POST ");
+    h.extend_from_slice(method.as_bytes());
+    h.push(b' ');
     h.extend_from_slice(path_and_query.as_bytes());
     h.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     h.extend_from_slice(authority.as_bytes());
@@ -378,6 +380,7 @@ mod tests {
             HeaderValue::from_static("Bearer t"),
         )];
         let h = request_head(
+            "POST",
             "/v1/chat/completions?x=1",
             "10.0.0.1:8000",
             fields.iter().map(|(n, v)| (n, v)),
