@@ -36,6 +36,7 @@ pub struct Metrics {
     retries_total: IntCounter,
     prompt_tokens_total: IntCounterVec,
     completion_tokens_total: IntCounterVec,
+    affinity_total: IntCounterVec,
     time_per_output_token_seconds: HistogramVec,
     gateway_overhead_seconds: Histogram,
     gpu_memory_free_bytes: IntGaugeVec,
@@ -68,6 +69,8 @@ pub struct Finished<'a> {
     pub retries: u32,
     /// The answer's (prompt, completion) tokens, when it reported usage.
     pub usage: Option<(u64, u64)>,
+    /// What cache affinity did, when it had a say.
+    pub affinity: Option<&'a str>,
 }
 
 impl Metrics {
@@ -211,6 +214,13 @@ impl Metrics {
             ),
             &["model", "tenant"],
         )?;
+        let affinity_total = IntCounterVec::new(
+            Opts::new(
+                "affinity_total",
+                "First attempts cache affinity had a say in, by model and outcome: chosen (its shard took it), overridden_by_load (its shard was over the load bound), fenced (its shard could not take it; the next in hash order did).",
+            ),
+            &["model", "outcome"],
+        )?;
         let time_per_output_token_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "time_per_output_token_seconds",
@@ -267,6 +277,7 @@ impl Metrics {
             Box::new(retries_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(prompt_tokens_total.clone()),
             Box::new(completion_tokens_total.clone()),
+            Box::new(affinity_total.clone()),
             Box::new(time_per_output_token_seconds.clone()),
             Box::new(gateway_overhead_seconds.clone()),
             Box::new(gpu_memory_free_bytes.clone()),
@@ -319,6 +330,7 @@ impl Metrics {
             retries_total,
             prompt_tokens_total,
             completion_tokens_total,
+            affinity_total,
             time_per_output_token_seconds,
             gateway_overhead_seconds,
             gpu_memory_free_bytes,
@@ -424,6 +436,11 @@ impl Metrics {
         }
         if r.retries > 0 {
             self.retries_total.inc_by(u64::from(r.retries));
+        }
+        if let Some(outcome) = r.affinity {
+            self.affinity_total
+                .with_label_values(&[r.model, outcome])
+                .inc();
         }
         if let Some((prompt, completion)) = r.usage {
             self.prompt_tokens_total

@@ -30,6 +30,7 @@ use breakwater_health::{HealthView, ShardId};
 
 use crate::policy::Priority;
 use crate::proxy::error::{GatewayError, RateLimited, ShedReason};
+use crate::routing::affinity::{AffinityKey, AffinityOutcome};
 use crate::routing::ledger::LoadCharge;
 use crate::routing::{ModelRoute, ShardEntry};
 use crate::table::{Table, Tables};
@@ -172,20 +173,28 @@ impl Admission {
         }
     }
 
-    /// Places a request's first attempt on a shard of `table` with room for it; `None`
-    /// when none has room. With admission off, any shard routing would pick has room.
-    pub fn place(self: &Arc<Self>, table: &Table, route: &ModelRoute, cost: u64) -> Option<Slot> {
+    /// Places a request's first attempt on a shard of `table` with room for it, following
+    /// its cache `affinity` where that allows; `None` when none has room. With admission
+    /// off, any shard routing would pick has room. Also says what affinity did.
+    pub fn place(
+        self: &Arc<Self>,
+        table: &Table,
+        route: &ModelRoute,
+        cost: u64,
+        affinity: Option<&AffinityKey>,
+    ) -> Option<(Slot, Option<AffinityOutcome>)> {
         let rng = &mut rand::thread_rng();
         let router = &table.router;
-        let shard = if table.policy.admission.enabled {
+        let affine = affinity.map(|k| (k, cost));
+        let (shard, outcome) = if table.policy.admission.enabled {
             let fits = |s: &ShardEntry, h: &HealthView, now| {
                 s.limit_fits(cost, h) && router.has_headroom(s, h, now)
             };
-            router.pick_fitting(route, &[], fits, rng)?
+            router.pick_affine(route, &[], fits, affine, rng)?
         } else {
-            router.pick(route, &[], rng)?
+            router.pick_affine(route, &[], |_, _, _| true, affine, rng)?
         };
-        Some(self.charge(shard, cost))
+        Some((self.charge(shard, cost), outcome))
     }
 
     /// Places a retry: any shard routing picks, room or not (the retry budget bounds them).
@@ -258,7 +267,7 @@ impl Admission {
     /// Places a queued request of model `model` in the table in force.
     fn place_queued(self: &Arc<Self>, table: &Table, model: &Arc<str>, cost: u64) -> Option<Slot> {
         let route = table.router.route(model)?;
-        self.place(table, route, cost)
+        self.place(table, route, cost, None).map(|(slot, _)| slot)
     }
 
     /// Offers the room there is now to the queue: run when a slot is released, and by

@@ -18,6 +18,7 @@ use super::{
     Region, RetrySettings, RoutingSettings, Shard, Shutdown, Tenant, Timeouts,
 };
 use crate::proxy::request::{Endpoint, EndpointSet};
+use crate::routing::affinity::{AffinityMode, AffinitySettings};
 use crate::tls::upstream::{PoolTlsFiles, UpstreamTls};
 use crate::tls::CertFiles;
 
@@ -298,6 +299,7 @@ impl Compiler {
                         .map(|v| self.bounded(name, &at("context_window"), v, 16, 100_000_000)),
                     tls: None,
                     endpoints: self.endpoints(name, &at("endpoints"), p.endpoints.as_deref()),
+                    affinity: self.affinity(name, &at, p),
                 });
             }
         }
@@ -997,6 +999,63 @@ impl Compiler {
         }
     }
 
+    /// A pool's `affinity*` keys.
+    fn affinity(
+        &mut self,
+        file: &str,
+        at: &dyn Fn(&str) -> String,
+        p: &super::raw::RawPool,
+    ) -> AffinitySettings {
+        let d = AffinitySettings::default();
+        let mode = match p.affinity.as_deref() {
+            None => AffinityMode::None,
+            Some(m) => AffinityMode::parse(m).unwrap_or_else(|| {
+                let msg = format!("unknown affinity {m:?}; expected none, session or prefix");
+                self.issue(file, at("affinity"), msg);
+                AffinityMode::None
+            }),
+        };
+        let header = p.affinity_header.as_deref().and_then(|h| {
+            let name = http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok();
+            if name.is_none() {
+                self.issue(
+                    file,
+                    at("affinity_header"),
+                    format!("{h:?} is not a header name"),
+                );
+            }
+            name
+        });
+        let max_load = p.affinity_max_load.unwrap_or(d.max_load);
+        if !(max_load.is_finite() && (1.0..=10.0).contains(&max_load)) {
+            self.issue(
+                file,
+                at("affinity_max_load"),
+                format!("{max_load} must be within 1..=10"),
+            );
+        }
+        AffinitySettings {
+            mode,
+            block_bytes: p.affinity_block_bytes.map_or(d.block_bytes, |v| {
+                self.bounded(file, &at("affinity_block_bytes"), v, 16, 65_536) as usize
+            }),
+            max_prefix_bytes: p.affinity_max_prefix_bytes.map_or(d.max_prefix_bytes, |v| {
+                self.bounded(file, &at("affinity_max_prefix_bytes"), v, 16, 1 << 20) as usize
+            }),
+            header,
+            max_load: max_load.clamp(1.0, 10.0),
+            ttl: p.affinity_ttl_ms.map_or(d.ttl, |v| {
+                Duration::from_millis(self.bounded(
+                    file,
+                    &at("affinity_ttl_ms"),
+                    v,
+                    1_000,
+                    86_400_000,
+                ))
+            }),
+        }
+    }
+
     /// A pool's `endpoints` list (default: all).
     fn endpoints(&mut self, file: &str, key: &str, raw: Option<&[String]>) -> EndpointSet {
         let Some(names) = raw else {
@@ -1019,11 +1078,25 @@ impl Compiler {
             .collect()
     }
 
-    /// Pools serving the same model must serve the same endpoints: a request is routed by
-    /// model across regions, and one region's pool must not get what it cannot answer.
+    /// Pools serving the same model must serve the same endpoints, with the same affinity:
+    /// a request is routed by model across regions, and one region's pool must not get what
+    /// it cannot answer.
     fn same_endpoints_per_model(&mut self, files: &[(String, RawFile)], pools: &[Pool]) {
         for (i, p) in pools.iter().enumerate() {
             for q in &pools[..i] {
+                if p.affinity != q.affinity {
+                    if let Some(m) = p.models.iter().find(|m| q.models.contains(m)) {
+                        let file = files
+                            .iter()
+                            .find(|(_, f)| f.pools.iter().any(|r| r.id == p.id))
+                            .map_or("", |(n, _)| n.as_str());
+                        let msg = format!(
+                            "pools {:?} and {:?} both serve {m:?} with different affinity settings; a model's pools must agree",
+                            q.id, p.id
+                        );
+                        self.issue(file, "pools.affinity", msg);
+                    }
+                }
                 if p.endpoints != q.endpoints {
                     if let Some(m) = p.models.iter().find(|m| q.models.contains(m)) {
                         let file = files

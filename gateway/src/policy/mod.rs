@@ -93,6 +93,8 @@ pub struct Pool {
     pub tls: Option<Arc<UpstreamTls>>,
     /// The endpoints its engines serve.
     pub endpoints: EndpointSet,
+    /// Cache affinity.
+    pub affinity: crate::routing::affinity::AffinitySettings,
 }
 
 /// One inference endpoint.
@@ -1008,6 +1010,49 @@ models = ["llama"]
         let got = issues(one(&west));
         assert!(
             got.iter().any(|i| i.contains("list different endpoints")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn affinity_settings_compile_and_mistakes_are_named() {
+        use crate::routing::affinity::AffinityMode;
+        let with = |keys: &str| {
+            BASE.replace(
+                "models = [\"llama\"]",
+                &format!("models = [\"llama\"]\n{keys}"),
+            )
+        };
+        let p = one(&with(
+            "affinity = \"prefix\"\naffinity_block_bytes = 512\naffinity_header = \"X-Session-Id\"\naffinity_max_load = 2.0",
+        ))
+        .unwrap();
+        let a = &p.pools[0].affinity;
+        assert_eq!(a.mode, AffinityMode::Prefix);
+        assert_eq!(a.block_bytes, 512);
+        assert_eq!(a.header.as_ref().map(|h| h.as_str()), Some("x-session-id"));
+        assert_eq!(a.max_load, 2.0);
+        assert_eq!(
+            one(BASE).unwrap().pools[0].affinity.mode,
+            AffinityMode::None
+        );
+        for (keys, want) in [
+            ("affinity = \"sticky\"", "unknown affinity \"sticky\""),
+            ("affinity_block_bytes = 4", "affinity_block_bytes"),
+            ("affinity_max_load = 0.5", "affinity_max_load"),
+            ("affinity_header = \"bad header\"", "not a header name"),
+        ] {
+            let got = issues(one(&with(keys)));
+            assert!(got.iter().any(|i| i.contains(want)), "{keys}: {got:?}");
+        }
+        let west = format!(
+            "{}\n[[pools]]\nid = \"p-west\"\nregion = \"west\"\nmodels = [\"llama\"]\n",
+            with("affinity = \"session\"")
+        );
+        let got = issues(one(&west));
+        assert!(
+            got.iter()
+                .any(|i| i.contains("different affinity settings")),
             "{got:?}"
         );
     }

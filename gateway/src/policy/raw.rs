@@ -243,6 +243,19 @@ pub struct RawPool {
     /// `embeddings`, `responses`, `rerank`, `score`, `tokenize`, `detokenize`,
     /// `audio_transcriptions`, `audio_translations`). Default: all.
     pub endpoints: Option<Vec<String>>,
+    /// Cache affinity: `none`, `session` or `prefix`. Default `none`.
+    pub affinity: Option<String>,
+    /// Bytes of prompt JSON per hashed block, 16 – 65536. Default 256.
+    pub affinity_block_bytes: Option<u64>,
+    /// At most this much of the prompt is hashed, bytes. Default 32768.
+    pub affinity_max_prefix_bytes: Option<u64>,
+    /// A request header carrying a session key (besides `prompt_cache_key` and `user`).
+    pub affinity_header: Option<String>,
+    /// Bounded load: affinity yields when its shard's load exceeds the mean by this
+    /// factor, 1 – 10. Default 1.25.
+    pub affinity_max_load: Option<f64>,
+    /// How long the prefix index remembers a shard for a block, ms. Default 600000.
+    pub affinity_ttl_ms: Option<u64>,
 }
 
 /// `[[shards]]`

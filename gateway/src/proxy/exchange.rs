@@ -29,6 +29,7 @@ use super::{
 };
 use crate::admission::queue::Evicted;
 use crate::admission::Slot;
+use crate::routing::affinity::{self, AffinityKey, AffinityMode, AffinitySettings};
 use crate::routing::estimate::TokenCost;
 use crate::routing::{ModelRoute, ShardEntry};
 use crate::table::Table;
@@ -98,6 +99,8 @@ impl Attempt {
 struct Resolved<'r> {
     req: InferenceRequest,
     route: &'r ModelRoute,
+    /// What cache affinity routes it by, if its model has affinity and it has a key.
+    affinity: Option<AffinityKey>,
     cost: TokenCost,
     /// The request's deadline: the client's, the tenant's default or `timeouts.total_ms`.
     deadline: Instant,
@@ -222,6 +225,10 @@ fn resolve<'t>(
             return Err(GatewayError::ContextLength { tokens, window });
         }
     }
+    let affinity = route
+        .affinity
+        .as_deref()
+        .and_then(|a| affinity_key(&a.settings, &req, body, &session.req_header().headers));
     let tenant_timeout = ctx.tenant.and_then(|t| table.tenants.get(t).timeout);
     let budget = request::client_timeout(&session.req_header().headers)
         .or(tenant_timeout)
@@ -230,6 +237,7 @@ fn resolve<'t>(
     Ok(Resolved {
         req,
         route,
+        affinity,
         cost,
         deadline: Instant::from_std(ctx.started) + budget,
     })
@@ -253,7 +261,9 @@ async fn admit(
         table.policy.admission.enabled,
     ));
     if !admission.must_queue(table, ctx.priority) {
-        if let Some(slot) = admission.place(table, r.route, cost) {
+        if let Some((slot, outcome)) = admission.place(table, r.route, cost, r.affinity.as_ref()) {
+            ctx.affinity = outcome;
+            remember_prefix(r, &slot.shard);
             return Ok(Some(slot));
         }
     }
@@ -276,10 +286,59 @@ async fn admit(
     };
     ctx.queue_wait = Some(ticket.enqueued.elapsed());
     match outcome {
-        Ok(Some(Ok(slot))) => Ok(Some(slot)),
+        Ok(Some(Ok(slot))) => {
+            remember_prefix(r, &slot.shard);
+            Ok(Some(slot))
+        }
         Ok(Some(Err(Evicted))) => Err(admission.shed(ShedReason::Evicted, cost)),
         // The deadline passed in the queue; the request never reaches a shard.
         Ok(None) | Err(_) => Err(admission.shed(ShedReason::QueueTimeout, cost)),
+    }
+}
+
+/// What a request's cache affinity routes by: an explicit session key (the policy's
+/// header, else the body's `prompt_cache_key` or `user`) in either mode, else for
+/// `prefix` the hashes of its prompt's leading blocks (none for a prompt shorter than one).
+fn affinity_key(
+    settings: &AffinitySettings,
+    req: &InferenceRequest,
+    body: &[u8],
+    headers: &http::HeaderMap,
+) -> Option<AffinityKey> {
+    let header = settings
+        .header
+        .as_ref()
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    if let Some(key) = header.or(req.session.as_deref()) {
+        return Some(AffinityKey::Session(affinity::session_hash(key)));
+    }
+    if settings.mode != AffinityMode::Prefix {
+        return None;
+    }
+    let blocks = match req.prompt_spans.as_slice() {
+        [one] => affinity::block_hashes(
+            &body[one.clone()],
+            settings.block_bytes,
+            settings.max_prefix_bytes,
+        ),
+        spans => {
+            let text: Vec<u8> = spans
+                .iter()
+                .flat_map(|s| body[s.clone()].iter().copied())
+                .collect();
+            affinity::block_hashes(&text, settings.block_bytes, settings.max_prefix_bytes)
+        }
+    };
+    (!blocks.is_empty()).then_some(AffinityKey::Prefix(blocks))
+}
+
+/// Notes in the model's prefix index that `shard` now holds the request's prefix.
+fn remember_prefix(r: &Resolved<'_>, shard: &ShardEntry) {
+    if let (Some(AffinityKey::Prefix(blocks)), Some(a)) = (&r.affinity, r.route.affinity.as_deref())
+    {
+        a.index.record(blocks, shard.key, std::time::Instant::now());
     }
 }
 

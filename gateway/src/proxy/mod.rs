@@ -160,6 +160,8 @@ pub struct RequestCtx {
     pub model: Option<String>,
     /// Its route in the table (the route's model index), once resolved.
     pub route: Option<usize>,
+    /// What cache affinity did for its first attempt, when it had a say.
+    pub affinity: Option<crate::routing::affinity::AffinityOutcome>,
     /// The routing table the request runs under, once loaded.
     pub table: Option<Arc<Table>>,
     /// The last shard tried.
@@ -281,6 +283,7 @@ impl RequestCtx {
             started: std::time::Instant::now(),
             model: None,
             route: None,
+            affinity: None,
             table: None,
             shard: None,
             attempts: 0,
@@ -449,6 +452,7 @@ impl Gateway {
                 .map(|t| (t - ctx.started).saturating_sub(ctx.queue_wait.unwrap_or_default())),
             retries: ctx.attempts.saturating_sub(1),
             usage: ctx.usage,
+            affinity: ctx.affinity.map(|a| a.as_str()),
         });
         match (tenant, ctx.refusal) {
             // Refused before a tenant was known: a missing or unknown key.
@@ -474,6 +478,7 @@ impl Gateway {
             priority = ctx.tenant.map(|_| ctx.priority.as_str()),
             queue_wait_ms = ctx.queue_wait.map(|w| w.as_secs_f64() * 1e3),
             refusal = ctx.refusal,
+            affinity = ctx.affinity.map(|a| a.as_str()),
             model = ctx.model.as_deref().unwrap_or(""),
             region = shard.map_or("", |s| s.region.as_str()),
             shard = shard.map_or("", |s| s.id.as_str()),

@@ -4,6 +4,7 @@
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 
 use super::error::GatewayError;
 use crate::routing::estimate::RequestSize;
@@ -253,6 +254,11 @@ pub struct InferenceRequest {
     pub calibrates: bool,
     /// How a stream of it is framed.
     pub dialect: Dialect,
+    /// An explicit session key: the body's `prompt_cache_key`, else its `user`.
+    pub session: Option<String>,
+    /// Where the prompt's JSON lies in the body (`instructions` then `input` for Responses,
+    /// else `messages`, `prompt` or `input`): what prefix affinity hashes.
+    pub prompt_spans: SmallVec<[std::ops::Range<usize>; 2]>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +273,8 @@ struct Body<'a> {
     messages: Option<&'a RawValue>,
     #[serde(borrow)]
     instructions: Option<&'a RawValue>,
+    prompt_cache_key: Option<serde_json::Value>,
+    user: Option<serde_json::Value>,
     #[serde(borrow)]
     prompt: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -337,6 +345,21 @@ pub fn parse(
         _ => 0,
     };
     let prompt_bytes = text_bytes(text.get()) + instructions;
+    let span = |raw: &RawValue| {
+        let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+        start..start + raw.get().len()
+    };
+    let mut prompt_spans = SmallVec::new();
+    if endpoint == Endpoint::Responses {
+        prompt_spans.extend(b.instructions.map(span));
+    }
+    prompt_spans.push(span(text));
+    let session = [b.prompt_cache_key, b.user]
+        .into_iter()
+        .find_map(|v| match v {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
+            _ => None,
+        });
     let max_completion_tokens = match endpoint {
         Endpoint::Responses => max_output,
         _ => max_completion.or(max_tokens),
@@ -351,6 +374,8 @@ pub fn parse(
         },
         calibrates: true,
         dialect: endpoint.dialect(),
+        session,
+        prompt_spans,
     })
 }
 
@@ -369,6 +394,8 @@ fn engine_extra(model: String, body: &[u8]) -> InferenceRequest {
         },
         calibrates: false,
         dialect: Dialect::Chat,
+        session: None,
+        prompt_spans: SmallVec::new(),
     }
 }
 
@@ -405,6 +432,8 @@ fn audio(body: &[u8], content_type: &str) -> Result<InferenceRequest, GatewayErr
         },
         calibrates: false,
         dialect: Dialect::Chat,
+        session: None,
+        prompt_spans: SmallVec::new(),
     })
 }
 
@@ -487,6 +516,18 @@ mod tests {
         assert!(r.stream);
         assert_eq!(r.size.max_completion_tokens, Some(9));
         assert_eq!(r.size.prompt_bytes, "user".len() + "hello".len());
+        assert_eq!(r.session, None);
+        let body = br#"{"model":"m","user":"u-1","prompt_cache_key":"conv-9","messages":[{"role":"user","content":"hello"}]}"#;
+        let r = parse(Endpoint::ChatCompletions, body, None).unwrap();
+        assert_eq!(
+            r.session.as_deref(),
+            Some("conv-9"),
+            "prompt_cache_key before user"
+        );
+        assert_eq!(
+            &body[r.prompt_spans[0].clone()],
+            br#"[{"role":"user","content":"hello"}]"#
+        );
         let r = parse(
             Endpoint::Completions,
             br#"{"model":"m","prompt":"abc","max_tokens":4,"max_completion_tokens":2}"#,

@@ -10,6 +10,7 @@
 //! This module does not talk to shards or judge their health; it reads the published
 //! [`HealthView`].
 
+pub mod affinity;
 pub mod estimate;
 pub mod explain;
 pub mod ledger;
@@ -26,7 +27,8 @@ use breakwater_health::{
 };
 use http::HeaderValue;
 use rand::Rng;
-use slotmap::SlotMap;
+use slotmap::{Key as _, SlotMap};
+use smallvec::SmallVec;
 use url::Url;
 
 use crate::admission::limit::ShardLimit;
@@ -35,6 +37,7 @@ use crate::proxy::request::EndpointSet;
 use crate::proxy::upstream::Endpoint;
 use crate::stats::LatencyWindow;
 use crate::tls::upstream::UpstreamTls;
+use affinity::{AffinityKey, AffinityMode, AffinityOutcome, PrefixIndex, RouteAffinity};
 use estimate::Estimator;
 use ledger::ShardLoad;
 
@@ -141,6 +144,8 @@ pub struct ModelRoute {
     pub context_window: Option<u64>,
     /// The endpoints its pools serve (the same for all of them: the policy checks).
     pub endpoints: EndpointSet,
+    /// Cache affinity, when its pools ask for it (the same for all of them).
+    pub affinity: Option<Arc<RouteAffinity>>,
 }
 
 /// What outlives every routing table: the shard ids handed out, the health snapshot the
@@ -287,17 +292,32 @@ impl Router {
                     .filter(|p| p.models.contains(model))
                     .filter_map(|p| p.context_window)
                     .min();
-                let endpoints = policy
-                    .pools
-                    .iter()
-                    .find(|p| p.models.contains(model))
-                    .map_or(EndpointSet::ALL, |p| p.endpoints);
+                let first_pool = policy.pools.iter().find(|p| p.models.contains(model));
+                let endpoints = first_pool.map_or(EndpointSet::ALL, |p| p.endpoints);
+                // The index outlives a reload that keeps the settings.
+                let affinity = first_pool
+                    .map(|p| &p.affinity)
+                    .filter(|a| a.mode != AffinityMode::None)
+                    .map(|settings| {
+                        let carried = previous
+                            .and_then(|prev| prev.route(model))
+                            .and_then(|r| r.affinity.as_ref())
+                            .filter(|a| a.settings == *settings);
+                        match carried {
+                            Some(a) => Arc::clone(a),
+                            None => Arc::new(RouteAffinity {
+                                settings: settings.clone(),
+                                index: PrefixIndex::new(affinity::INDEX_BLOCKS),
+                            }),
+                        }
+                    });
                 ModelRoute {
                     name: Arc::from(model.as_str()),
                     model: idx,
                     tiers,
                     context_window,
                     endpoints,
+                    affinity,
                 }
             })
             .collect();
@@ -459,6 +479,22 @@ impl Router {
         fits: impl Fn(&ShardEntry, &HealthView, Instant) -> bool,
         rng: &mut R,
     ) -> Option<&Arc<ShardEntry>> {
+        self.pick_affine(route, tried, fits, None, rng)
+            .map(|(s, _)| s)
+    }
+
+    /// [`Router::pick_fitting`] for a first attempt with an affinity key (`affine`: the
+    /// key and the request's cost): within the tier chosen, the key's shard when it is a
+    /// candidate and within the load bound (see [`affinity`]). Also says what affinity did;
+    /// `None` when it had no say (no key, no affinity for the model, or a retry).
+    pub fn pick_affine<R: Rng + ?Sized>(
+        &self,
+        route: &ModelRoute,
+        tried: &[ShardId],
+        fits: impl Fn(&ShardEntry, &HealthView, Instant) -> bool,
+        affine: Option<(&AffinityKey, u64)>,
+        rng: &mut R,
+    ) -> Option<(&Arc<ShardEntry>, Option<AffinityOutcome>)> {
         let health = self.fleet.health.load();
         let now = Instant::now();
         let panic = !route
@@ -466,7 +502,7 @@ impl Router {
             .iter()
             .flatten()
             .any(|i| self.admitted(*i, &health));
-        let mut candidates = Vec::with_capacity(8);
+        let mut candidates: SmallVec<[usize; 8]> = SmallVec::new();
         // A first attempt may start in a later region: the share of traffic each region
         // keeps follows its healthy capacity (see `region_shares`). Retries go in order.
         let first_tier = if tried.is_empty() && !panic {
@@ -490,11 +526,91 @@ impl Router {
                 };
                 allowed && !tried.contains(&s.key) && fits(s, &health, now)
             }));
+            if let (Some((key, cost)), Some(aff)) = (affine, route.affinity.as_deref()) {
+                if let Some((i, outcome)) =
+                    self.affine_choice(tier, &candidates, key, cost, aff, &health, now)
+                {
+                    let chosen = match outcome {
+                        AffinityOutcome::OverriddenByLoad => {
+                            select::p2c(&candidates, |i| self.score(i, &health, now), rng)
+                        }
+                        _ => Some(i),
+                    };
+                    if let Some(i) = chosen {
+                        return Some((&self.shards[i], Some(outcome)));
+                    }
+                }
+            }
             if let Some(i) = select::p2c(&candidates, |i| self.score(i, &health, now), rng) {
-                return Some(&self.shards[i]);
+                return Some((&self.shards[i], None));
             }
         }
         None
+    }
+
+    /// The key's shard among a tier's `candidates` and what affinity did: the shard the
+    /// prefix index remembers for the longest prefix, else the first in rendezvous order
+    /// over the whole tier — passed over (fenced) when it is not a candidate, for the next
+    /// in that order that is — and then checked against the load bound. `None`: the key
+    /// says nothing here (no candidate, no usable hash).
+    #[allow(clippy::too_many_arguments)]
+    fn affine_choice(
+        &self,
+        tier: &[usize],
+        candidates: &[usize],
+        key: &AffinityKey,
+        cost: u64,
+        aff: &RouteAffinity,
+        health: &HealthView,
+        now: Instant,
+    ) -> Option<(usize, AffinityOutcome)> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let mut fenced = false;
+        let remembered = match key {
+            AffinityKey::Prefix(blocks) => aff
+                .index
+                .deepest(blocks, now, aff.settings.ttl)
+                .and_then(|k| tier.iter().copied().find(|i| self.shards[*i].key == k)),
+            AffinityKey::Session(_) => None,
+        };
+        let preferred = match remembered {
+            Some(i) if candidates.contains(&i) => i,
+            other => {
+                fenced = other.is_some();
+                let hash = key.rendezvous_hash()?;
+                let ids: SmallVec<[(u64, f64); 8]> = tier
+                    .iter()
+                    .map(|i| {
+                        let s = &self.shards[*i];
+                        (s.key.data().as_ffi(), s.effective_capacity)
+                    })
+                    .collect();
+                let order = affinity::rendezvous_order(hash, &ids);
+                let first = order
+                    .iter()
+                    .map(|p| tier[*p])
+                    .position(|i| candidates.contains(&i))?;
+                fenced |= first > 0 && remembered.is_none();
+                tier[order[first]]
+            }
+        };
+        // Bounded load: within max_load of the candidates' mean, one request's worth aside.
+        let mean = candidates
+            .iter()
+            .map(|i| self.score(*i, health, now))
+            .sum::<f64>()
+            / candidates.len() as f64;
+        let own = cost as f64 / self.shards[preferred].effective_capacity.max(1e-9);
+        let outcome = if self.score(preferred, health, now) > aff.settings.max_load * mean + own {
+            AffinityOutcome::OverriddenByLoad
+        } else if fenced {
+            AffinityOutcome::Fenced
+        } else {
+            AffinityOutcome::Chosen
+        };
+        Some((preferred, outcome))
     }
 
     /// The tier a first attempt starts in, for a uniform draw `u` in [0, 1): Envoy's

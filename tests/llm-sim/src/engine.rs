@@ -67,6 +67,40 @@ pub struct SimStats {
     pub kv_tokens: u64,
     /// TCP connections accepted on the serving port.
     pub connections_total: u64,
+    /// Prompt tokens looked up in the prefix cache (vLLM's `prefix_cache_queries`).
+    pub prefix_cache_queries_total: u64,
+    /// Of them, tokens found cached, whose prefill was skipped.
+    pub prefix_cache_hits_total: u64,
+}
+
+/// Bytes of prompt text per prefix-cache block (about 70 tokens at 3.6 bytes a token).
+pub const PREFIX_BLOCK_BYTES: usize = 256;
+
+/// The engine's prefix cache: hashes of prompt blocks it has prefilled, each chained to
+/// the ones before it (a block matches only if the whole prefix up to it does). Bounded by
+/// the KV cache's size, in two generations: when the newer fills up it becomes the older
+/// and the older is dropped, so what is not reused ages out.
+#[derive(Default)]
+struct PrefixCache {
+    newer: std::collections::HashSet<u64>,
+    older: std::collections::HashSet<u64>,
+}
+
+impl PrefixCache {
+    /// How many of `blocks`' leading blocks are cached; then caches all of them.
+    fn look_up_and_keep(&mut self, blocks: &[u64], capacity_blocks: usize) -> usize {
+        let hits = blocks
+            .iter()
+            .take_while(|b| self.newer.contains(b) || self.older.contains(b))
+            .count();
+        for b in blocks {
+            if self.newer.len() >= capacity_blocks.div_ceil(2).max(1) {
+                self.older = std::mem::take(&mut self.newer);
+            }
+            self.newer.insert(*b);
+        }
+        hits
+    }
 }
 
 #[derive(Default)]
@@ -81,6 +115,8 @@ struct Counters {
     waiting: AtomicU64,
     kv_tokens: AtomicU64,
     connections_total: AtomicU64,
+    prefix_cache_queries_total: AtomicU64,
+    prefix_cache_hits_total: AtomicU64,
 }
 
 /// A cheap handle on one simulated engine; clones share it.
@@ -98,6 +134,7 @@ struct Inner {
     fault: watch::Sender<Fault>,
     /// Responses kept for `GET /v1/responses/{id}` (vLLM's `store`), oldest first.
     stored: std::sync::Mutex<std::collections::VecDeque<(String, serde_json::Value)>>,
+    prefix_cache: std::sync::Mutex<PrefixCache>,
 }
 
 /// Responses an engine keeps.
@@ -114,6 +151,7 @@ impl Engine {
                 counters: Counters::default(),
                 fault: watch::Sender::new(Fault::default()),
                 stored: Default::default(),
+                prefix_cache: Default::default(),
             }),
         }
     }
@@ -175,6 +213,8 @@ impl Engine {
             waiting: c.waiting.load(Ordering::Relaxed),
             kv_tokens: c.kv_tokens.load(Ordering::Relaxed),
             connections_total: c.connections_total.load(Ordering::Relaxed),
+            prefix_cache_queries_total: c.prefix_cache_queries_total.load(Ordering::Relaxed),
+            prefix_cache_hits_total: c.prefix_cache_hits_total.load(Ordering::Relaxed),
         }
     }
 
@@ -201,6 +241,13 @@ impl Engine {
     /// Queues a request for a batch slot, waits for one, then waits out the time to first
     /// token (base TTFT plus prefill). Dropping the future leaves the queue.
     pub async fn admit(&self, prompt_tokens: u64) -> Running {
+        self.admit_with_prefix(prompt_tokens, &[]).await
+    }
+
+    /// [`Engine::admit`] for a prompt whose text hashes to `blocks` (see
+    /// [`crate::openai::InferenceRequest::prefix_blocks`]): the leading blocks found in the
+    /// prefix cache skip their prefill.
+    pub async fn admit_with_prefix(&self, prompt_tokens: u64, blocks: &[u64]) -> Running {
         let c = &self.inner.counters;
         c.waiting.fetch_add(1, Ordering::Relaxed);
         let waiting = WaitingGuard(self.clone());
@@ -216,9 +263,28 @@ impl Engine {
             kv_tokens: prompt_tokens,
             finished: false,
         };
-        // Prefill runs about ten times faster than decode on real engines.
+        let cached = if blocks.is_empty() {
+            0
+        } else {
+            let capacity_blocks = (self.inner.config.kv_capacity_tokens as f64 * 3.6
+                / PREFIX_BLOCK_BYTES as f64) as usize;
+            let hits = self
+                .inner
+                .prefix_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .look_up_and_keep(blocks, capacity_blocks);
+            ((hits * PREFIX_BLOCK_BYTES) as f64 / 3.6) as u64
+        }
+        .min(prompt_tokens);
+        c.prefix_cache_queries_total
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+        c.prefix_cache_hits_total
+            .fetch_add(cached, Ordering::Relaxed);
+        // Prefill runs about ten times faster than decode on real engines; a cached prefix
+        // is not prefilled again.
         let prefill = Duration::from_secs_f64(
-            prompt_tokens as f64 / (self.inner.config.capacity_tps * 10.0).max(1.0),
+            (prompt_tokens - cached) as f64 / (self.inner.config.capacity_tps * 10.0).max(1.0),
         );
         let slow = self.fault().slow_factor();
         tokio::time::sleep((self.inner.config.ttft + prefill).mul_f64(slow)).await;

@@ -119,6 +119,37 @@ impl InferenceRequest {
         ((bytes as f64 / 3.6).ceil() as u64 + framing).max(1)
     }
 
+    /// The hashes of the prompt's blocks of [`crate::engine::PREFIX_BLOCK_BYTES`], each
+    /// chained to those before it: the text is the prompt's JSON (instructions first, then
+    /// messages, prompt or input), so a longer conversation's first blocks are the shorter
+    /// one's. A partial last block is left out.
+    pub fn prefix_blocks(&self) -> Vec<u64> {
+        use std::hash::{Hash, Hasher};
+        let mut text = String::new();
+        for v in [
+            &self.instructions,
+            &self.messages,
+            &self.prompt,
+            &self.input,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            text.push_str(&v.to_string());
+        }
+        let mut prev = 0u64;
+        text.as_bytes()
+            .chunks_exact(crate::engine::PREFIX_BLOCK_BYTES)
+            .map(|block| {
+                let mut h = std::hash::DefaultHasher::new();
+                prev.hash(&mut h);
+                block.hash(&mut h);
+                prev = h.finish();
+                prev
+            })
+            .collect()
+    }
+
     /// Tokens to generate.
     pub fn completion_tokens(&self) -> u64 {
         self.max_output_tokens

@@ -361,7 +361,7 @@ async fn complete(engine: Engine, endpoint: Endpoint, req: InferenceRequest) -> 
     } else {
         0
     };
-    let mut running = engine.admit(prompt).await;
+    let mut running = engine.admit_with_prefix(prompt, &req.prefix_blocks()).await;
     for _ in 0..completion {
         running.next_token().await;
     }
@@ -390,6 +390,7 @@ fn stream(
     tokio::spawn(async move {
         let prompt = req.prompt_tokens();
         let completion = req.completion_tokens();
+        let blocks = req.prefix_blocks();
         let responses = endpoint == Endpoint::Responses;
         let id = if responses {
             response_id()
@@ -417,7 +418,7 @@ fn stream(
             return;
         }
         let mut running = tokio::select! {
-            r = engine.admit(prompt) => r,
+            r = engine.admit_with_prefix(prompt, &blocks) => r,
             _ = tx.closed() => return,
         };
         for i in 0..completion {
@@ -522,7 +523,15 @@ pub fn metrics(engine: &Engine) -> String {
          vllm:prompt_tokens_total{{model_name=\"{m}\"}} {prompt}\n\
          # HELP vllm:generation_tokens_total Number of generation tokens processed.\n\
          # TYPE vllm:generation_tokens_total counter\n\
-         vllm:generation_tokens_total{{model_name=\"{m}\"}} {generated}\n",
+         vllm:generation_tokens_total{{model_name=\"{m}\"}} {generated}\n\
+         # HELP vllm:prefix_cache_queries_total Prompt tokens looked up in the prefix cache.\n\
+         # TYPE vllm:prefix_cache_queries_total counter\n\
+         vllm:prefix_cache_queries_total{{model_name=\"{m}\"}} {queries}\n\
+         # HELP vllm:prefix_cache_hits_total Prompt tokens found in the prefix cache.\n\
+         # TYPE vllm:prefix_cache_hits_total counter\n\
+         vllm:prefix_cache_hits_total{{model_name=\"{m}\"}} {hits}\n",
+        queries = s.prefix_cache_queries_total,
+        hits = s.prefix_cache_hits_total,
         running = s.running,
         waiting = s.waiting,
         prompt = s.prompt_tokens_total,

@@ -1,0 +1,302 @@
+//! Cache affinity end to end on a four-shard pool: a session sticks to its shard; a
+//! drained or dead shard is never chosen by affinity and its sessions move to the next in
+//! hash order; bounded load moves a hot key; removing a shard moves only its sessions; and
+//! a conversation's next turn finds the shard that holds its prefix, whose engine then
+//! skips that part of the prefill.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{client, policy_text, start_shard, Gateway, Shard, ShardSpec, MODEL};
+use llm_sim::FaultMode;
+use serde_json::{json, Value};
+
+async fn four() -> Vec<Shard> {
+    let mut shards = Vec::new();
+    for id in ["s1", "s2", "s3", "s4"] {
+        shards.push(start_shard(ShardSpec::new(id, "home")).await);
+    }
+    shards
+}
+
+/// The policy for `shards` with `affinity` set on their pool (and checks off, so only the
+/// test decides health).
+fn policy(shards: &[&Shard], affinity: &str) -> String {
+    policy_text(shards, "[health]\ncheck_interval_ms = 0\n").replace(
+        "models = [\"test-model\"]",
+        &format!("models = [\"test-model\"]\n{affinity}"),
+    )
+}
+
+/// Sends one chat request with session `key`; the shard that answered.
+async fn ask(gw: &Gateway, key: &str) -> String {
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({
+            "model": MODEL,
+            "prompt_cache_key": key,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 2,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.headers()["x-breakwater-shard"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `breakwater_affinity_total` by outcome.
+async fn outcomes(gw: &Gateway) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for line in gw.metrics().await.lines() {
+        if let Some(rest) = line.strip_prefix("breakwater_affinity_total{") {
+            let outcome = rest
+                .split("outcome=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            let n: f64 = rest.rsplit(' ').next().unwrap().parse().unwrap();
+            *out.entry(outcome.to_string()).or_default() += n as u64;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_session_sticks_to_its_shard_and_sessions_spread() {
+    let shards = four().await;
+    let refs: Vec<&Shard> = shards.iter().collect();
+    let gw = Gateway::start(&policy(&refs, "affinity = \"session\"")).await;
+    let mut home: HashMap<String, String> = HashMap::new();
+    for round in 0..3 {
+        for s in 0..24 {
+            let key = format!("conversation-{s}");
+            let shard = ask(&gw, &key).await;
+            if round == 0 {
+                home.insert(key, shard);
+            } else {
+                assert_eq!(home[&key], shard, "{key} moved");
+            }
+        }
+    }
+    let used: std::collections::HashSet<&String> = home.values().collect();
+    assert!(
+        used.len() >= 3,
+        "24 sessions on {} shards: {home:?}",
+        used.len()
+    );
+    assert_eq!(outcomes(&gw).await.get("chosen"), Some(&72));
+    // Without a key the request is balanced by load, and affinity says nothing.
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&common::chat(2, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(outcomes(&gw).await.values().sum::<u64>(), 72);
+}
+
+#[tokio::test]
+async fn a_drained_or_dead_shard_is_never_chosen_and_its_sessions_move_to_the_next() {
+    let shards = four().await;
+    let refs: Vec<&Shard> = shards.iter().collect();
+    let gw = Gateway::start(&policy(&refs, "affinity = \"session\"")).await;
+    let mut home: HashMap<String, String> = HashMap::new();
+    for s in 0..24 {
+        let key = format!("c{s}");
+        home.insert(key.clone(), ask(&gw, &key).await);
+    }
+    // Drain the shard with the most sessions: at once, none of them goes there.
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for v in home.values() {
+        *counts.entry(v).or_default() += 1;
+    }
+    let (victim, _) = counts.iter().max_by_key(|(_, n)| **n).unwrap();
+    let victim = victim.to_string();
+    let (status, _) = gw
+        .admin_post(&format!("/admin/shards/{victim}/drain"))
+        .await;
+    assert_eq!(status, 200);
+    let mut moved_to: HashMap<String, String> = HashMap::new();
+    for (key, was) in &home {
+        let now = ask(&gw, key).await;
+        assert_ne!(now, victim, "a drained shard was chosen");
+        if *was == victim {
+            moved_to.insert(key.clone(), now);
+        } else {
+            assert_eq!(&now, was, "{key} was not on the drained shard and moved");
+        }
+    }
+    let fenced = outcomes(&gw).await.get("fenced").copied().unwrap_or(0);
+    assert_eq!(
+        fenced as usize,
+        moved_to.len(),
+        "each moved session counts as fenced"
+    );
+    // Their new shard is stable (the next in their hash order), not a random one.
+    for (key, to) in &moved_to {
+        assert_eq!(&ask(&gw, key).await, to);
+    }
+    // Undrained, they come back.
+    gw.admin_post(&format!("/admin/shards/{victim}/undrain"))
+        .await;
+    for (key, was) in &home {
+        assert_eq!(&ask(&gw, key).await, was);
+    }
+
+    // A shard that dies: its sessions are served elsewhere without a failure, and once it
+    // is ejected (three refused connections) affinity passes it over.
+    let dead = shards.iter().find(|s| s.id == victim).unwrap();
+    dead.fault(FaultMode::Down);
+    for _ in 0..2 {
+        for key in home.keys() {
+            assert_ne!(ask(&gw, key).await, victim);
+        }
+    }
+    let s = gw.shard(&victim).await;
+    assert_eq!(s["state"], "ejected", "{s}");
+}
+
+#[tokio::test]
+async fn bounded_load_moves_a_hot_key() {
+    // Slow tokens, so requests overlap: 40 at once, all with one session key.
+    let mut shards = Vec::new();
+    for id in ["s1", "s2", "s3", "s4"] {
+        shards.push(start_shard(ShardSpec::new(id, "home").itl_ms(20)).await);
+    }
+    let refs: Vec<&Shard> = shards.iter().collect();
+    let gw = Gateway::start(&policy(
+        &refs,
+        "affinity = \"session\"\naffinity_max_load = 1.5",
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let url = gw.url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let resp = client()
+                .post(url)
+                .json(&json!({"model": MODEL, "user": "hot", "max_tokens": 20,
+                              "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.headers()["x-breakwater-shard"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut per: HashMap<String, usize> = HashMap::new();
+    for t in tasks {
+        *per.entry(t.await.unwrap()).or_default() += 1;
+    }
+    let o = outcomes(&gw).await;
+    assert!(
+        o.get("overridden_by_load").copied().unwrap_or(0) > 0,
+        "{o:?}"
+    );
+    assert!(o.get("chosen").copied().unwrap_or(0) > 0, "{o:?}");
+    let max = per.values().max().copied().unwrap();
+    assert!(max < 30, "one shard took {max} of 40: {per:?}");
+    assert!(per.len() >= 3, "{per:?}");
+}
+
+#[tokio::test]
+async fn removing_a_shard_from_the_pool_moves_only_its_sessions() {
+    let shards = four().await;
+    let refs: Vec<&Shard> = shards.iter().collect();
+    let gw = Gateway::start(&policy(&refs, "affinity = \"session\"")).await;
+    let mut home: HashMap<String, String> = HashMap::new();
+    for s in 0..32 {
+        let key = format!("k{s}");
+        home.insert(key.clone(), ask(&gw, &key).await);
+    }
+    gw.write_policy(&policy(&refs[..3], "affinity = \"session\""));
+    let (status, body) = gw.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let mut moved = 0;
+    for (key, was) in &home {
+        let now = ask(&gw, key).await;
+        if was == "s4" {
+            moved += 1;
+            assert_ne!(now, "s4");
+        } else {
+            assert_eq!(
+                &now, was,
+                "{key} was on {was}, not the removed shard, and moved"
+            );
+        }
+    }
+    assert_eq!(moved, home.values().filter(|v| *v == "s4").count());
+}
+
+/// A chat body: a long shared system prompt and `turns` user/assistant exchanges.
+fn conversation(turns: usize) -> Value {
+    let system = "You are the harbour master's assistant. ".repeat(60);
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    for t in 0..turns {
+        messages.push(json!({"role": "user", "content": format!("Question {t} about the tides and the breakwater?")}));
+        messages.push(json!({"role": "assistant", "content": format!("Answer {t}: the breakwater keeps the swell out.")}));
+    }
+    messages.push(json!({"role": "user", "content": "And then?"}));
+    json!({"model": MODEL, "messages": messages, "max_tokens": 2})
+}
+
+#[tokio::test]
+async fn the_next_turn_of_a_conversation_finds_the_shard_holding_its_prefix() {
+    let shards = four().await;
+    let refs: Vec<&Shard> = shards.iter().collect();
+    let gw = Gateway::start(&policy(
+        &refs,
+        "affinity = \"prefix\"\naffinity_block_bytes = 128",
+    ))
+    .await;
+    let mut first = None;
+    for turns in 0..6 {
+        let resp = client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&conversation(turns))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let shard = resp.headers()["x-breakwater-shard"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        match &first {
+            None => first = Some(shard),
+            Some(f) => assert_eq!(&shard, f, "turn {turns} left the shard with its prefix"),
+        }
+    }
+    let o = outcomes(&gw).await;
+    assert_eq!(o.get("chosen"), Some(&6), "{o:?}");
+    // The engine reused the prefix: most of the later turns' prompt tokens were cached.
+    let s = shards
+        .iter()
+        .find(|s| Some(&s.id) == first.as_ref())
+        .unwrap()
+        .stats();
+    assert!(
+        s.prefix_cache_hits_total * 2 > s.prefix_cache_queries_total,
+        "hits {} of {} prompt tokens",
+        s.prefix_cache_hits_total,
+        s.prefix_cache_queries_total
+    );
+    // The other shards saw none of it.
+    for other in shards.iter().filter(|s| Some(&s.id) != first.as_ref()) {
+        assert_eq!(other.stats().requests_total, 0, "{}", other.id);
+    }
+}
