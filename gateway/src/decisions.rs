@@ -128,6 +128,9 @@ pub struct Decision {
     pub status: u16,
     /// Why the gateway refused it without a shard, if it did.
     pub refusal: Option<&'static str>,
+    /// What cache affinity did for the first attempt (`chosen`, `overridden_by_load`,
+    /// `fenced`), when it had a say.
+    pub affinity: Option<&'static str>,
     /// The region of the first attempt's shard, if any.
     pub region: Option<RegionOf>,
     /// What the first pick saw (none: the request never reached a pick).
@@ -221,6 +224,7 @@ mod tests {
             queue_wait_ms: None,
             status: 200,
             refusal: None,
+            affinity: None,
             region: None,
             candidates: None,
             attempts: Attempts::new(),

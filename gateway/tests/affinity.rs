@@ -94,6 +94,16 @@ async fn a_session_sticks_to_its_shard_and_sessions_spread() {
         used.len()
     );
     assert_eq!(outcomes(&gw).await.get("chosen"), Some(&72));
+    // The decisions log says so too (a decision is kept just after its answer: wait a little).
+    let mut said = Value::Null;
+    for _ in 0..50 {
+        said = gw.admin_json("/admin/decisions?limit=1").await["decisions"][0]["affinity"].clone();
+        if said == "chosen" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(said, "chosen");
     // Without a key the request is balanced by load, and affinity says nothing.
     let resp = client()
         .post(gw.url("/v1/chat/completions"))
@@ -174,11 +184,11 @@ async fn bounded_load_moves_a_hot_key() {
         shards.push(start_shard(ShardSpec::new(id, "home").itl_ms(20)).await);
     }
     let refs: Vec<&Shard> = shards.iter().collect();
-    let gw = Gateway::start(&policy(
-        &refs,
-        "affinity = \"session\"\naffinity_max_load = 1.5",
-    ))
-    .await;
+    // Admission off: no shard fills its limit (which would fence the key), so only the
+    // load bound moves it.
+    let text = policy(&refs, "affinity = \"session\"\naffinity_max_load = 1.5")
+        + "\n[admission]\nenabled = false\n";
+    let gw = Gateway::start(&text).await;
     let mut tasks = Vec::new();
     for _ in 0..40 {
         let url = gw.url("/v1/chat/completions");

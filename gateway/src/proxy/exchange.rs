@@ -464,6 +464,7 @@ fn explanation(ctx: &RequestCtx) -> HeaderValue {
     let json = serde_json::json!({
         "estimated_tokens": ctx.estimated_tokens,
         "queue_wait_ms": ctx.queue_wait.map(crate::decisions::millis),
+        "affinity": ctx.affinity.map(|a| a.as_str()),
         "candidates": crate::decisions::OrEmpty(&ctx.decision.candidates),
         "attempts": &ctx.decision.attempts,
     })

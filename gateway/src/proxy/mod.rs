@@ -407,6 +407,7 @@ impl Gateway {
             queue_wait_ms: ctx.queue_wait.map(crate::decisions::millis),
             status: ctx.status,
             refusal: ctx.refusal,
+            affinity: ctx.affinity.map(|a| a.as_str()),
             region: d
                 .attempts
                 .first()

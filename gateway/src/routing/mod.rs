@@ -596,14 +596,17 @@ impl Router {
                 tier[order[first]]
             }
         };
-        // Bounded load: within max_load of the candidates' mean, one request's worth aside.
-        let mean = candidates
-            .iter()
-            .map(|i| self.score(*i, health, now))
-            .sum::<f64>()
-            / candidates.len() as f64;
+        // Bounded load, on this gateway's own ledger (its assignments, always current; an
+        // engine's reading lags and may still count a request that just ended): after
+        // taking this request the shard stays within max_load of the candidates' mean.
+        let load = |i: usize| {
+            let s = &self.shards[i];
+            let factor = health.weight_factor(s.key).clamp(0.01, 1.0);
+            s.load.inflight_tokens() as f64 / (s.effective_capacity * factor).max(1e-9)
+        };
+        let mean = candidates.iter().map(|i| load(*i)).sum::<f64>() / candidates.len() as f64;
         let own = cost as f64 / self.shards[preferred].effective_capacity.max(1e-9);
-        let outcome = if self.score(preferred, health, now) > aff.settings.max_load * mean + own {
+        let outcome = if load(preferred) + own > aff.settings.max_load * (mean + own) {
             AffinityOutcome::OverriddenByLoad
         } else if fenced {
             AffinityOutcome::Fenced
