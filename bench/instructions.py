@@ -2,6 +2,12 @@
 """Instructions the gateway executes per request and per stream, counted by callgrind.
 
 Usage:  python3 bench/instructions.py [--baseline BIN] [--requests N] [--streams N]
+        python3 bench/instructions.py --affinity prefix|session
+
+--affinity measures this build twice instead, with the pool's cache affinity off and with
+it set (and 16-byte blocks, so the load generator's short prompt is hashed in several blocks
+and the prefix index is read and written on every request): the cost of affinity per
+request.
 
 CPU time on a small shared machine moves by 10-30 % from one run to the next, which hides a
 change of a few percent on the request path; the number of instructions executed does not
@@ -45,6 +51,7 @@ def arg(name, default):
 REQUESTS = int(arg("--requests", "2000"))
 STREAMS = int(arg("--streams", "200"))
 BASELINE = arg("--baseline", None)
+AFFINITY = arg("--affinity", None)
 
 
 def loadgen(mode, model, **kw):
@@ -141,19 +148,29 @@ pool = "fast"
 url = "http://{SIM[0]}:{SIM[1]}"
 capacity_tps = 1000000
 """)
-        builds = [("breakwater", os.path.join(PROD, "breakwater"))]
+        builds = [("breakwater", os.path.join(PROD, "breakwater"), tmp)]
         if BASELINE:
-            builds.append(("baseline", os.path.abspath(BASELINE)))
-        results = {name: measure(path, tmp) for name, path in builds}
+            builds.append(("baseline", os.path.abspath(BASELINE), tmp))
+        if AFFINITY:
+            affine = tempfile.mkdtemp(prefix="bw-instr-affinity-")
+            with open(os.path.join(tmp, "policy.toml")) as f:
+                text = f.read().replace('models = ["bench-model"]', 'models = ["bench-model"]\n'
+                                        f'affinity = "{AFFINITY}"\naffinity_block_bytes = 16')
+            with open(os.path.join(affine, "policy.toml"), "w") as f:
+                f.write(text)
+            builds = [(f"affinity {AFFINITY}", os.path.join(PROD, "breakwater"), affine),
+                      ("affinity off", os.path.join(PROD, "breakwater"), tmp)]
+        results = {name: measure(path, policy) for name, path, policy in builds}
     finally:
         sim.terminate()
     print("| build | instructions / request | instructions / 50-token stream | idle / s |")
     print("|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['per_request']:,.0f} | {r['per_stream']:,.0f} | {r['idle_per_s']:,.0f} |")
-    if BASELINE:
-        a, b = results["breakwater"], results["baseline"]
-        print(f"\nbreakwater / baseline: {a['per_request'] / b['per_request']:.3f} per request, "
+    if len(builds) == 2:
+        (na, _, _), (nb, _, _) = builds
+        a, b = results[na], results[nb]
+        print(f"\n{na} / {nb}: {a['per_request'] / b['per_request']:.3f} per request, "
               f"{a['per_stream'] / b['per_stream']:.3f} per stream")
     for name, r in results.items():
         print(f"{name}: dumps in {r['out_dir']} (callgrind_annotate FILE)", file=sys.stderr)
