@@ -322,3 +322,52 @@ async fn the_next_turn_of_a_conversation_finds_the_shard_holding_its_prefix() {
         assert_eq!(other.stats().requests_total, 0, "{}", other.id);
     }
 }
+
+#[tokio::test]
+async fn a_saturated_shard_is_passed_over_by_affinity_at_once() {
+    let mut shards = Vec::new();
+    for id in ["s1", "s2", "s3", "s4"] {
+        let mut spec = ShardSpec::new(id, "home");
+        spec.slots = 2;
+        shards.push(start_shard(spec).await);
+    }
+    let refs: Vec<&Shard> = shards.iter().collect();
+    let gw = Gateway::start(&policy(&refs, "affinity = \"session\"")).await;
+    let home = ask(&gw, "busy-conversation").await;
+    assert_eq!(ask(&gw, "busy-conversation").await, home);
+    // Another client fills that engine's queue directly: 2 running, 6 waiting.
+    let target = shards.iter().find(|s| s.id == home).unwrap();
+    let url = format!("{}/v1/chat/completions", target.sim.url());
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        flood.push(tokio::spawn(async move {
+            let _ = client()
+                .post(url)
+                .json(&json!({"model": MODEL, "max_tokens": 3000,
+                              "messages": [{"role": "user", "content": "long"}]}))
+                .send()
+                .await;
+        }));
+    }
+    // Once the gateway's scrape sees the queue (within about a second), the session goes
+    // to the next shard in its order, and says so.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = gw.shard(&home).await;
+        if s["queue_depth"].as_f64().unwrap_or(0.0) >= 5.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue was never seen: {s}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let moved = ask(&gw, "busy-conversation").await;
+    assert_ne!(moved, home, "a saturated shard was chosen by affinity");
+    assert_eq!(outcome_reaching(&gw, "fenced", 1).await, 1);
+    for f in flood {
+        f.abort();
+    }
+}
