@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{client, policy_text, start_shard, Gateway, Shard, ShardSpec, MODEL};
+use common::{client, policy_text, post, start_shard, Gateway, Shard, ShardSpec, MODEL};
 use llm_sim::FaultMode;
 use serde_json::{json, Value};
 
@@ -33,17 +33,17 @@ fn policy(shards: &[&Shard], affinity: &str) -> String {
 
 /// Sends one chat request with session `key`; the shard that answered.
 async fn ask(gw: &Gateway, key: &str) -> String {
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&json!({
+    let resp = post(
+        gw,
+        "/v1/chat/completions",
+        &json!({
             "model": MODEL,
             "prompt_cache_key": key,
             "messages": [{"role": "user", "content": "hello"}],
             "max_tokens": 2,
-        }))
-        .send()
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     resp.headers()["x-breakwater-shard"]
         .to_str()
@@ -118,12 +118,7 @@ async fn a_session_sticks_to_its_shard_and_sessions_spread() {
     }
     assert_eq!(said, "chosen");
     // Without a key the request is balanced by load, and affinity says nothing.
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&common::chat(2, false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/chat/completions", &common::chat(2, false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(outcomes(&gw).await.values().sum::<u64>(), 72);
 }
@@ -288,12 +283,7 @@ async fn the_next_turn_of_a_conversation_finds_the_shard_holding_its_prefix() {
     .await;
     let mut first = None;
     for turns in 0..6 {
-        let resp = client()
-            .post(gw.url("/v1/chat/completions"))
-            .json(&conversation(turns))
-            .send()
-            .await
-            .unwrap();
+        let resp = post(&gw, "/v1/chat/completions", &conversation(turns)).await;
         assert_eq!(resp.status(), 200);
         let shard = resp.headers()["x-breakwater-shard"]
             .to_str()

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{client, policy_text, start_shard, Gateway, ShardSpec, MODEL};
+use common::{client, policy_text, post, start_shard, Gateway, ShardSpec, MODEL};
 use llm_sim::{Fault, FaultMode};
 use serde_json::{json, Value};
 
@@ -55,12 +55,7 @@ async fn responses_plain_and_streamed_are_routed_and_their_usage_counted() {
     let a = start_shard(ShardSpec::new("a", "home")).await;
     let gw = Gateway::start(&policy_text(&[&a], "")).await;
 
-    let resp = client()
-        .post(gw.url("/v1/responses"))
-        .json(&responses(12, false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/responses", &responses(12, false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-breakwater-shard"], "a");
     let v: Value = resp.json().await.unwrap();
@@ -76,12 +71,7 @@ async fn responses_plain_and_streamed_are_routed_and_their_usage_counted() {
         "usage read from the Responses body"
     );
 
-    let resp = client()
-        .post(gw.url("/v1/responses"))
-        .json(&responses(10, true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/responses", &responses(10, true)).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"]
         .to_str()
@@ -125,12 +115,7 @@ async fn a_shard_that_dies_after_opening_the_response_is_retried_with_no_trace_o
     });
     let gw = Gateway::start(&policy_text(&[&dying, &healthy], "")).await;
     for _ in 0..3 {
-        let resp = client()
-            .post(gw.url("/v1/responses"))
-            .json(&responses(4, true))
-            .send()
-            .await
-            .unwrap();
+        let resp = post(&gw, "/v1/responses", &responses(4, true)).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["x-breakwater-shard"], "healthy");
         let body = resp.text().await.unwrap();
@@ -155,12 +140,7 @@ async fn a_shard_that_dies_mid_answer_ends_the_stream_with_a_responses_error_eve
         ..Fault::new(FaultMode::Midstream)
     });
     let gw = Gateway::start(&policy_text(&[&a], "")).await;
-    let resp = client()
-        .post(gw.url("/v1/responses"))
-        .json(&responses(10, true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/responses", &responses(10, true)).await;
     assert_eq!(resp.status(), 200);
     let body = resp.text().await.unwrap();
     let evs = events(&body);
@@ -197,12 +177,7 @@ async fn bad_responses_bodies_are_openai_400s() {
         ),
         (json!({"input": "hi"}), "`model` field is required"),
     ] {
-        let resp = client()
-            .post(gw.url("/v1/responses"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = post(&gw, "/v1/responses", &body).await;
         assert_eq!(resp.status(), 400, "{body}");
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
@@ -212,6 +187,27 @@ async fn bad_responses_bodies_are_openai_400s() {
         );
     }
     assert_eq!(a.stats().requests_total, 0, "nothing bad is forwarded");
+}
+
+/// Posts an audio form of `model` to `path`.
+async fn post_form(gw: &Gateway, path: &str, model: &str, audio: &[u8]) -> reqwest::Response {
+    let (ct, body) = audio_form(model, audio);
+    client()
+        .post(gw.url(path))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The OpenAI error message of a response.
+async fn error_message(resp: reqwest::Response) -> String {
+    let v: Value = resp.json().await.unwrap();
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A `multipart/form-data` body with `model` (after the file, as some clients send it).
@@ -233,61 +229,23 @@ async fn audio_forms_are_routed_by_their_model_field_and_pools_serve_only_what_t
     let a = start_shard(ShardSpec::new("a", "home")).await;
     let gw = Gateway::start(&policy_text(&[&a], "")).await;
     for path in ["/v1/audio/transcriptions", "/v1/audio/translations"] {
-        let (ct, body) = audio_form(MODEL, &[7u8; 40_000]);
-        let resp = client()
-            .post(gw.url(path))
-            .header("content-type", ct)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let resp = post_form(&gw, path, MODEL, &[7u8; 40_000]).await;
         assert_eq!(resp.status(), 200, "{path}");
         assert_eq!(resp.headers()["x-breakwater-shard"], "a");
         let v: Value = resp.json().await.unwrap();
         assert!(v["text"].as_str().unwrap().split(' ').count() >= 9, "{v}");
     }
     // A form without a model, an unknown model, and a body that is not a form.
-    let (ct, body) = audio_form("", b"RIFF");
-    let resp = client()
-        .post(gw.url("/v1/audio/transcriptions"))
-        .header("content-type", ct)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_form(&gw, "/v1/audio/transcriptions", "", b"RIFF").await;
     assert_eq!(resp.status(), 400);
-    let v: Value = resp.json().await.unwrap();
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("`model` form field"),
-        "{v}"
-    );
-    let (ct, body) = audio_form("no-such-model", b"RIFF");
-    let resp = client()
-        .post(gw.url("/v1/audio/transcriptions"))
-        .header("content-type", ct)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let msg = error_message(resp).await;
+    assert!(msg.contains("`model` form field"), "{msg}");
+    let resp = post_form(&gw, "/v1/audio/transcriptions", "no-such-model", b"RIFF").await;
     assert_eq!(resp.status(), 404);
-    let resp = client()
-        .post(gw.url("/v1/audio/transcriptions"))
-        .json(&json!({"model": MODEL}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/audio/transcriptions", &json!({"model": MODEL})).await;
     assert_eq!(resp.status(), 400);
-    let v: Value = resp.json().await.unwrap();
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("multipart/form-data"),
-        "{v}"
-    );
+    let msg = error_message(resp).await;
+    assert!(msg.contains("multipart/form-data"), "{msg}");
     assert_eq!(
         a.stats().requests_total,
         2,
@@ -301,19 +259,14 @@ async fn audio_forms_are_routed_by_their_model_field_and_pools_serve_only_what_t
         "models = [\"test-model\"]\nendpoints = [\"chat\", \"responses\"]",
     ))
     .await;
-    let resp = client()
-        .post(gw.url("/v1/responses"))
-        .json(&responses(3, false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/responses", &responses(3, false)).await;
     assert_eq!(resp.status(), 200);
-    let resp = client()
-        .post(gw.url("/v1/embeddings"))
-        .json(&json!({"model": MODEL, "input": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(
+        &gw,
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": "x"}),
+    )
+    .await;
     assert_eq!(resp.status(), 404);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "endpoint_not_served", "{v}");
@@ -332,22 +285,14 @@ async fn stored_responses_are_fetched_and_deleted_on_the_shard_that_made_them() 
     let b = start_shard(ShardSpec::new("b", "away")).await;
     let gw = Gateway::start(&policy_text(&[&a, &b], "")).await;
     // Made through the gateway (on the home shard, a), plain and streamed.
-    let made: Value = client()
-        .post(gw.url("/v1/responses"))
-        .json(&responses(5, false))
-        .send()
+    let made: Value = post(&gw, "/v1/responses", &responses(5, false))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     let plain_id = made["id"].as_str().unwrap().to_string();
-    let streamed = client()
-        .post(gw.url("/v1/responses"))
-        .json(&responses(5, true))
-        .send()
+    let streamed = post(&gw, "/v1/responses", &responses(5, true))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -404,12 +349,8 @@ async fn stored_responses_are_fetched_and_deleted_on_the_shard_that_made_them() 
     // A response made with `store: false` is not kept.
     let mut unstored = responses(2, false);
     unstored["store"] = json!(false);
-    let v: Value = client()
-        .post(gw.url("/v1/responses"))
-        .json(&unstored)
-        .send()
+    let v: Value = post(&gw, "/v1/responses", &unstored)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -423,12 +364,8 @@ async fn stored_responses_are_fetched_and_deleted_on_the_shard_that_made_them() 
     // lookup goes to b without asking a.
     let (status, _) = gw.admin_post("/admin/shards/a/drain").await;
     assert_eq!(status, 200);
-    let on_b: Value = client()
-        .post(gw.url("/v1/responses"))
-        .json(&responses(2, false))
-        .send()
+    let on_b: Value = post(&gw, "/v1/responses", &responses(2, false))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

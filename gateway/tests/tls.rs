@@ -299,12 +299,7 @@ async fn cleartext_http2_streams_when_the_policy_asks_for_h2c() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     // HTTP/1.1 still works on the same listener.
-    let resp = common::client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat(8, false))
-        .send()
-        .await
-        .unwrap();
+    let resp = common::post(&gw, "/v1/chat/completions", &chat(8, false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), reqwest::Version::HTTP_11);
 }
@@ -377,12 +372,7 @@ async fn a_shard_whose_certificate_the_pool_does_not_trust_is_a_502_naming_the_c
         &format!("[pools.tls]\nca_file = {:?}\n", other.display().to_string()),
     ))
     .await;
-    let resp = common::client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat(8, false))
-        .send()
-        .await
-        .unwrap();
+    let resp = common::post(&gw, "/v1/chat/completions", &chat(8, false)).await;
     assert_eq!(resp.status(), 502);
     let v: Value = resp.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
@@ -404,12 +394,7 @@ async fn a_shard_whose_certificate_the_pool_does_not_trust_is_a_502_naming_the_c
     let (status, body) = gw.reload().await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changed"], true, "{body}");
-    let resp = common::client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat(8, false))
-        .send()
-        .await
-        .unwrap();
+    let resp = common::post(&gw, "/v1/chat/completions", &chat(8, false)).await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -429,12 +414,7 @@ async fn mtls_to_a_shard_that_requires_a_client_certificate() {
 
     // Without a client certificate, the shard refuses the handshake: a 502 that says so.
     let gw = Gateway::start(&policy(&url, "", &ca_line)).await;
-    let resp = common::client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat(8, false))
-        .send()
-        .await
-        .unwrap();
+    let resp = common::post(&gw, "/v1/chat/completions", &chat(8, false)).await;
     assert_eq!(resp.status(), 502);
     let v: Value = resp.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
@@ -452,12 +432,7 @@ async fn mtls_to_a_shard_that_requires_a_client_certificate() {
         ),
     ))
     .await;
-    let resp = common::client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat(8, false))
-        .send()
-        .await
-        .unwrap();
+    let resp = common::post(&gw, "/v1/chat/completions", &chat(8, false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(shard.engine().stats().requests_total, 1);
 }

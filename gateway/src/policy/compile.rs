@@ -1084,31 +1084,28 @@ impl Compiler {
     fn same_endpoints_per_model(&mut self, files: &[(String, RawFile)], pools: &[Pool]) {
         for (i, p) in pools.iter().enumerate() {
             for q in &pools[..i] {
-                if p.affinity != q.affinity {
-                    if let Some(m) = p.models.iter().find(|m| q.models.contains(m)) {
-                        let file = files
-                            .iter()
-                            .find(|(_, f)| f.pools.iter().any(|r| r.id == p.id))
-                            .map_or("", |(n, _)| n.as_str());
-                        let msg = format!(
-                            "pools {:?} and {:?} both serve {m:?} with different affinity settings; a model's pools must agree",
-                            q.id, p.id
-                        );
-                        self.issue(file, "pools.affinity", msg);
-                    }
-                }
-                if p.endpoints != q.endpoints {
-                    if let Some(m) = p.models.iter().find(|m| q.models.contains(m)) {
-                        let file = files
-                            .iter()
-                            .find(|(_, f)| f.pools.iter().any(|r| r.id == p.id))
-                            .map_or("", |(n, _)| n.as_str());
-                        let msg = format!(
-                            "pools {:?} and {:?} both serve {m:?} but list different endpoints; a model's pools must serve the same ones",
-                            q.id, p.id
-                        );
-                        self.issue(file, "pools.endpoints", msg);
-                    }
+                let Some(m) = p.models.iter().find(|m| q.models.contains(m)) else {
+                    continue;
+                };
+                let file = files
+                    .iter()
+                    .find(|(_, f)| f.pools.iter().any(|r| r.id == p.id))
+                    .map_or("", |(n, _)| n.as_str());
+                let differ = [
+                    (
+                        p.affinity != q.affinity,
+                        "pools.affinity",
+                        "with different affinity settings; a model's pools must agree",
+                    ),
+                    (
+                        p.endpoints != q.endpoints,
+                        "pools.endpoints",
+                        "but list different endpoints; a model's pools must serve the same ones",
+                    ),
+                ];
+                for (_, key, what) in differ.into_iter().filter(|(d, _, _)| *d) {
+                    let msg = format!("pools {:?} and {:?} both serve {m:?} {what}", q.id, p.id);
+                    self.issue(file, key, msg);
                 }
             }
         }

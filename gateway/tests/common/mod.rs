@@ -411,6 +411,11 @@ impl Drop for Gateway {
     }
 }
 
+/// `POST`s `body` as JSON to the gateway's `path`.
+pub async fn post(gw: &Gateway, path: &str, body: &Value) -> reqwest::Response {
+    client().post(gw.url(path)).json(body).send().await.unwrap()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
