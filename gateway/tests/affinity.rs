@@ -361,3 +361,92 @@ async fn a_saturated_shard_is_passed_over_by_affinity_at_once() {
         f.abort();
     }
 }
+
+#[tokio::test]
+async fn a_recovering_shard_takes_its_sessions_back_gradually() {
+    let shards = four().await;
+    let refs: Vec<&Shard> = shards.iter().collect();
+    // Quick ejections and a four-second slow start.
+    let text = policy(&refs, "affinity = \"session\"").replace(
+        "[health]\n",
+        "[health]\nbase_ejection_ms = 1000\nejection_jitter_ms = 0\nslow_start_ms = 4000\n",
+    );
+    let gw = Gateway::start(&text).await;
+    let mut home: HashMap<String, String> = HashMap::new();
+    for s in 0..48 {
+        let key = format!("r{s}");
+        home.insert(key.clone(), ask(&gw, &key).await);
+    }
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for v in home.values() {
+        *counts.entry(v).or_default() += 1;
+    }
+    let (victim, _) = counts.iter().max_by_key(|(_, n)| **n).unwrap();
+    let victim = victim.to_string();
+    let theirs: Vec<String> = home
+        .iter()
+        .filter(|(_, v)| **v == victim)
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(theirs.len() >= 8, "{counts:?}");
+    // It dies: refused connections eject it (its sessions are served elsewhere meanwhile).
+    let shard = shards.iter().find(|s| s.id == victim).unwrap();
+    shard.fault(FaultMode::Down);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.shard(&victim).await["state"] != "ejected" {
+        for k in &theirs {
+            assert_ne!(ask(&gw, k).await, victim);
+        }
+        assert!(std::time::Instant::now() < deadline, "never ejected");
+    }
+    // It comes back; after the ejection it ramps up from 10 % of its weight over 4 s.
+    shard.fault(FaultMode::Ok);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = gw.shard(&victim).await;
+        if s["state"] == "healthy" && s["weight_factor"].as_f64().unwrap_or(1.0) < 0.5 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never in slow start: {s}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Early in the ramp only some of its sessions are back; at the end all of them are.
+    let early = {
+        let mut n = 0;
+        for k in &theirs {
+            n += usize::from(ask(&gw, k).await == victim);
+        }
+        n
+    };
+    while gw.shard(&victim).await["weight_factor"]
+        .as_f64()
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow start never ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let late = {
+        let mut n = 0;
+        for k in &theirs {
+            n += usize::from(ask(&gw, k).await == victim);
+        }
+        n
+    };
+    assert!(
+        early < theirs.len() * 2 / 3,
+        "{early} of {} back at once",
+        theirs.len()
+    );
+    assert_eq!(
+        late,
+        theirs.len(),
+        "after the slow start every session is back"
+    );
+}

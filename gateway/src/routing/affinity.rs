@@ -167,6 +167,14 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// A fraction in [0, 1) fixed for `key` on `shard`: a shard at health weight `w` (slow
+/// start) takes back the keys whose fraction is below `w`.
+pub fn key_fraction(key: u64, shard: u64) -> f64 {
+    // Another draw than the rendezvous weight's, so the order and the ramp are independent.
+    let h = splitmix64(key.rotate_left(17) ^ splitmix64(shard ^ 0x5eed));
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// `shards` (stable ids with their capacities) in `key`'s rendezvous order.
 pub fn rendezvous_order(key: u64, shards: &[(u64, f64)]) -> SmallVec<[usize; 8]> {
     let mut order: SmallVec<[(usize, f64); 8]> = shards

@@ -550,9 +550,10 @@ impl Router {
 
     /// The key's shard among a tier's `candidates` and what affinity did: the shard the
     /// prefix index remembers for the longest prefix, else the first in rendezvous order
-    /// over the whole tier — passed over (fenced) when it is not a candidate, for the next
-    /// in that order that is — and then checked against the load bound. `None`: the key
-    /// says nothing here (no candidate, no usable hash).
+    /// over the whole tier — passed over (fenced) when it is not a candidate, or is in slow
+    /// start and not yet taking this key back, for the next in that order that is — and
+    /// then checked against the load bound. `None`: the key says nothing here (no
+    /// candidate, no usable hash).
     #[allow(clippy::too_many_arguments)]
     fn affine_choice(
         &self,
@@ -567,7 +568,18 @@ impl Router {
         if candidates.is_empty() {
             return None;
         }
-        let mut fenced = false;
+        let hash = key.rendezvous_hash()?;
+        let id = |i: usize| self.shards[i].key.data().as_ffi();
+        let factor = |i: usize| health.weight_factor(self.shards[i].key).clamp(0.01, 1.0);
+        // A shard back from an ejection ramps up its weight (slow start); it takes back
+        // each key once its weight passes that key's own fraction, so its keys return in
+        // proportion, not all at once.
+        let takes = |i: usize| {
+            candidates.contains(&i) && {
+                let f = factor(i);
+                f >= 1.0 || affinity::key_fraction(hash, id(i)) < f
+            }
+        };
         let remembered = match key {
             AffinityKey::Prefix(blocks) => aff
                 .index
@@ -575,38 +587,41 @@ impl Router {
                 .and_then(|k| tier.iter().copied().find(|i| self.shards[*i].key == k)),
             AffinityKey::Session(_) => None,
         };
-        let preferred = match remembered {
-            Some(i) if candidates.contains(&i) => i,
-            other => {
-                fenced = other.is_some();
-                let hash = key.rendezvous_hash()?;
+        let (preferred, fenced) = match remembered {
+            Some(i) if takes(i) => (i, false),
+            _ => {
                 let ids: SmallVec<[(u64, f64); 8]> = tier
                     .iter()
-                    .map(|i| {
-                        let s = &self.shards[*i];
-                        (s.key.data().as_ffi(), s.effective_capacity)
-                    })
+                    .map(|i| (id(*i), self.shards[*i].effective_capacity))
                     .collect();
                 let order = affinity::rendezvous_order(hash, &ids);
-                let first = order
-                    .iter()
-                    .map(|p| tier[*p])
-                    .position(|i| candidates.contains(&i))?;
-                fenced |= first > 0 && remembered.is_none();
-                tier[order[first]]
+                let first = order.iter().position(|p| takes(tier[*p]));
+                match first {
+                    Some(n) => (tier[order[n]], n > 0 || remembered.is_some()),
+                    // None takes it (all ramping up): the first candidate in its order.
+                    None => {
+                        let n = order.iter().position(|p| candidates.contains(&tier[*p]))?;
+                        (tier[order[n]], true)
+                    }
+                }
             }
         };
         // Bounded load, on this gateway's own ledger (its assignments, always current; an
         // engine's reading lags and may still count a request that just ended): after
         // taking this request the shard stays within max_load of the candidates' mean.
-        let load = |i: usize| {
-            let s = &self.shards[i];
-            let factor = health.weight_factor(s.key).clamp(0.01, 1.0);
-            s.load.inflight_tokens() as f64 / (s.effective_capacity * factor).max(1e-9)
+        // Both are per unit of healthy capacity.
+        let per_capacity = |i: usize, tokens: f64| {
+            tokens / (self.shards[i].effective_capacity * factor(i)).max(1e-9)
         };
+        let load = |i: usize| per_capacity(i, self.shards[i].load.inflight_tokens() as f64);
         let mean = candidates.iter().map(|i| load(*i)).sum::<f64>() / candidates.len() as f64;
-        let own = cost as f64 / self.shards[preferred].effective_capacity.max(1e-9);
-        let outcome = if load(preferred) + own > aff.settings.max_load * (mean + own) {
+        let typical = candidates
+            .iter()
+            .map(|i| per_capacity(*i, cost as f64))
+            .sum::<f64>()
+            / candidates.len() as f64;
+        let after = load(preferred) + per_capacity(preferred, cost as f64);
+        let outcome = if after > aff.settings.max_load * (mean + typical) {
             AffinityOutcome::OverriddenByLoad
         } else if fenced {
             AffinityOutcome::Fenced
