@@ -307,6 +307,21 @@ async fn the_next_turn_of_a_conversation_finds_the_shard_holding_its_prefix() {
         s.prefix_cache_hits_total,
         s.prefix_cache_queries_total
     );
+    // The gateway reads the engine's hit rate from its metrics and shows it per shard.
+    let first = first.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let rate = gw.shard(&first).await["prefix_cache_hit_rate"].as_f64();
+        if rate.is_some_and(|r| r > 0.5) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hit rate never shown: {rate:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let first = Some(first);
     // The other shards saw none of it.
     for other in shards.iter().filter(|s| Some(&s.id) != first.as_ref()) {
         assert_eq!(other.stats().requests_total, 0, "{}", other.id);

@@ -114,6 +114,9 @@ pub struct EngineLoad {
     pub preemptions_total: Option<f64>,
     /// Tokens generated since the engine started.
     pub generation_tokens_total: Option<f64>,
+    /// Share of prompt tokens found in the engine's prefix cache since it started, 0..=1
+    /// (vLLM's `prefix_cache_hits` over `prefix_cache_queries`, SGLang's `cache_hit_rate`).
+    pub prefix_cache_hit_rate: Option<f64>,
     /// Age of the reading when published, milliseconds (unknown when stale).
     #[serde(skip)]
     pub taken: Option<Instant>,
@@ -179,6 +182,13 @@ impl EngineMetrics {
                 kv_usage: m("vllm:kv_cache_usage_perc").or_else(|| m("vllm:gpu_cache_usage_perc")),
                 preemptions_total: m("vllm:num_preemptions_total"),
                 generation_tokens_total: m("vllm:generation_tokens_total"),
+                prefix_cache_hit_rate: match (
+                    m("vllm:prefix_cache_hits_total"),
+                    m("vllm:prefix_cache_queries_total"),
+                ) {
+                    (Some(h), Some(q)) if q > 0.0 => Some(h / q),
+                    _ => None,
+                },
                 taken: None,
             },
             Self::Sglang => EngineLoad {
@@ -187,6 +197,7 @@ impl EngineMetrics {
                 kv_usage: m("sglang:token_usage"),
                 preemptions_total: None,
                 generation_tokens_total: m("sglang:generation_tokens_total"),
+                prefix_cache_hit_rate: m("sglang:cache_hit_rate"),
                 taken: None,
             },
             Self::Tgi => EngineLoad {
@@ -216,6 +227,7 @@ impl EngineMetrics {
             Self::Generic => EngineLoad::default(),
         };
         load.kv_usage = load.kv_usage.map(|k| k.clamp(0.0, 1.0));
+        load.prefix_cache_hit_rate = load.prefix_cache_hit_rate.map(|r| r.clamp(0.0, 1.0));
         load
     }
 }
@@ -335,6 +347,8 @@ vllm:num_requests_waiting{model_name="a"} 7
 vllm:gpu_cache_usage_perc{model_name="a"} 0.82
 vllm:num_preemptions_total{model_name="a"} 2
 vllm:generation_tokens_total{model_name="a"} 1234
+vllm:prefix_cache_queries_total{model_name="a"} 400
+vllm:prefix_cache_hits_total{model_name="a"} 300
 "#;
 
     #[test]
@@ -345,6 +359,7 @@ vllm:generation_tokens_total{model_name="a"} 1234
         assert_eq!(l.kv_usage, Some(0.82));
         assert_eq!(l.preemptions_total, Some(2.0));
         assert_eq!(l.generation_tokens_total, Some(1234.0));
+        assert_eq!(l.prefix_cache_hit_rate, Some(0.75));
         let newer = VLLM.replace("gpu_cache_usage_perc", "kv_cache_usage_perc");
         assert_eq!(EngineMetrics::Vllm.parse(&newer).kv_usage, Some(0.82));
     }

@@ -120,6 +120,7 @@ impl Admin {
                     "queue_depth": h.engine.and_then(|e| e.queue_depth),
                     "running": h.engine.and_then(|e| e.running),
                     "kv_usage": h.engine.and_then(|e| e.kv_usage),
+                    "prefix_cache_hit_rate": h.engine.and_then(|e| e.prefix_cache_hit_rate),
                     "last_transition": h.last_transition,
                     "inflight_tokens": s.load.inflight_tokens(),
                     "inflight_requests": s.load.inflight_requests(),

@@ -14,8 +14,9 @@
 //! - **Fencing**: only shards routing would pick anyway are candidates — admitted by health
 //!   and operators, with room and headroom — read from the same snapshot routing reads, so
 //!   an ejected, draining, saturated or GPU-failing shard is never chosen by affinity; its
-//!   keys take the next shard in their hash order. A recovering shard in slow start scores
-//!   higher (its health weight is low), so bounded load hands its keys back gradually.
+//!   keys take the next shard in their hash order. A shard in slow start takes back each
+//!   key once its health weight passes the key's own fraction ([`key_fraction`]), so its
+//!   keys return in proportion to its weight.
 //! - **Bounded load**: the preferred shard is used only while its load score stays within
 //!   `affinity_max_load` times the region's mean (plus one request): consistent hashing
 //!   with bounded loads (Mirrokni, Thorup, Zadimoghaddam), so a hot key cannot pile onto one
