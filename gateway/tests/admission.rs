@@ -435,7 +435,11 @@ async fn a_long_prompt_on_a_slow_prefill_shard_completes_without_a_retry() {
         format!("{timeouts}\n[routing]\nprefill_speedup = 1000\nmax_retry_prompt_tokens = 1000\n");
     let gw = Gateway::start(&policy_text(&[&slow, &spare], &no_extension)).await;
     let (before_slow, before_spare) = (slow.stats().requests_total, spare.stats().requests_total);
-    let r = post(&gw, None, &long).await;
+    // Another prompt of the same size: the engine's prefix cache holds the first one, whose
+    // prefill it would skip.
+    let mut other = long.clone();
+    other["messages"][0]["content"] = json!("q".repeat(8000));
+    let r = post(&gw, None, &other).await;
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "upstream_timeout");
