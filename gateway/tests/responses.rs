@@ -391,3 +391,47 @@ async fn stored_responses_are_fetched_and_deleted_on_the_shard_that_made_them() 
         .unwrap();
     assert_eq!(resp.status(), 405);
 }
+
+#[tokio::test]
+async fn stored_responses_need_the_same_key_as_inference() {
+    let a = start_shard(ShardSpec::new("a", "home")).await;
+    let tenants = format!(
+        "[admission]\nrequire_api_key = true\n\n[[tenants]]\nid = \"t\"\napi_key_sha256 = [\"{}\"]\n",
+        breakwater::admission::tenant::key_digest_hex("sk-test")
+    );
+    let gw = Gateway::start(&policy_text(&[&a], &tenants)).await;
+    let made: Value = client()
+        .post(gw.url("/v1/responses"))
+        .bearer_auth("sk-test")
+        .json(&responses(2, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = gw.url(&format!("/v1/responses/{}", made["id"].as_str().unwrap()));
+    let before = a.stats().requests_total;
+    for req in [
+        client().get(&url),
+        client().get(&url).bearer_auth("sk-wrong"),
+        client().delete(&url),
+    ] {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+    }
+    assert_eq!(
+        a.stats().requests_total,
+        before,
+        "nothing reached the shard"
+    );
+    let resp = client()
+        .get(&url)
+        .bearer_auth("sk-test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

@@ -99,6 +99,14 @@ pub async fn serve(
     ctx: &mut RequestCtx,
     id: &str,
 ) {
+    // The same keys as inference: a stored response is a tenant's.
+    match state
+        .admission
+        .identify(table, &session.req_header().headers)
+    {
+        Ok(tenant) => ctx.tenant = Some(tenant),
+        Err(e) => return super::respond_error(session, ctx, &e).await,
+    }
     let shards = table.router.shards();
     let serves = |s: &ShardEntry| {
         table
