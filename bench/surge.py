@@ -16,7 +16,8 @@ sheddable 30 %. A request is *good* when it is answered 200, complete ([DONE], n
 event) and its first token came within 1 s.
 
 Targets, each against freshly started engines:
-  admission     breakwater serve, admission on (the default policy), tenants by key
+  admission     breakwater serve, admission on (the default policy), tenants by key, each
+                shard's batch slots declared (`max_requests = 16`, as HAProxy is told them)
   no-admission  the same with [admission] enabled = false: the negative control
   haproxy       HAProxy, leastconn, maxconn 16 per server (each engine's slots, told by
                 hand), timeout queue 500 ms, option http-no-delay
@@ -115,7 +116,8 @@ def policy(directory, admission):
                     f'region = "{region}"\nengine = "vllm"\nmodels = ["{MODEL}"]\n')
     for sid, region, port in ENGINES:
         text.append(f'[[shards]]\nid = "{sid}"\npool = "pool-{region}"\n'
-                    f'url = "http://127.0.0.1:{port}"\ncapacity_tps = {CAPACITY_TPS}\n')
+                    f'url = "http://127.0.0.1:{port}"\ncapacity_tps = {CAPACITY_TPS}\n'
+                    f'max_requests = {SLOTS}\n')
     for tid, prio, _, key in TENANTS:
         digest = hashlib.sha256(key.encode()).hexdigest()
         text.append(f'[[tenants]]\nid = "{tid}"\napi_key_sha256 = ["{digest}"]\npriority = "{prio}"\n')

@@ -474,3 +474,46 @@ async fn with_admission_off_everything_is_forwarded_as_before() {
     assert!(all.iter().all(|o| o.0 == 200), "{all:?}");
     assert_eq!(s.stats().requests_total, all.len() as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_never_runs_more_requests_than_its_declared_slots() {
+    // 20 tokens at 20 ms each: every request holds its slot about 0.4 s.
+    let s = start_shard(ShardSpec::new("s1", "home").itl_ms(20)).await;
+    let text = policy_text(&[&s], "").replace(
+        "capacity_tps = 1000\n",
+        "capacity_tps = 1000\nmax_requests = 2\n",
+    );
+    assert!(text.contains("max_requests = 2"), "{text}");
+    let gw = Gateway::start(&text).await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 20, "stream": true});
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let (url, body) = (gw.url("/v1/chat/completions"), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client().post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }));
+    }
+    // Sampled while they run: the engine never has more than 2 at once.
+    let mut most = 0;
+    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < deadline {
+        most = most.max(s.stats().running + s.stats().waiting);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut served = 0;
+    for t in tasks {
+        let (status, text) = t.await.unwrap();
+        if status == 200 {
+            assert!(text.contains("[DONE]"));
+            served += 1;
+        }
+    }
+    assert!(most <= 2, "{most} requests on a shard of 2 slots");
+    assert!(most >= 2, "the slots were used");
+    assert!(
+        served >= 3,
+        "queued requests were served as slots freed: {served} of 5"
+    );
+}

@@ -967,6 +967,9 @@ impl Compiler {
             weight,
             gpu_probe,
             gpu_devices: s.gpu_devices.clone().unwrap_or_default(),
+            max_requests: s
+                .max_requests
+                .map(|v| self.bounded(file, &at("max_requests"), v, 1, 1_000_000)),
         })
     }
 

@@ -116,6 +116,8 @@ pub struct Shard {
     pub gpu_probe: Option<Url>,
     /// Device indices the shard runs on.
     pub gpu_devices: Vec<u32>,
+    /// Requests in flight on it at most (its batch slots), when declared.
+    pub max_requests: Option<u64>,
 }
 
 /// What the gateway does on SIGTERM.

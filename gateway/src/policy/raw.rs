@@ -278,6 +278,9 @@ pub struct RawShard {
     pub gpu_probe: Option<String>,
     /// GPU device indices the shard runs on (as the probe numbers them).
     pub gpu_devices: Option<Vec<u32>>,
+    /// Requests the engine runs at once (its batch slots, vLLM's `max_num_seqs`): with
+    /// admission on, no more are in flight on it at a time. Default: unbounded.
+    pub max_requests: Option<u64>,
 }
 
 /// `[admission]`

@@ -59,6 +59,8 @@ pub struct ShardEntry {
     pub authority: String,
     /// Its pool's client TLS, for an `https://` shard.
     pub tls: Option<Arc<UpstreamTls>>,
+    /// Requests in flight on it at most (its declared batch slots).
+    pub max_requests: Option<u64>,
     /// What its kept connections are filed under: the authority, and for TLS the scheme
     /// and the trust settings, so a TLS and a plain connection (or two pools' different
     /// CAs) never share one.
@@ -100,13 +102,16 @@ impl ShardEntry {
     }
 
     /// Whether its admission limit, scaled by its health weight in `health`, has room for
-    /// a request of `cost` tokens beside what is in flight.
+    /// a request of `cost` tokens beside what is in flight, and a declared batch slot
+    /// (`max_requests`) is free.
     pub fn limit_fits(&self, cost: u64, health: &HealthView) -> bool {
-        self.limit.fits(
-            self.load.inflight_tokens(),
-            cost,
-            health.weight_factor(self.key),
-        )
+        self.max_requests
+            .is_none_or(|m| self.load.inflight_requests() < m)
+            && self.limit.fits(
+                self.load.inflight_tokens(),
+                cost,
+                health.weight_factor(self.key),
+            )
     }
 }
 
@@ -835,6 +840,7 @@ fn shard_entry(
         pool: s.pool.clone(),
         authority,
         tls,
+        max_requests: s.max_requests,
         conn_key,
         url: s.url.clone(),
         effective_capacity,
