@@ -1058,4 +1058,18 @@ models = ["llama"]
             "{got:?}"
         );
     }
+
+    #[test]
+    fn a_shard_may_declare_its_batch_slots() {
+        let slots = |v: &str| {
+            BASE.replace(
+                "capacity_tps = 1000",
+                &format!("capacity_tps = 1000\nmax_requests = {v}"),
+            )
+        };
+        assert_eq!(one(&slots("16")).unwrap().shards[0].max_requests, Some(16));
+        assert_eq!(one(BASE).unwrap().shards[0].max_requests, None);
+        let got = issues(one(&slots("0")));
+        assert!(got.iter().any(|i| i.contains("max_requests")), "{got:?}");
+    }
 }
