@@ -189,10 +189,11 @@ fn resolve<'t>(
     endpoint: Endpoint,
     body: &[u8],
 ) -> Result<Resolved<'t>, GatewayError> {
-    let content_type = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_TYPE)
+    // Only a form's boundary is read from the header (the JSON endpoints do not look).
+    let content_type = endpoint
+        .is_form()
+        .then(|| session.req_header().headers.get(http::header::CONTENT_TYPE))
+        .flatten()
         .and_then(|v| v.to_str().ok());
     let req = request::parse(endpoint, body, content_type)?;
     ctx.model = Some(req.model.clone());
@@ -695,11 +696,7 @@ impl Call<'_> {
         let status = response.status;
         if (200..300).contains(&status) {
             self.learn_from_whole(ctx, &body);
-            if self.req.dialect == Dialect::Responses {
-                if let Some(id) = super::stored::response_id(&body) {
-                    self.state.responses.remember(&id, self.shard.key);
-                }
-            }
+            self.remember_response(super::stored::response_id, &body);
         }
         let mut headers = self.routing_headers(ctx, 2);
         if let Some(ct) = response.content_type.take() {
@@ -720,6 +717,16 @@ impl Call<'_> {
             return Attempt::ClientGone;
         }
         Attempt::Finished(None)
+    }
+
+    /// For a Responses answer, notes that this shard made the response whose id `id_in`
+    /// finds in `bytes` (the body, or a stream's first events), for `GET /v1/responses/{id}`.
+    fn remember_response(&self, id_in: fn(&[u8]) -> Option<String>, bytes: &[u8]) {
+        if self.req.dialect == Dialect::Responses {
+            if let Some(id) = id_in(bytes) {
+                self.state.responses.remember(&id, self.shard.key);
+            }
+        }
     }
 
     fn learn_from_whole(&self, ctx: &mut RequestCtx, body: &[u8]) {
@@ -830,11 +837,7 @@ impl Call<'_> {
         let mut tally = StreamTally::new(self.req.dialect);
         let first = pending.split_to(ready).freeze();
         tally.see(&first);
-        if self.req.dialect == Dialect::Responses {
-            if let Some(id) = super::stored::created_id(&first) {
-                self.state.responses.remember(&id, self.shard.key);
-            }
-        }
+        self.remember_response(super::stored::created_id, &first);
         if session
             .write_response_header(Box::new(header))
             .await

@@ -113,6 +113,14 @@ impl FromIterator<Endpoint> for EndpointSet {
 }
 
 impl Endpoint {
+    /// Whether its body is a `multipart/form-data` form (audio), not JSON.
+    pub fn is_form(self) -> bool {
+        matches!(
+            self,
+            Endpoint::AudioTranscriptions | Endpoint::AudioTranslations
+        )
+    }
+
     /// How its streams are framed.
     pub fn dialect(self) -> Dialect {
         match self {
@@ -294,10 +302,7 @@ pub fn parse(
     content_type: Option<&str>,
 ) -> Result<InferenceRequest, GatewayError> {
     let bad = |m: String| GatewayError::BadRequest(m);
-    if matches!(
-        endpoint,
-        Endpoint::AudioTranscriptions | Endpoint::AudioTranslations
-    ) {
+    if endpoint.is_form() {
         return audio(body, content_type.unwrap_or_default());
     }
     let b: Body<'_> = serde_json::from_slice(body)
@@ -332,8 +337,9 @@ pub fn parse(
         Endpoint::Rerank | Endpoint::Score | Endpoint::Tokenize | Endpoint::Detokenize => {
             return Ok(engine_extra(model, body))
         }
+        // Read as a form above.
         Endpoint::AudioTranscriptions | Endpoint::AudioTranslations => {
-            return audio(body, content_type.unwrap_or_default())
+            return Err(bad("an audio request is a multipart form".into()))
         }
     };
     let Some(text) = text else {
