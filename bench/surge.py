@@ -2,7 +2,14 @@
 """Breakwater surge benchmark: a release-week surge against a fleet of known capacity,
 three targets in one run.
 
-Usage:  python3 bench/surge.py [--quick] [--only admission,no-admission,haproxy]
+Usage:  python3 bench/surge.py [--quick] [--pin] [--only admission,no-admission,haproxy]
+                               [--admission-set 'KEY = VALUE; ...']
+
+`--pin` runs the proxy on the last CPU and the engines and the load generator on the others:
+unpinned, the simulated engines' token timers share cores with the proxy, so a proxy that
+uses more CPU slows the engines it is measured against (real engines run on their own
+machines). `--admission-set` adds settings to the admission target's `[admission]` table (to try a
+setting against the defaults in the same run, e.g. `--admission-set 'queue_target_ms = 60'`).
 
 The fleet: four llm-sim engines in two regions (two each), 16 batch slots, 1,000 tokens/s,
 50 ms base TTFT; each streamed request asks for 24 tokens, so an engine finishes about 37
@@ -13,7 +20,10 @@ Arrivals: open-loop Poisson (bench/loadgen `surge`), stepped like a release week
 15 req/s (a tenth of capacity), 2x, 5x, 10x (about capacity), 20x (2x capacity), base
 again — streamed chat completions from three tenants: critical 10 %, standard 60 %,
 sheddable 30 %. A request is *good* when it is answered 200, complete ([DONE], no error
-event) and its first token came within 1 s.
+event) and its first token came within 1 s. Goodput is given two ways: good requests *sent*
+in a phase per second, and good answers *delivered* (ended) in the phase per second — the
+rate the fleet did good work during it. The first credits a phase with work done after it
+ended, so a target that queues longer at the end of a phase than at its start gains from it.
 
 Targets, each against freshly started engines:
   admission     breakwater serve, admission on (the default policy), tenants by key, each
@@ -21,6 +31,10 @@ Targets, each against freshly started engines:
   no-admission  the same with [admission] enabled = false: the negative control
   haproxy       HAProxy, leastconn, maxconn 16 per server (each engine's slots, told by
                 hand), timeout queue 500 ms, option http-no-delay
+
+Also per phase: the engines' batch use (running, waiting), the requests they completed per
+second and the connections they accepted (llm-sim's `/stats`, sampled every 250 ms), and
+the CPU seconds the proxy and the engines used over the whole surge.
 
 Results: bench/out/surge.json and a Markdown table on stdout. Every run is bounded.
 """
@@ -40,6 +54,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 OUT = os.path.join(ROOT, "bench", "out")
 QUICK = "--quick" in sys.argv
+# --pin: the proxy on the last CPU, the engines and the load generator on the others, so the
+# proxy's own work cannot delay the simulated engines' timers (real engines run elsewhere).
+PIN = "--pin" in sys.argv and (os.cpu_count() or 1) > 1
+PROXY_CPUS = {os.cpu_count() - 1} if PIN else None
+LOAD_CPUS = set(range(os.cpu_count() - 1)) if PIN else None
+ADMISSION_SET = (sys.argv[sys.argv.index("--admission-set") + 1]
+                 if "--admission-set" in sys.argv else "")
 MODEL = "bench-model"
 SLOTS = 16
 CAPACITY_TPS = 1000
@@ -75,9 +96,16 @@ def wait_http(url, timeout=20):
     raise SystemExit(f"{url} did not come up")
 
 
-def start(cmd, **kw):
+def pinned(cpus):
+    """A preexec_fn that pins the child to `cpus` (nothing when not pinning)."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def start(cmd, cpus=None, **kw):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL),
-                            **kw)
+                            preexec_fn=pinned(cpus), **kw)
 
 
 def stop(procs):
@@ -97,7 +125,7 @@ def engines():
         procs.append(start([os.path.join(REL, "llm-sim"), "--listen", f"127.0.0.1:{port}",
                             "--control-listen", f"127.0.0.1:{port + 1000}", "--model", MODEL,
                             "--capacity-tps", str(CAPACITY_TPS), "--slots", str(SLOTS),
-                            "--ttft-ms", str(TTFT_MS), "--itl-ms", str(ITL_MS)]))
+                            "--ttft-ms", str(TTFT_MS), "--itl-ms", str(ITL_MS)], cpus=LOAD_CPUS))
     for _, _, port in ENGINES:
         wait_http(f"http://127.0.0.1:{port}/health")
     return procs
@@ -111,6 +139,8 @@ def policy(directory, admission):
             "[health]\nmetrics_interval_ms = 200\n"]
     if not admission:
         text.append("[admission]\nenabled = false\n")
+    elif ADMISSION_SET:
+        text.append("[admission]\n" + "\n".join(x.strip() for x in ADMISSION_SET.split(";")) + "\n")
     for region in ("us-east", "eu-west"):
         text.append(f'[[regions]]\nid = "{region}"\n[[pools]]\nid = "pool-{region}"\n'
                     f'region = "{region}"\nengine = "vllm"\nmodels = ["{MODEL}"]\n')
@@ -149,20 +179,23 @@ backend engines
 
 
 def sample_engines(samples, stop):
-    """Every 250 ms, the requests running and waiting on all engines together (llm-sim's
-    control `/stats`), with the time since the surge started."""
+    """Every 250 ms, the requests running and waiting on all engines together, and the
+    requests they completed and connections they accepted so far (llm-sim's control
+    `/stats`), with the time since the surge started."""
     start = time.time()
     while not stop.is_set():
-        running = waiting = 0
+        running = waiting = completed = connections = 0
         for _, _, port in ENGINES:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port + 1000}/stats", timeout=1) as r:
                     st = json.load(r)
                 running += st["running"]
                 waiting += st["waiting"]
+                completed += st["completed_total"]
+                connections += st["connections_total"]
             except Exception:
                 pass
-        samples.append((time.time() - start, running, waiting))
+        samples.append((time.time() - start, running, waiting, completed, connections))
         stop.wait(0.25)
 
 
@@ -176,7 +209,8 @@ def surge():
     sampler = threading.Thread(target=sample_engines, args=(samples, stop), daemon=True)
     sampler.start()
     try:
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600,
+                             preexec_fn=pinned(LOAD_CPUS))
     finally:
         stop.set()
         sampler.join()
@@ -189,6 +223,10 @@ def surge():
         if inside:
             phase["engines_running_mean"] = sum(s[1] for s in inside) / len(inside)
             phase["engines_waiting_mean"] = sum(s[2] for s in inside) / len(inside)
+        if len(inside) >= 2:
+            span = inside[-1][0] - inside[0][0]
+            phase["engines_completed_per_s"] = (inside[-1][3] - inside[0][3]) / span
+            phase["engines_connections"] = inside[-1][4] - inside[0][4]
     return result
 
 
@@ -206,6 +244,19 @@ def refusal_reasons():
     return counts
 
 
+def cpu_seconds(pids):
+    """utime + stime of the processes `pids`, seconds."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def run_target(name, tmp):
     sims = engines()
     procs = list(sims)
@@ -213,7 +264,7 @@ def run_target(name, tmp):
         if name == "haproxy":
             conf = os.path.join(tmp, "haproxy.cfg")
             haproxy_conf(conf)
-            procs.append(start(["haproxy", "-f", conf, "-db"]))
+            procs.append(start(["haproxy", "-f", conf, "-db"], cpus=PROXY_CPUS))
             time.sleep(0.5)
         else:
             d = os.path.join(tmp, name)
@@ -222,10 +273,14 @@ def run_target(name, tmp):
             log = open(os.path.join(tmp, f"{name}.log"), "w")
             env = dict(os.environ, BREAKWATER_ADMIN_TOKEN="bench", RUST_LOG="warn")
             procs.append(start([os.path.join(REL, "breakwater"), "serve", "--policy", d,
-                                "--threads", "1"], stderr=log, env=env))
+                                "--threads", "1"], cpus=PROXY_CPUS, stderr=log, env=env))
             wait_http(f"http://127.0.0.1:{GATEWAY}/healthz")
         time.sleep(1.0)
+        proxy, sim_pids = [procs[-1].pid], [p.pid for p in sims]
+        before = cpu_seconds(proxy), cpu_seconds(sim_pids)
         result = surge()
+        result["cpu_s"] = {"proxy": cpu_seconds(proxy) - before[0],
+                           "engines": cpu_seconds(sim_pids) - before[1]}
         if name != "haproxy":
             result["refused_by_reason"] = refusal_reasons()
             req = urllib.request.Request(f"http://127.0.0.1:{ADMIN}/admin/status",
@@ -252,19 +307,24 @@ def table(results):
     lines = []
     for name, r in results.items():
         lines.append(f"\n**{name}**\n")
-        lines.append("| phase | offered | good | good/s | TTFT p50 | TTFT p99 | refused (with Retry-After) "
-                     f"| refusal p99 | 5xx | timeouts | cut | critical good | engines: running (of {SLOTS * len(ENGINES)}), waiting |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("| phase | offered | good | good/s sent, delivered | TTFT p50 | TTFT p99 | refused (with Retry-After) "
+                     f"| refusal p99 | 5xx | timeouts | cut | critical good | engines: running (of {SLOTS * len(ENGINES)}), waiting "
+                     "| engines: completed/s, new connections |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for p in r["phases"]:
             crit = next(t for t in p["tenants"] if t["priority"] == "critical")
             crit_pct = 100.0 * crit["good"] / crit["offered"] if crit["offered"] else None
             lines.append(
                 f"| {p['phase']} ({p['rate']:.0f}/s) | {p['offered']:,} | {p['good']:,} | "
-                f"{p['good_per_s']:.1f} | {fmt(p['ttft_p50_ms'])} ms | {fmt(p['ttft_p99_ms'])} ms | "
+                f"{p['good_per_s']:.1f}, {p['good_done_per_s']:.1f} | {fmt(p['ttft_p50_ms'])} ms | {fmt(p['ttft_p99_ms'])} ms | "
                 f"{p['refused']:,} ({p['refused_with_retry_after']:,}) | {fmt(p['refusal_p99_ms'], 1)} ms | "
                 f"{p['status_5xx'] + p['status_503']} | {p['timeouts']} | {p['cut_streams']} | "
                 f"{fmt(crit_pct, 1)} % | {fmt(p.get('engines_running_mean'), 1)}, "
-                f"{fmt(p.get('engines_waiting_mean'), 1)} |")
+                f"{fmt(p.get('engines_waiting_mean'), 1)} | {fmt(p.get('engines_completed_per_s'), 1)}, "
+                f"{fmt(p.get('engines_connections'))} |")
+        if "cpu_s" in r:
+            lines.append(f"\nCPU during the surge, seconds: proxy {r['cpu_s']['proxy']:.1f}, "
+                         f"engines {r['cpu_s']['engines']:.1f}")
         if "refused_by_reason" in r:
             lines.append(f"\nrefusals by priority/reason (the gateway's metrics): {r['refused_by_reason']}")
             lines.append(f"\nlearned admission limits at the end, tokens: {r['admission_limit_tokens']}")
@@ -288,7 +348,8 @@ def main():
             results[t] = run_target(t, tmp)
     with open(os.path.join(OUT, "surge.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"# surge: {PHASES}, base {BASE_RATE} req/s, {MAX_TOKENS} tokens per stream\n")
+    print(f"# surge: {PHASES}, base {BASE_RATE} req/s, {MAX_TOKENS} tokens per stream"
+          + (f"; admission target with [admission] {ADMISSION_SET}" if ADMISSION_SET else "") + "\n")
     print(table(results))
 
 

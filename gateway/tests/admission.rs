@@ -517,3 +517,80 @@ async fn a_shard_never_runs_more_requests_than_its_declared_slots() {
         "queued requests were served as slots freed: {served} of 5"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_queue_it_may_not_join_a_request_is_refused_before_its_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start_shard(ShardSpec::new("s1", "home").itl_ms(20)).await;
+    let extra = format!(
+        "{}{}",
+        fixed_limit(30),
+        tenant("bulk", "sk-bulk", "sheddable", "")
+    );
+    let gw = Gateway::start(&policy_text(&[&s], &extra)).await;
+    let holder = hold_slot(&gw, 35); // about 0.7 s, within the queued one's 1 s
+    wait_inflight(&gw).await;
+    let queued = hold_slot(&gw, 5); // standard: waits in the queue behind the holder
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gw.status().await["admission"]["queue_depth"]["standard"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the standard request never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A sheddable request may not queue at all: its header alone decides, so it is
+    // answered although its body never comes.
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-bulk\r\n\
+          Content-Type: application/json\r\nContent-Length: 200\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf))
+            .await
+            .expect("no answer without the body")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    eprintln!("refused before the body in {:?}", started.elapsed());
+    assert!(head.starts_with("http/1.1 429"), "{head}");
+    assert!(head.contains("retry-after: "), "{head}");
+    assert!(head.contains("x-breakwater-overloaded: true"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    // The body follows late; it is read and dropped, and the connection serves on.
+    conn.write_all(&[b' '; 200]).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    while !rest.contains("HTTP/1.1 200") {
+        let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf))
+            .await
+            .expect("the connection did not serve its next request")
+            .unwrap();
+        assert!(n > 0, "the connection was closed after the refusal: {rest}");
+        rest.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(queued.await.unwrap(), 200);
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"breakwater_refused_total{priority="sheddable",reason="overloaded",tenant="bulk"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert_eq!(
+        s.stats().requests_total,
+        2,
+        "the refused request reached the shard"
+    );
+}

@@ -15,7 +15,9 @@
 //! wait (tokens queued ahead ÷ the tokens per second the fleet releases) fits its queue
 //! timeout and its own deadline — and, while a queue *stands* (has not emptied for
 //! 100 ms: sustained overload, not a burst), only if that wait is within `queue_target`
-//! (sheddable: not at all). Otherwise it is refused at once with 429 and `Retry-After`.
+//! (sheddable: also within its own timeout, by default none). Otherwise it is refused at
+//! once with 429 and `Retry-After` — before its body is read when the queue ahead of it
+//! alone is already too long ([`Admission::precheck`]).
 
 pub mod limit;
 pub mod queue;
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use breakwater_health::{HealthView, ShardId};
 
-use crate::policy::Priority;
+use crate::policy::{AdmissionSettings, Priority};
 use crate::proxy::error::{GatewayError, RateLimited, ShedReason};
 use crate::routing::affinity::{AffinityKey, AffinityOutcome};
 use crate::routing::ledger::LoadCharge;
@@ -122,7 +124,8 @@ impl Admission {
     }
 
     /// What the request header alone decides, before any body is read: the tenant's
-    /// request budget (one is taken), a token budget already spent, a full queue.
+    /// request budget (one is taken), a token budget already spent, a full queue, a queue
+    /// ahead of the request's priority already longer than it may wait.
     pub fn precheck(&self, table: &Table, tenant: usize) -> Result<(), GatewayError> {
         let t = table.tenants.get(tenant);
         let requests = match &t.rpm {
@@ -137,8 +140,21 @@ impl Admission {
                 .map_err(|q| rate_limited(Some(q), requests, true))?;
         }
         let settings = &table.policy.admission;
-        if settings.enabled && self.queue.len() >= settings.max_queued {
+        if !settings.enabled {
+            return Ok(());
+        }
+        if self.queue.len() >= settings.max_queued {
             return Err(self.shed(ShedReason::QueueFull, 0));
+        }
+        // Behind waiters of its priority or above a request is not placed but queued, and
+        // its cost only lengthens the wait: if the queue ahead alone is too long, the body
+        // cannot change the answer (a standing queue under sustained overload).
+        if self.must_queue(table, t.priority) {
+            let now = Instant::now();
+            let ahead = self.predicted_wait(t.priority, 0, self.drain.rate());
+            if ahead > self.allowed_wait(settings, t.priority, now) {
+                return Err(self.shed(ShedReason::Overloaded, 0));
+            }
         }
         Ok(())
     }
@@ -237,19 +253,12 @@ impl Admission {
         let settings = &table.policy.admission;
         let now = Instant::now();
         let rate = self.drain.rate();
-        let ahead = self.queue.tokens_ahead_of(priority) + cost;
-        let predicted = Duration::from_secs_f64(ahead as f64 / rate);
+        let predicted = self.predicted_wait(priority, cost, rate);
         let timeout = settings.queue_timeout[priority.index()];
-        // Critical requests wait only behind critical ones, so a standing queue of others
-        // does not shorten their wait; the others may join a standing queue only briefly.
-        let allowed = match priority {
-            Priority::Critical => timeout,
-            Priority::Sheddable if self.queue.standing(now) => Duration::ZERO,
-            _ if self.queue.standing(now) => settings.queue_target.min(timeout),
-            _ => timeout,
-        };
         let queue_deadline = (now + timeout).min(deadline);
-        if predicted > allowed || now + predicted > queue_deadline {
+        if predicted > self.allowed_wait(settings, priority, now)
+            || now + predicted > queue_deadline
+        {
             return Err(self.shed(ShedReason::Overloaded, cost));
         }
         let current = self.tables.load();
@@ -262,6 +271,31 @@ impl Admission {
             |m, c| self.place_queued(&current, m, c),
         );
         Ok((ticket, queue_deadline))
+    }
+
+    /// How long a new request of `priority` and `cost` would wait: the tokens queued ahead
+    /// of it and its own, at the fleet's drain rate (`rate`, tokens/s).
+    fn predicted_wait(&self, priority: Priority, cost: u64, rate: f64) -> Duration {
+        let ahead = self.queue.tokens_ahead_of(priority) + cost;
+        Duration::from_secs_f64(ahead as f64 / rate)
+    }
+
+    /// The longest predicted wait a new request of `priority` may be queued for now.
+    /// Critical requests wait only behind critical ones, so a standing queue of others
+    /// does not shorten their wait; the others may join a standing queue only briefly
+    /// (sheddable ones only if their own timeout lets them queue at all).
+    fn allowed_wait(
+        &self,
+        settings: &AdmissionSettings,
+        priority: Priority,
+        now: Instant,
+    ) -> Duration {
+        let timeout = settings.queue_timeout[priority.index()];
+        match priority {
+            Priority::Critical => timeout,
+            _ if self.queue.standing(now) => settings.queue_target.min(timeout),
+            _ => timeout,
+        }
     }
 
     /// Places a queued request of model `model` in the table in force.

@@ -168,10 +168,17 @@ pub async fn serve(
 }
 
 /// Answers a refusal the request header decided, then reads and drops the body the client
-/// may still be sending (bounded), so the connection can serve its next request.
+/// may still be sending (bounded), so the connection can serve its next request. (Pingora
+/// would otherwise close a connection answered before its body was read: every refused
+/// client would reconnect, which costs both sides more than the refusal.) A body that does
+/// not arrive in time closes the connection after all.
 async fn refuse_before_body(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
+    session.set_close_on_response_before_downstream_finish(false);
     respond_refusal(session, ctx, e).await;
     discard_unread_body(session).await;
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
 }
 
 /// Writes an error the gateway decided without trying a shard, noting its reason.

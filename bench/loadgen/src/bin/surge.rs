@@ -76,6 +76,8 @@ struct Record {
     tenant: usize,
     /// From the phase's start.
     sent_in_phase: Duration,
+    /// When the answer ended (or the client gave up), from the run's start.
+    done_at: Duration,
     status: u16,
     ttft: Option<Duration>,
     total: Duration,
@@ -218,9 +220,14 @@ async fn main() -> anyhow::Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let timeout = Duration::from_secs(args.client_timeout_s);
     let mut tasks = tokio::task::JoinSet::new();
+    let run_start = Instant::now();
+    // Each phase's window, from the run's start.
+    let mut windows = Vec::with_capacity(phases.len());
     for (pi, phase) in phases.iter().enumerate() {
         let rate = args.base_rate * phase.multiplier;
         let start = Instant::now();
+        let from = start - run_start;
+        windows.push(from..from + phase.length);
         let mut next = Duration::ZERO;
         loop {
             let gap: f64 = -rng.gen::<f64>().max(1e-12).ln() / rate;
@@ -257,6 +264,7 @@ async fn main() -> anyhow::Result<()> {
                     status,
                     ttft,
                     total: sent.elapsed(),
+                    done_at: run_start.elapsed(),
                     complete,
                     cut,
                     timed_out,
@@ -309,6 +317,14 @@ async fn main() -> anyhow::Result<()> {
             })
             .collect();
         let good_n = rs.iter().filter(|r| good(r)).count();
+        // Good answers that ended inside this phase's window, whenever they were sent: the
+        // rate the fleet delivered good work during the phase. Counting by arrival instead
+        // credits a phase with work done after it ended (a queue that spills into the next).
+        let window = &windows[pi];
+        let good_done = records
+            .iter()
+            .filter(|r| good(r) && window.contains(&r.done_at))
+            .count();
         out.push(json!({
             "phase": phase.name,
             "rate": args.base_rate * phase.multiplier,
@@ -316,6 +332,8 @@ async fn main() -> anyhow::Result<()> {
             "offered": rs.len(),
             "good": good_n,
             "good_per_s": good_n as f64 / phase.length.as_secs_f64(),
+            "good_done": good_done,
+            "good_done_per_s": good_done as f64 / phase.length.as_secs_f64(),
             "ok": rs.iter().filter(|r| r.status == 200).count(),
             "ttft_p50_ms": pct(&ttft, 0.5),
             "ttft_p99_ms": pct(&ttft, 0.99),
