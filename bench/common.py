@@ -1,4 +1,5 @@
 """Helpers the benchmark scripts share."""
+import os
 import time
 import urllib.error
 import urllib.request
@@ -16,3 +17,22 @@ def wait_http(url, timeout=20, poll=0.1):
         except Exception:
             time.sleep(poll)
     raise SystemExit(f"not reachable: {url}")
+
+
+def pinned(cpus):
+    """A preexec_fn that pins the child (and what it forks) to `cpus`; None for no pinning."""
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+def cpu_ticks(pids):
+    """utime + stime of the processes `pids`, in clock ticks (os.sysconf("SC_CLK_TCK") a
+    second); a process that has gone counts nothing."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:
+            pass
+    return total

@@ -61,7 +61,7 @@ import tempfile
 import time
 import urllib.request
 
-from common import wait_http
+from common import cpu_ticks, pinned, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
@@ -104,11 +104,6 @@ PROXY_CPUS, LOAD_CPUS = split_cpus()
 WORKERS = len(PROXY_CPUS) if PROXY_CPUS else 2
 
 
-def pinned(cpus):
-    """A preexec_fn that pins the child (and what it forks) to cpus."""
-    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-
-
 def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
@@ -118,18 +113,6 @@ def start(cmd, cpus=None, **kw):
                          preexec_fn=pinned(cpus), **kw)
     procs.append(p)
     return p
-
-
-def cpu_ticks(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except FileNotFoundError:
-            pass
-    return total
 
 
 def rss_kib(pids):

@@ -50,6 +50,8 @@ import threading
 import time
 import urllib.request
 
+from common import cpu_ticks, pinned, wait_http
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 OUT = os.path.join(ROOT, "bench", "out")
@@ -82,25 +84,6 @@ TENANTS = [("acme-critical", "critical", 10, "sk-bench-critical"),
 def sh(cmd, **kw):
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, **kw)
-
-
-def wait_http(url, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status < 500:
-                    return
-        except Exception:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not come up")
-
-
-def pinned(cpus):
-    """A preexec_fn that pins the child to `cpus` (nothing when not pinning)."""
-    if cpus is None:
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def start(cmd, cpus=None, **kw):
@@ -246,15 +229,7 @@ def refusal_reasons():
 
 def cpu_seconds(pids):
     """utime + stime of the processes `pids`, seconds."""
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return cpu_ticks(pids) / os.sysconf("SC_CLK_TCK")
 
 
 def run_target(name, tmp):
