@@ -120,6 +120,7 @@ pub fn start_fleet(policy: &Policy) -> Result<FaultControls, DemoError> {
             ttft: Duration::from_millis(60 + 20 * i as u64),
             itl: Duration::from_millis(12),
             kv_capacity_tokens: 131_072,
+            behaviour: llm_sim::Behaviour::Continuous,
         };
         let probe = match &shard.gpu_probe {
             Some(url) => Some(loopback(url).ok_or_else(|| DemoError::NotLoopback {

@@ -102,6 +102,7 @@ async fn tls_shard(leaf: &Leaf, client_ca: Option<&Ca>) -> SimHandle {
         ttft: Duration::from_millis(5),
         itl: Duration::from_millis(2),
         kv_capacity_tokens: 1 << 20,
+        behaviour: llm_sim::Behaviour::Continuous,
     };
     SimHandle::spawn_with_tls(config, serve, control, Some(tls)).unwrap()
 }
@@ -117,6 +118,7 @@ async fn plain_shard(itl_ms: u64) -> SimHandle {
         ttft: Duration::from_millis(5),
         itl: Duration::from_millis(itl_ms),
         kv_capacity_tokens: 1 << 20,
+        behaviour: llm_sim::Behaviour::Continuous,
     };
     SimHandle::spawn(config, serve, control).unwrap()
 }

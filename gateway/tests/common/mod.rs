@@ -76,6 +76,7 @@ pub async fn start_shard(spec: ShardSpec) -> Shard {
         ttft: Duration::from_millis(spec.ttft_ms),
         itl: Duration::from_millis(spec.itl_ms),
         kv_capacity_tokens: 1 << 20,
+        behaviour: llm_sim::Behaviour::Continuous,
     };
     Shard {
         id: spec.id.into(),

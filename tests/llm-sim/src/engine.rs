@@ -1,5 +1,7 @@
-//! The simulated engine: continuous batching over a fixed number of slots, a FIFO queue in
-//! front of them, and a token rate shared by everything in the batch.
+//! The simulated engine: a fixed number of batch slots with a FIFO queue in front of them,
+//! paced as one of several [`Behaviour`]s (continuous batching sharing a token rate, fixed
+//! decode per slot, decode that slows with the batch, serial prefill, a KV cache that
+//! preempts).
 //!
 //! It does not own HTTP; `server` turns requests into [`Engine::admit`] calls and paces
 //! output with [`Running::next_token`].
@@ -12,6 +14,55 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::fault::Fault;
+
+/// How an engine schedules and paces its batch: the ways real engines differ under load
+/// that a gateway's admission must cope with without being told.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Behaviour {
+    /// Continuous batching: the batch shares the engine's decode throughput
+    /// (`capacity_tps`), no request faster than `itl`.
+    Continuous,
+    /// A hard slot limit with a FIFO queue, each running request decoding at `itl` whatever
+    /// the batch (vLLM's `max_num_seqs` on a GPU with compute to spare): the request after
+    /// the last slot waits a whole request's duration.
+    FifoSlots,
+    /// Decode slows as the batch grows: a token takes `itl × (1 + slowdown × (batch − 1) /
+    /// (slots − 1))`, so a full batch decodes `1 + slowdown` times slower than one request.
+    SlowingDecode {
+        /// Extra time per token at a full batch, as a multiple of `itl`.
+        slowdown: f64,
+    },
+    /// Prefill-heavy: prompts are prefilled one at a time at `prefill_tps` (long prompts
+    /// queue behind each other before their first token); decode as [`Behaviour::Continuous`].
+    PrefillHeavy {
+        /// Prefill throughput, prompt tokens per second.
+        prefill_tps: f64,
+    },
+    /// A KV-cache limit that preempts (vLLM's recompute preemption): a request starts only
+    /// when its prompt fits in the KV cache beside the running ones; when the running
+    /// requests' tokens outgrow the cache, the youngest is preempted back to the waiting
+    /// queue and prefills its prompt and output again when it returns. Decode as
+    /// [`Behaviour::Continuous`].
+    KvPreempt,
+}
+
+impl Behaviour {
+    /// The names `--behaviour` takes.
+    pub const NAMES: &'static str = "continuous, fifo, slowing-decode, prefill-heavy, kv-preempt";
+
+    /// A behaviour by name, with its knobs (`slowdown`, `prefill_tps`; the others ignore
+    /// them).
+    pub fn parse(name: &str, slowdown: f64, prefill_tps: f64) -> Option<Self> {
+        Some(match name {
+            "continuous" => Self::Continuous,
+            "fifo" => Self::FifoSlots,
+            "slowing-decode" => Self::SlowingDecode { slowdown },
+            "prefill-heavy" => Self::PrefillHeavy { prefill_tps },
+            "kv-preempt" => Self::KvPreempt,
+            _ => return None,
+        })
+    }
+}
 
 /// Engine parameters, as given on the command line.
 #[derive(Debug, Clone)]
@@ -28,6 +79,8 @@ pub struct SimConfig {
     pub itl: Duration,
     /// KV-cache size in tokens; `vllm:kv_cache_usage_perc` is the share in use.
     pub kv_capacity_tokens: u64,
+    /// How the batch is scheduled and paced.
+    pub behaviour: Behaviour,
 }
 
 impl SimConfig {
@@ -40,6 +93,7 @@ impl SimConfig {
             ttft: Duration::from_millis(20),
             itl: Duration::from_millis(5),
             kv_capacity_tokens: 65_536,
+            behaviour: Behaviour::Continuous,
         }
     }
 }
@@ -71,6 +125,8 @@ pub struct SimStats {
     pub prefix_cache_queries_total: u64,
     /// Of them, tokens found cached, whose prefill was skipped.
     pub prefix_cache_hits_total: u64,
+    /// Running requests sent back to the waiting queue because the KV cache was full.
+    pub preemptions_total: u64,
 }
 
 /// Bytes of prompt text per prefix-cache block (about 70 tokens at 3.6 bytes a token).
@@ -117,6 +173,7 @@ struct Counters {
     connections_total: AtomicU64,
     prefix_cache_queries_total: AtomicU64,
     prefix_cache_hits_total: AtomicU64,
+    preemptions_total: AtomicU64,
 }
 
 /// A cheap handle on one simulated engine; clones share it.
@@ -135,6 +192,16 @@ struct Inner {
     /// Responses kept for `GET /v1/responses/{id}` (vLLM's `store`), oldest first.
     stored: std::sync::Mutex<std::collections::VecDeque<(String, serde_json::Value)>>,
     prefix_cache: std::sync::Mutex<PrefixCache>,
+    /// Held by the head of the waiting line while it waits for a slot (and, with
+    /// [`Behaviour::KvPreempt`], for room in the KV cache): arrivals start in FIFO order.
+    line: tokio::sync::Mutex<()>,
+    /// Woken when KV-cache tokens are released ([`Behaviour::KvPreempt`]).
+    kv_freed: tokio::sync::Notify,
+    /// One prefill at a time ([`Behaviour::PrefillHeavy`]).
+    prefill_lane: tokio::sync::Mutex<()>,
+    /// Admission order of the running requests, for picking the youngest to preempt.
+    running_order: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    next_seq: AtomicU64,
 }
 
 /// Responses an engine keeps.
@@ -152,6 +219,11 @@ impl Engine {
                 fault: watch::Sender::new(Fault::default()),
                 stored: Default::default(),
                 prefix_cache: Default::default(),
+                line: Default::default(),
+                kv_freed: Default::default(),
+                prefill_lane: Default::default(),
+                running_order: Default::default(),
+                next_seq: AtomicU64::new(0),
             }),
         }
     }
@@ -215,6 +287,7 @@ impl Engine {
             connections_total: c.connections_total.load(Ordering::Relaxed),
             prefix_cache_queries_total: c.prefix_cache_queries_total.load(Ordering::Relaxed),
             prefix_cache_hits_total: c.prefix_cache_hits_total.load(Ordering::Relaxed),
+            preemptions_total: c.preemptions_total.load(Ordering::Relaxed),
         }
     }
 
@@ -249,20 +322,19 @@ impl Engine {
     /// prefix cache skip their prefill.
     pub async fn admit_with_prefix(&self, prompt_tokens: u64, blocks: &[u64]) -> Running {
         let c = &self.inner.counters;
-        c.waiting.fetch_add(1, Ordering::Relaxed);
-        let waiting = WaitingGuard(self.clone());
-        let permit = Arc::clone(&self.inner.slots).acquire_owned().await;
-        drop(waiting);
-        c.running.fetch_add(1, Ordering::Relaxed);
-        c.kv_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
-        c.prompt_tokens_total
-            .fetch_add(prompt_tokens, Ordering::Relaxed);
-        let running = Running {
+        let permit = self.wait_for_room(prompt_tokens).await;
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut running = Running {
             engine: self.clone(),
-            _permit: permit.ok(),
+            permit: None,
+            active: false,
+            seq,
             kv_tokens: prompt_tokens,
             finished: false,
         };
+        running.activate(permit);
+        c.prompt_tokens_total
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
         let cached = if blocks.is_empty() {
             0
         } else {
@@ -281,14 +353,76 @@ impl Engine {
             .fetch_add(prompt_tokens, Ordering::Relaxed);
         c.prefix_cache_hits_total
             .fetch_add(cached, Ordering::Relaxed);
-        // Prefill runs about ten times faster than decode on real engines; a cached prefix
-        // is not prefilled again.
-        let prefill = Duration::from_secs_f64(
-            (prompt_tokens - cached) as f64 / (self.inner.config.capacity_tps * 10.0).max(1.0),
-        );
-        let slow = self.fault().slow_factor();
-        tokio::time::sleep((self.inner.config.ttft + prefill).mul_f64(slow)).await;
+        // A cached prefix is not prefilled again.
+        self.prefill(prompt_tokens - cached, true).await;
         running
+    }
+
+    /// Waits in the FIFO line for a batch slot and, with [`Behaviour::KvPreempt`], for
+    /// `kv_needed` tokens of room in the KV cache (an engine with nothing running takes
+    /// any request). Counted as waiting meanwhile.
+    async fn wait_for_room(&self, kv_needed: u64) -> Option<OwnedSemaphorePermit> {
+        let inner = &self.inner;
+        inner.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = WaitingGuard(self.clone());
+        let _head = inner.line.lock().await;
+        let permit = Arc::clone(&inner.slots).acquire_owned().await.ok();
+        if inner.config.behaviour == Behaviour::KvPreempt {
+            loop {
+                // Registered before the check, so a release between the two still wakes it.
+                let freed = inner.kv_freed.notified();
+                let used = inner.counters.kv_tokens.load(Ordering::Relaxed);
+                let idle = inner.counters.running.load(Ordering::Relaxed) == 0;
+                if idle || used + kv_needed <= inner.config.kv_capacity_tokens {
+                    break;
+                }
+                freed.await;
+            }
+        }
+        permit
+    }
+
+    /// Waits out the time to compute `tokens` of prompt (and the base TTFT when `first`):
+    /// prefill runs about ten times faster than decode, or, prefill-heavy, one prompt at a
+    /// time at its own rate.
+    async fn prefill(&self, tokens: u64, first: bool) {
+        let config = &self.inner.config;
+        let slow = self.fault().slow_factor();
+        let base = if first { config.ttft } else { Duration::ZERO };
+        match config.behaviour {
+            Behaviour::PrefillHeavy { prefill_tps } => {
+                tokio::time::sleep(base.mul_f64(slow)).await;
+                let _lane = self.inner.prefill_lane.lock().await;
+                let t = Duration::from_secs_f64(tokens as f64 / prefill_tps.max(1.0));
+                tokio::time::sleep(t.mul_f64(slow)).await;
+            }
+            _ => {
+                let t =
+                    Duration::from_secs_f64(tokens as f64 / (config.capacity_tps * 10.0).max(1.0));
+                tokio::time::sleep((base + t).mul_f64(slow)).await;
+            }
+        }
+    }
+
+    /// How long one decode step takes with `batch` requests running.
+    fn decode_step(&self, batch: u64) -> Duration {
+        let config = &self.inner.config;
+        let batch = batch.max(1) as f64;
+        match config.behaviour {
+            Behaviour::FifoSlots => config.itl,
+            Behaviour::SlowingDecode { slowdown } => {
+                let fill = (batch - 1.0) / (config.slots.max(2) - 1) as f64;
+                config.itl.mul_f64(1.0 + slowdown.max(0.0) * fill.min(1.0))
+            }
+            _ => Duration::from_secs_f64(batch / config.capacity_tps.max(1.0)).max(config.itl),
+        }
+    }
+
+    fn order(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.inner
+            .running_order
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -308,27 +442,77 @@ impl Drop for WaitingGuard {
 /// frees the slot, as an engine does when the client disconnects.
 pub struct Running {
     engine: Engine,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
+    /// Whether it holds its slot and KV tokens now (not while preempted).
+    active: bool,
+    /// Its place in admission order: the youngest running request is preempted first.
+    seq: u64,
     kv_tokens: u64,
     finished: bool,
 }
 
 impl Running {
-    /// Waits for the engine to produce this request's next token: the batch shares the
-    /// engine's capacity, and no request goes faster than the inter-token latency.
+    /// Waits for the engine to produce this request's next token (paced by the engine's
+    /// [`Behaviour`]); with [`Behaviour::KvPreempt`], a request that is the youngest when
+    /// the cache overflows is preempted first and recomputes when it returns.
     pub async fn next_token(&mut self) {
-        let inner = &self.engine.inner;
-        let batch = inner.counters.running.load(Ordering::Relaxed).max(1) as f64;
-        let shared = Duration::from_secs_f64(batch / inner.config.capacity_tps.max(1.0));
-        let step = shared.max(inner.config.itl);
-        let slow = self.engine.fault().slow_factor();
-        tokio::time::sleep(step.mul_f64(slow)).await;
+        let engine = self.engine.clone();
+        let inner = &engine.inner;
+        let batch = inner.counters.running.load(Ordering::Relaxed);
+        let slow = engine.fault().slow_factor();
+        tokio::time::sleep(engine.decode_step(batch).mul_f64(slow)).await;
         inner.counters.kv_tokens.fetch_add(1, Ordering::Relaxed);
         inner
             .counters
             .generation_tokens_total
             .fetch_add(1, Ordering::Relaxed);
         self.kv_tokens += 1;
+        if inner.config.behaviour == Behaviour::KvPreempt && self.must_yield() {
+            inner
+                .counters
+                .preemptions_total
+                .fetch_add(1, Ordering::Relaxed);
+            self.deactivate();
+            let permit = engine.wait_for_room(self.kv_tokens).await;
+            self.activate(permit);
+            engine.prefill(self.kv_tokens, false).await;
+        }
+    }
+
+    /// The KV cache has overflowed and this is the youngest of several running requests.
+    fn must_yield(&self) -> bool {
+        let inner = &self.engine.inner;
+        if inner.counters.kv_tokens.load(Ordering::Relaxed) <= inner.config.kv_capacity_tokens {
+            return false;
+        }
+        let order = self.engine.order();
+        order.len() > 1 && order.last() == Some(&self.seq)
+    }
+
+    /// Takes its slot and its KV tokens.
+    fn activate(&mut self, permit: Option<OwnedSemaphorePermit>) {
+        let c = &self.engine.inner.counters;
+        self.permit = permit;
+        self.active = true;
+        c.running.fetch_add(1, Ordering::Relaxed);
+        c.kv_tokens.fetch_add(self.kv_tokens, Ordering::Relaxed);
+        self.engine.order().insert(self.seq);
+    }
+
+    /// Gives its slot and KV tokens back (done, aborted or preempted).
+    fn deactivate(&mut self) {
+        if !std::mem::take(&mut self.active) {
+            return;
+        }
+        let inner = &self.engine.inner;
+        self.engine.order().remove(&self.seq);
+        inner.counters.running.fetch_sub(1, Ordering::Relaxed);
+        inner
+            .counters
+            .kv_tokens
+            .fetch_sub(self.kv_tokens, Ordering::Relaxed);
+        self.permit = None;
+        inner.kv_freed.notify_waiters();
     }
 
     /// Marks the request as answered in full.
@@ -344,11 +528,13 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let c = &self.engine.inner.counters;
-        c.running.fetch_sub(1, Ordering::Relaxed);
-        c.kv_tokens.fetch_sub(self.kv_tokens, Ordering::Relaxed);
+        self.deactivate();
         if !self.finished {
-            c.aborted_total.fetch_add(1, Ordering::Relaxed);
+            self.engine
+                .inner
+                .counters
+                .aborted_total
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -1,8 +1,9 @@
 //! `llm-sim`: a simulated OpenAI-compatible inference engine that behaves like a real one
 //! under load, for Breakwater's tests, benchmarks and demo.
 //!
-//! It owns continuous batching (a token rate shared by a fixed number of batch slots, then
-//! a FIFO queue), streamed and whole answers with `usage`, vLLM-named `/metrics`, `/health`,
+//! It owns batching (a fixed number of batch slots and a FIFO queue, paced as one of
+//! several engine behaviours: continuous batching, fixed-rate slots, decode that slows with
+//! the batch, serial prefill, a KV cache that preempts), streamed and whole answers with `usage`, vLLM-named `/metrics`, `/health`,
 //! and a fault switch on a separate control listener. It does not tokenize for real: a
 //! prompt's size is counted at about 3.6 bytes per token.
 //!
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-pub use engine::{Engine, SimConfig, SimStats};
+pub use engine::{Behaviour, Engine, SimConfig, SimStats};
 pub use fault::{Fault, FaultMode};
 pub use server::metrics;
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use llm_sim::{SimConfig, SimHandle};
+use llm_sim::{Behaviour, SimConfig, SimHandle};
 
 /// A simulated OpenAI-compatible inference engine (continuous batching, SSE, vLLM metrics,
 /// fault injection).
@@ -36,6 +36,20 @@ struct Args {
     /// KV-cache size, tokens.
     #[arg(long, default_value_t = 65_536)]
     kv_capacity_tokens: u64,
+    /// How the engine schedules and paces its batch: continuous (the batch shares
+    /// `--capacity-tps`), fifo (each slot decodes at `--itl-ms` whatever the batch),
+    /// slowing-decode (a full batch decodes `1 + --decode-slowdown` times slower),
+    /// prefill-heavy (prompts prefilled one at a time at `--prefill-tps`), kv-preempt (the
+    /// youngest request is preempted when the KV cache overflows).
+    #[arg(long, default_value = "continuous")]
+    behaviour: String,
+    /// slowing-decode: extra time per token at a full batch, as a multiple of `--itl-ms`.
+    #[arg(long, default_value_t = 2.0)]
+    decode_slowdown: f64,
+    /// prefill-heavy: prefill throughput, prompt tokens per second (default: 2 x
+    /// `--capacity-tps`).
+    #[arg(long)]
+    prefill_tps: Option<f64>,
     /// Serve HTTPS with this certificate chain (PEM); needs `--tls-key`.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
@@ -59,6 +73,21 @@ async fn main() -> anyhow::Result<()> {
     if !(args.capacity_tps.is_finite() && args.capacity_tps > 0.0) {
         anyhow::bail!("--capacity-tps must be a positive number");
     }
+    let prefill_tps = args.prefill_tps.unwrap_or(2.0 * args.capacity_tps);
+    if !(prefill_tps.is_finite() && prefill_tps > 0.0) {
+        anyhow::bail!("--prefill-tps must be a positive number");
+    }
+    if !(args.decode_slowdown.is_finite() && args.decode_slowdown >= 0.0) {
+        anyhow::bail!("--decode-slowdown must be a number of at least 0");
+    }
+    let behaviour = Behaviour::parse(&args.behaviour, args.decode_slowdown, prefill_tps)
+        .with_context(|| {
+            format!(
+                "--behaviour {:?}: expected one of {}",
+                args.behaviour,
+                Behaviour::NAMES
+            )
+        })?;
     if args.slots == 0 {
         anyhow::bail!("--slots must be at least 1");
     }
@@ -69,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         ttft: Duration::from_millis(args.ttft_ms),
         itl: Duration::from_millis(args.itl_ms),
         kv_capacity_tokens: args.kv_capacity_tokens.max(1),
+        behaviour,
     };
     let read =
         |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));

@@ -517,7 +517,7 @@ pub fn metrics(engine: &Engine) -> String {
          vllm:gpu_cache_usage_perc{{model_name=\"{m}\"}} {kv}\n\
          # HELP vllm:num_preemptions_total Cumulative number of preemptions.\n\
          # TYPE vllm:num_preemptions_total counter\n\
-         vllm:num_preemptions_total{{model_name=\"{m}\"}} 0\n\
+         vllm:num_preemptions_total{{model_name=\"{m}\"}} {preempted}\n\
          # HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n\
          # TYPE vllm:prompt_tokens_total counter\n\
          vllm:prompt_tokens_total{{model_name=\"{m}\"}} {prompt}\n\
@@ -534,6 +534,7 @@ pub fn metrics(engine: &Engine) -> String {
         hits = s.prefix_cache_hits_total,
         running = s.running,
         waiting = s.waiting,
+        preempted = s.preemptions_total,
         prompt = s.prompt_tokens_total,
         generated = s.generation_tokens_total,
     )
