@@ -2,7 +2,7 @@
 """Breakwater surge benchmark: a release-week surge against a fleet of known capacity,
 three targets in one run.
 
-Usage:  python3 bench/surge.py [--quick] [--pin] [--only admission,no-admission,haproxy]
+Usage:  python3 bench/surge.py [--quick] [--pin] [--only admission,learned,no-admission,haproxy]
                                [--admission-set 'KEY = VALUE; ...']
 
 `--pin` runs the proxy on the last CPU and the engines and the load generator on the others:
@@ -28,6 +28,7 @@ ended, so a target that queues longer at the end of a phase than at its start ga
 Targets, each against freshly started engines:
   admission     breakwater serve, admission on (the default policy), tenants by key, each
                 shard's batch slots declared (`max_requests = 16`, as HAProxy is told them)
+  learned       the same with nothing about slots declared (only with --only)
   no-admission  the same with [admission] enabled = false: the negative control
   haproxy       HAProxy, leastconn, maxconn 16 per server (each engine's slots, told by
                 hand), timeout queue 500 ms, option http-no-delay
@@ -64,21 +65,41 @@ LOAD_CPUS = set(range(os.cpu_count() - 1)) if PIN else None
 ADMISSION_SET = (sys.argv[sys.argv.index("--admission-set") + 1]
                  if "--admission-set" in sys.argv else "")
 MODEL = "bench-model"
-SLOTS = 16
-CAPACITY_TPS = 1000
-TTFT_MS = 50
-ITL_MS = 12
-MAX_TOKENS = 24
 BASE_RATE = 15
 PHASES = ("base:1:4,2x:2:4,5x:5:4,10x:10:5,20x:20:6,base-again:1:4" if QUICK
           else "base:1:8,2x:2:8,5x:5:8,10x:10:10,20x:20:10,base-again:1:8")
-ENGINES = [("use-1", "us-east", 19101), ("use-2", "us-east", 19102),
-           ("euw-1", "eu-west", 19201), ("euw-2", "eu-west", 19202)]
 GATEWAY = 19080
 ADMIN = 19091
 TENANTS = [("acme-critical", "critical", 10, "sk-bench-critical"),
            ("web-standard", "standard", 60, "sk-bench-standard"),
            ("batch-sheddable", "sheddable", 30, "sk-bench-sheddable")]
+
+
+def engine(sid, region, port, slots=16, capacity_tps=1000, ttft_ms=50, itl_ms=12,
+           behaviour="continuous", extra=()):
+    """One simulated engine of a fleet: its id, region, port and llm-sim parameters."""
+    return {"id": sid, "region": region, "port": port, "slots": slots,
+            "capacity_tps": capacity_tps, "ttft_ms": ttft_ms, "itl_ms": itl_ms,
+            "behaviour": behaviour, "extra": list(extra)}
+
+
+def fleet(engines, max_tokens, prompt_bytes=None, declared=None, declared_scale=1.0,
+          base_rate=BASE_RATE, name="default"):
+    """What a surge runs against: the engines, the tokens each request asks for, the
+    prompt sizes (`MIN:MAX` bytes, or None for one short prompt), and each shard's
+    `capacity_tps` as the policy declares it (`declared`: id → tokens/s, default the
+    engine's `capacity_tps`), times `declared_scale` (to declare it wrong)."""
+    declared = declared or {e["id"]: e["capacity_tps"] for e in engines}
+    return {"name": name, "engines": engines, "max_tokens": max_tokens,
+            "prompt_bytes": prompt_bytes, "base_rate": base_rate,
+            "declared": {k: max(1, round(v * declared_scale)) for k, v in declared.items()}}
+
+
+# The default fleet: four engines in two regions, 16 slots, 1,000 tokens/s, 50 ms TTFT,
+# 24 tokens a request.
+DEFAULT_FLEET = fleet([engine("use-1", "us-east", 19101), engine("use-2", "us-east", 19102),
+                       engine("euw-1", "eu-west", 19201), engine("euw-2", "eu-west", 19202)],
+                      max_tokens=24)
 
 
 def sh(cmd, **kw):
@@ -102,35 +123,43 @@ def stop(procs):
             p.kill()
 
 
-def engines():
+def engines(fl):
     procs = []
-    for _, _, port in ENGINES:
+    for e in fl["engines"]:
+        port = e["port"]
         procs.append(start([os.path.join(REL, "llm-sim"), "--listen", f"127.0.0.1:{port}",
                             "--control-listen", f"127.0.0.1:{port + 1000}", "--model", MODEL,
-                            "--capacity-tps", str(CAPACITY_TPS), "--slots", str(SLOTS),
-                            "--ttft-ms", str(TTFT_MS), "--itl-ms", str(ITL_MS)], cpus=LOAD_CPUS))
-    for _, _, port in ENGINES:
-        wait_http(f"http://127.0.0.1:{port}/health")
+                            "--capacity-tps", str(e["capacity_tps"]), "--slots", str(e["slots"]),
+                            "--ttft-ms", str(e["ttft_ms"]), "--itl-ms", str(e["itl_ms"]),
+                            "--behaviour", e["behaviour"], *e["extra"]], cpus=LOAD_CPUS))
+    for e in fl["engines"]:
+        wait_http(f"http://127.0.0.1:{e['port']}/health")
     return procs
 
 
-def policy(directory, admission):
+def policy(directory, fl, admission, declare_slots, admission_set=""):
+    """The gateway's policy for `fl`: admission on or off, each shard's batch slots
+    declared (`max_requests`) or not, extra `[admission]` settings."""
     text = [f'[gateway]\nhome_region = "us-east"\nlisten = "127.0.0.1:{GATEWAY}"\n'
             f'admin_listen = "127.0.0.1:{ADMIN}"\n',
             "[timeouts]\nconnect_ms = 500\nfirst_byte_ms = 10000\nidle_ms = 10000\ntotal_ms = 60000\n",
-            f"[routing]\ndefault_completion_tokens = {MAX_TOKENS}\n",
+            f"[routing]\ndefault_completion_tokens = {fl['max_tokens']}\n",
             "[health]\nmetrics_interval_ms = 200\n"]
     if not admission:
         text.append("[admission]\nenabled = false\n")
-    elif ADMISSION_SET:
-        text.append("[admission]\n" + "\n".join(x.strip() for x in ADMISSION_SET.split(";")) + "\n")
-    for region in ("us-east", "eu-west"):
+    elif admission_set:
+        text.append("[admission]\n" + "\n".join(x.strip() for x in admission_set.split(";")) + "\n")
+    regions = []
+    for e in fl["engines"]:
+        if e["region"] not in regions:
+            regions.append(e["region"])
+    for region in regions:
         text.append(f'[[regions]]\nid = "{region}"\n[[pools]]\nid = "pool-{region}"\n'
                     f'region = "{region}"\nengine = "vllm"\nmodels = ["{MODEL}"]\n')
-    for sid, region, port in ENGINES:
-        text.append(f'[[shards]]\nid = "{sid}"\npool = "pool-{region}"\n'
-                    f'url = "http://127.0.0.1:{port}"\ncapacity_tps = {CAPACITY_TPS}\n'
-                    f'max_requests = {SLOTS}\n')
+    for e in fl["engines"]:
+        text.append(f'[[shards]]\nid = "{e["id"]}"\npool = "pool-{e["region"]}"\n'
+                    f'url = "http://127.0.0.1:{e["port"]}"\ncapacity_tps = {fl["declared"][e["id"]]}\n'
+                    + (f'max_requests = {e["slots"]}\n' if declare_slots else ""))
     for tid, prio, _, key in TENANTS:
         digest = hashlib.sha256(key.encode()).hexdigest()
         text.append(f'[[tenants]]\nid = "{tid}"\napi_key_sha256 = ["{digest}"]\npriority = "{prio}"\n')
@@ -138,9 +167,9 @@ def policy(directory, admission):
         f.write("\n".join(text))
 
 
-def haproxy_conf(path):
-    servers = "\n".join(f"    server {sid} 127.0.0.1:{port} maxconn {SLOTS}"
-                        for sid, _, port in ENGINES)
+def haproxy_conf(path, fl):
+    servers = "\n".join(f"    server {e['id']} 127.0.0.1:{e['port']} maxconn {e['slots']}"
+                        for e in fl["engines"])
     with open(path, "w") as f:
         f.write(f"""global
     nbthread 1
@@ -161,16 +190,29 @@ backend engines
 """)
 
 
-def sample_engines(samples, stop):
-    """Every 250 ms, the requests running and waiting on all engines together, and the
+def gateway_queued():
+    """Requests waiting in the gateway's queue now (None when it does not answer)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{ADMIN}/admin/status",
+                                 headers={"authorization": "Bearer bench"})
+    try:
+        with urllib.request.urlopen(req, timeout=1) as r:
+            return sum(json.load(r)["admission"]["queue_depth"].values())
+    except Exception:
+        return None
+
+
+def sample_engines(fl, samples, stop, gateway):
+    """Every 100 ms, the requests running and waiting on all engines together, the
     requests they completed and connections they accepted so far (llm-sim's control
-    `/stats`), with the time since the surge started."""
+    `/stats`), and (`gateway`) the requests waiting in the gateway's queue, with the time
+    since the surge started."""
     start = time.time()
     while not stop.is_set():
+        queued = gateway_queued() if gateway else None
         running = waiting = completed = connections = 0
-        for _, _, port in ENGINES:
+        for e in fl["engines"]:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port + 1000}/stats", timeout=1) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{e['port'] + 1000}/stats", timeout=1) as r:
                     st = json.load(r)
                 running += st["running"]
                 waiting += st["waiting"]
@@ -178,18 +220,20 @@ def sample_engines(samples, stop):
                 connections += st["connections_total"]
             except Exception:
                 pass
-        samples.append((time.time() - start, running, waiting, completed, connections))
-        stop.wait(0.25)
+        samples.append((time.time() - start, running, waiting, completed, connections, queued))
+        stop.wait(0.1)
 
 
-def surge():
+def surge(fl, phases, gateway):
     tenants = ",".join(f"{t}:{p}:{s}:{k}" for t, p, s, k in TENANTS)
     cmd = [os.path.join(REL, "surge"), "--url", f"http://127.0.0.1:{GATEWAY}",
-           "--base-rate", str(BASE_RATE), "--phases", PHASES, "--tenants", tenants,
-           "--max-tokens", str(MAX_TOKENS), "--model", MODEL]
+           "--base-rate", str(fl["base_rate"]), "--phases", phases, "--tenants", tenants,
+           "--max-tokens", str(fl["max_tokens"]), "--model", MODEL]
+    if fl["prompt_bytes"]:
+        cmd += ["--prompt-bytes", fl["prompt_bytes"]]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     samples, stop = [], threading.Event()
-    sampler = threading.Thread(target=sample_engines, args=(samples, stop), daemon=True)
+    sampler = threading.Thread(target=sample_engines, args=(fl, samples, stop, gateway), daemon=True)
     sampler.start()
     try:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600,
@@ -198,6 +242,7 @@ def surge():
         stop.set()
         sampler.join()
     result = json.loads(out.stdout)
+    slots = sum(e["slots"] for e in fl["engines"])
     # The engines' batch use per phase (phases run back to back from the start).
     at = 0.0
     for phase in result["phases"]:
@@ -206,6 +251,13 @@ def surge():
         if inside:
             phase["engines_running_mean"] = sum(s[1] for s in inside) / len(inside)
             phase["engines_waiting_mean"] = sum(s[2] for s in inside) / len(inside)
+            phase["slot_use"] = phase["engines_running_mean"] / slots
+        # While the gateway queues, are the engines' slots full? (The engines' running
+        # count against their slots, over the samples that saw someone in the queue.)
+        queued = [s for s in inside if s[5]]
+        if queued:
+            phase["queued_samples"] = len(queued)
+            phase["slot_use_while_queued"] = sum(s[1] for s in queued) / len(queued) / slots
         if len(inside) >= 2:
             span = inside[-1][0] - inside[0][0]
             phase["engines_completed_per_s"] = (inside[-1][3] - inside[0][3]) / span
@@ -213,18 +265,29 @@ def surge():
     return result
 
 
-def refusal_reasons():
-    """The gateway's own count of refusals, by priority and reason."""
+def gateway_metrics():
+    """The gateway's refusals by priority/reason, and its queue waits (count, and how many
+    waited over 5 ms and over 50 ms, from `breakwater_queue_wait_seconds`)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/metrics", timeout=5) as r:
         text = r.read().decode()
-    counts = {}
+    counts, waits = {}, {"count": 0, "le_0.005": 0, "le_0.05": 0}
     for line in text.splitlines():
+        if not line.startswith(("breakwater_refused_total{", "breakwater_queue_wait_seconds_")):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        fields = dict(kv.split("=", 1) for kv in labels[labels.index("{") + 1:-1].split(","))
+        fields = {k: v.strip(chr(34)) for k, v in fields.items()}
         if line.startswith("breakwater_refused_total{"):
-            labels, value = line.rsplit(" ", 1)
-            fields = dict(kv.split("=", 1) for kv in labels[labels.index("{") + 1:-1].split(","))
-            key = f"{fields['priority'].strip(chr(34))}/{fields['reason'].strip(chr(34))}"
+            key = f"{fields['priority']}/{fields['reason']}"
             counts[key] = counts.get(key, 0) + int(float(value))
-    return counts
+        elif line.startswith("breakwater_queue_wait_seconds_bucket{"):
+            if fields["le"] in ("0.005", "0.05"):
+                waits["le_" + fields["le"]] += int(float(value))
+        elif line.startswith("breakwater_queue_wait_seconds_count{"):
+            waits["count"] += int(float(value))
+    waits["over_5ms"] = waits["count"] - waits["le_0.005"]
+    waits["over_50ms"] = waits["count"] - waits["le_0.05"]
+    return counts, waits
 
 
 def cpu_seconds(pids):
@@ -232,19 +295,22 @@ def cpu_seconds(pids):
     return cpu_ticks(pids) / os.sysconf("SC_CLK_TCK")
 
 
-def run_target(name, tmp):
-    sims = engines()
+def run_target(name, tmp, fl=DEFAULT_FLEET, phases=PHASES, admission_set=ADMISSION_SET):
+    """One target against freshly started engines of `fl`: `haproxy`, `no-admission`,
+    `admission` (slots declared), or `learned` (nothing about slots declared)."""
+    sims = engines(fl)
     procs = list(sims)
     try:
         if name == "haproxy":
             conf = os.path.join(tmp, "haproxy.cfg")
-            haproxy_conf(conf)
+            haproxy_conf(conf, fl)
             procs.append(start(["haproxy", "-f", conf, "-db"], cpus=PROXY_CPUS))
             time.sleep(0.5)
         else:
             d = os.path.join(tmp, name)
             os.makedirs(d, exist_ok=True)
-            policy(d, admission=(name == "admission"))
+            policy(d, fl, admission=(name != "no-admission"), declare_slots=(name != "learned"),
+                   admission_set=admission_set)
             log = open(os.path.join(tmp, f"{name}.log"), "w")
             env = dict(os.environ, BREAKWATER_ADMIN_TOKEN="bench", RUST_LOG="warn")
             procs.append(start([os.path.join(REL, "breakwater"), "serve", "--policy", d,
@@ -253,17 +319,19 @@ def run_target(name, tmp):
         time.sleep(1.0)
         proxy, sim_pids = [procs[-1].pid], [p.pid for p in sims]
         before = cpu_seconds(proxy), cpu_seconds(sim_pids)
-        result = surge()
+        result = surge(fl, phases, gateway=(name != "haproxy"))
         result["cpu_s"] = {"proxy": cpu_seconds(proxy) - before[0],
                            "engines": cpu_seconds(sim_pids) - before[1]}
         if name != "haproxy":
-            result["refused_by_reason"] = refusal_reasons()
+            result["refused_by_reason"], result["queue_waits"] = gateway_metrics()
             req = urllib.request.Request(f"http://127.0.0.1:{ADMIN}/admin/status",
                                          headers={"authorization": "Bearer bench"})
             with urllib.request.urlopen(req, timeout=5) as r:
                 status = json.load(r)
             result["admission_limit_tokens"] = {s["id"]: s["admission_limit_tokens"]
                                                 for s in status["shards"]}
+            result["learned_slots"] = {s["id"]: s.get("learned_slots") for s in status["shards"]}
+            result["drain_tokens_per_s"] = status["admission"]["drain_tokens_per_s"]
         return result
     finally:
         stop(procs)
@@ -276,14 +344,13 @@ def fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
 
-def table(results):
-    capacity = None
-    adm = results.get("admission")
+def table(results, fl=DEFAULT_FLEET):
+    slots = sum(e["slots"] for e in fl["engines"])
     lines = []
     for name, r in results.items():
         lines.append(f"\n**{name}**\n")
         lines.append("| phase | offered | good | good/s sent, delivered | TTFT p50 | TTFT p99 | refused (with Retry-After) "
-                     f"| refusal p99 | 5xx | timeouts | cut | critical good | engines: running (of {SLOTS * len(ENGINES)}), waiting "
+                     f"| refusal p99 | 5xx | timeouts | cut | critical good | engines: running (of {slots}), waiting "
                      "| engines: completed/s, new connections |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for p in r["phases"]:
@@ -310,7 +377,8 @@ def main():
     only = None
     if "--only" in sys.argv:
         only = sys.argv[sys.argv.index("--only") + 1].split(",")
-    targets = [t for t in ("admission", "no-admission", "haproxy") if only is None or t in only]
+    targets = [t for t in ("admission", "learned", "no-admission", "haproxy")
+               if (only is None and t != "learned") or (only and t in only)]
     if "haproxy" in targets and shutil.which("haproxy") is None:
         sh(["sudo", "apt-get", "install", "-y", "-qq", "haproxy"] if os.geteuid() != 0
            else ["apt-get", "install", "-y", "-qq", "haproxy"])
@@ -323,7 +391,7 @@ def main():
             results[t] = run_target(t, tmp)
     with open(os.path.join(OUT, "surge.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"# surge: {PHASES}, base {BASE_RATE} req/s, {MAX_TOKENS} tokens per stream"
+    print(f"# surge: {PHASES}, base {BASE_RATE} req/s, {DEFAULT_FLEET['max_tokens']} tokens per stream"
           + (f"; admission target with [admission] {ADMISSION_SET}" if ADMISSION_SET else "") + "\n")
     print(table(results))
 

@@ -54,6 +54,34 @@ struct Args {
     /// Seed of the arrival process.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Prompt sizes as `MIN:MAX` bytes, uniform (each prompt different, so an engine's
+    /// prefix cache cannot skip its prefill); default: one short fixed prompt.
+    #[arg(long)]
+    prompt_bytes: Option<String>,
+}
+
+/// A chat body asking for `max_tokens`, streamed, with `content` as the prompt.
+fn chat_body(model: &str, content: &str, max_tokens: u64) -> Bytes {
+    Bytes::from(
+        json!({
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "stream": true,
+        })
+        .to_string(),
+    )
+}
+
+fn parse_range(s: &str) -> anyhow::Result<(usize, usize)> {
+    let (a, b) = s
+        .split_once(':')
+        .with_context(|| format!("{s:?}: expected MIN:MAX"))?;
+    let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
+    if a > b || b > 1 << 20 {
+        bail!("{s:?}: expected MIN <= MAX <= 1048576");
+    }
+    Ok((a, b))
 }
 
 struct Phase {
@@ -207,15 +235,17 @@ async fn main() -> anyhow::Result<()> {
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(4096)
         .build(connector);
-    let body = Bytes::from(
-        json!({
-            "model": args.model,
-            "messages": [{"role": "user", "content": "Tell me about breakwaters and harbours."}],
-            "max_tokens": args.max_tokens,
-            "stream": true,
-        })
-        .to_string(),
+    let body = chat_body(
+        &args.model,
+        "Tell me about breakwaters and harbours.",
+        args.max_tokens,
     );
+    let prompt_bytes = args
+        .prompt_bytes
+        .as_deref()
+        .map(parse_range)
+        .transpose()
+        .context("--prompt-bytes")?;
     let records = Arc::new(Mutex::new(Vec::<Record>::new()));
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let timeout = Duration::from_secs(args.client_timeout_s);
@@ -245,12 +275,16 @@ async fn main() -> anyhow::Result<()> {
                 }
                 pick -= t.share;
             }
-            let (client, uri, body, key) = (
-                client.clone(),
-                uri.clone(),
-                body.clone(),
-                tenants[ti].key.clone(),
-            );
+            let body = match prompt_bytes {
+                Some((lo, hi)) => {
+                    let n = rng.gen_range(lo..=hi);
+                    let head = format!("{} ", rng.gen::<u64>());
+                    let content = head + &"word ".repeat(n / 5 + 1)[..n];
+                    chat_body(&args.model, &content, args.max_tokens)
+                }
+                None => body.clone(),
+            };
+            let (client, uri, key) = (client.clone(), uri.clone(), tenants[ti].key.clone());
             let records = Arc::clone(&records);
             let sent_in_phase = start.elapsed();
             tasks.spawn(async move {
