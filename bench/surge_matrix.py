@@ -3,6 +3,7 @@
 
 Usage:  python3 bench/surge_matrix.py [--quick] [--pin] [--profiles a,b,...]
                                       [--targets learned,admission,haproxy,no-admission]
+                                      [--admission-set 'KEY = VALUE; ...']
 
 Admission that was tuned on one engine model can leave slots idle on another. Each profile
 below is a fleet of llm-sim engines of one or more behaviours (`--behaviour`: continuous
@@ -35,6 +36,8 @@ import surge
 from surge import engine, fleet
 
 QUICK = "--quick" in sys.argv
+# Extra `[admission]` settings for the Breakwater targets, to try one in the same run.
+ADMISSION_SET = sys.argv[sys.argv.index("--admission-set") + 1] if "--admission-set" in sys.argv else ""
 PHASES = ("base:1:3,10x:10:6,20x:20:6,base-again:1:4" if QUICK
           else "base:1:4,10x:10:10,20x:20:10,base-again:1:5")
 
@@ -187,7 +190,7 @@ def main():
             print(f"# profile {prof['name']}: about {prof['capacity_rps']:.0f} requests/s, "
                   f"base {prof['base_rate']}/s, declared {prof['declared']}", file=sys.stderr,
                   flush=True)
-            results = {t: surge.run_target(t, tmp, prof, PHASES, admission_set="")
+            results = {t: surge.run_target(t, tmp, prof, PHASES, admission_set=ADMISSION_SET)
                        for t in targets}
             rows.append((prof, results))
             with open(os.path.join(surge.OUT, "surge_matrix.json"), "w") as f:

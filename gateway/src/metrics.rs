@@ -30,6 +30,7 @@ pub struct Metrics {
     queue_wait_seconds: HistogramVec,
     queue_depth: IntGaugeVec,
     shard_admission_limit_tokens: IntGaugeVec,
+    shard_slots: IntGaugeVec,
     shard_drained: IntGaugeVec,
     policy_reloads_total: IntCounterVec,
     policy_info: IntGaugeVec,
@@ -175,6 +176,14 @@ impl Metrics {
             ),
             &["shard", "region", "pool"],
         )?;
+        let shard_slots = IntGaugeVec::new(
+            Opts::new(
+                "shard_slots",
+                "Each shard's batch slots as admission knows them: declared (max_requests), else \
+                 learned from the engine's running and waiting counts; absent while neither.",
+            ),
+            &["shard", "region", "pool"],
+        )?;
         let shard_drained = IntGaugeVec::new(
             Opts::new(
                 "shard_drained",
@@ -297,6 +306,7 @@ impl Metrics {
         registry.register(Box::new(queue_wait_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(shard_admission_limit_tokens.clone()))?;
+        registry.register(Box::new(shard_slots.clone()))?;
         registry.register(Box::new(shard_state.clone()))?;
         registry.register(Box::new(shard_ejections.clone()))?;
         registry.register(Box::new(health_transitions_total.clone()))?;
@@ -324,6 +334,7 @@ impl Metrics {
             queue_wait_seconds,
             queue_depth,
             shard_admission_limit_tokens,
+            shard_slots,
             shard_drained,
             policy_reloads_total,
             policy_info,
@@ -480,6 +491,7 @@ impl Metrics {
             &self.shard_ejections,
             &self.shard_drained,
             &self.shard_admission_limit_tokens,
+            &self.shard_slots,
             &self.shard_inflight_tokens,
             &self.shard_inflight_requests,
             &self.gpu_memory_free_bytes,
@@ -515,6 +527,9 @@ impl Metrics {
             self.shard_admission_limit_tokens
                 .with_label_values(&labels)
                 .set(s.limit.tokens() as i64);
+            if let Some(n) = s.max_in_flight() {
+                self.shard_slots.with_label_values(&labels).set(n as i64);
+            }
             self.shard_inflight_tokens
                 .with_label_values(&labels)
                 .set(s.load.inflight_tokens() as i64);

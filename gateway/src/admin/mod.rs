@@ -126,6 +126,8 @@ impl Admin {
                     "inflight_requests": s.load.inflight_requests(),
                     "capacity_tps": s.capacity_tps,
                     "admission_limit_tokens": s.limit.tokens(),
+                    "declared_slots": s.max_requests,
+                    "learned_slots": s.slots.learned(),
                     "effective_limit_tokens": (s.limit.tokens() as f64 * h.weight_factor.clamp(0.0, 1.0)).round(),
                     "last_minute": s.window.summary(now_s, now_s),
                     "dispatched_requests_total": s.load.dispatched_requests_total(),

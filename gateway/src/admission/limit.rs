@@ -10,7 +10,8 @@
 //!   tolerance of it — samples far above are queueing, not a new normal;
 //! - gradient = clamp(tolerance × baseline / sample, 0.5, 1);
 //! - target = limit × gradient + headroom (two average requests' tokens, Gradient2's queue
-//!   size), not grown while less than half the limit is in use;
+//!   size; while the gradient is 1, at least a tenth of the limit, so a limit in use grows
+//!   by a fiftieth per prompt sample), not grown while less than half the limit is in use;
 //! - limit ← 0.8 × limit + 0.2 × target, within the policy's floor and ceiling.
 //!
 //! A TTFT that jumps once the engine starts queueing (its batch slots are full) pulls the
@@ -25,6 +26,8 @@ use std::time::Duration;
 const SMOOTHING: f64 = 0.2;
 /// How fast the baseline follows higher samples (Gradient2's long window, 600 samples).
 const BASELINE_RISE: f64 = 1.0 / 600.0;
+/// The least headroom over the limit while first tokens come promptly, as a share of it.
+const GROWTH: f64 = 0.1;
 
 /// One shard's limit, in tokens in flight.
 #[derive(Debug)]
@@ -115,9 +118,16 @@ impl ShardLimit {
             g.baseline += (sample - g.baseline) * BASELINE_RISE;
         }
         let gradient = (g.tolerance * g.baseline / sample).clamp(0.5, 1.0);
-        let headroom = 2.0 * avg_request_tokens.max(1.0);
         if gradient >= 1.0 && (inflight as f64) < g.limit / 2.0 {
             return; // no evidence the shard could take more: it is not being used
+        }
+        // Two average requests (Gradient2's queue size); while first tokens come promptly
+        // and the limit is in use, also a tenth of the limit, so it grows by a fiftieth per
+        // sample: a shard whose requests decode for long needs many in flight, and adding
+        // two requests a sample would take seconds of a surge to get there.
+        let mut headroom = 2.0 * avg_request_tokens.max(1.0);
+        if gradient >= 1.0 {
+            headroom = headroom.max(g.limit * GROWTH);
         }
         let target = g.limit * gradient + headroom;
         g.limit = (g.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(g.floor, g.ceiling);

@@ -5,6 +5,7 @@
 //! - [`tenant`]: API keys (by SHA-256) → tenants, priorities.
 //! - [`rate`]: requests-per-minute and tokens-per-minute buckets.
 //! - [`limit`]: each shard's admission limit in tokens in flight, learned from TTFT.
+//! - [`slots`]: each shard's batch slots, learned from the engine's running and waiting.
 //! - [`queue`]: the bounded priority queue with deadlines.
 //!
 //! A request is *placed* when some shard of its route (home region first, then spilling
@@ -22,6 +23,7 @@
 pub mod limit;
 pub mod queue;
 pub mod rate;
+pub mod slots;
 pub mod tenant;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +49,9 @@ pub struct Admission {
     tables: Arc<Tables>,
     queue: WaitQueue<Arc<str>, Slot>,
     drain: DrainRate,
+    /// Tokens admitted per second, by priority (placed at once or queued): what the more
+    /// important bands take of the drain before a less important waiter is served.
+    admitted: [TokenRate; 3],
 }
 
 /// A request's charge on a shard. Dropping it releases the tokens and offers the room to
@@ -88,6 +93,7 @@ impl Admission {
             tables,
             queue: WaitQueue::default(),
             drain: DrainRate::new(capacity),
+            admitted: Default::default(),
         })
     }
 
@@ -151,8 +157,15 @@ impl Admission {
         // cannot change the answer (a standing queue under sustained overload).
         if self.must_queue(table, t.priority) {
             let now = Instant::now();
-            let ahead = self.predicted_wait(t.priority, 0, self.drain.rate());
-            if ahead > self.allowed_wait(settings, t.priority, now) {
+            let timeout = settings.queue_timeout[t.priority.index()];
+            if self.must_refuse(
+                settings,
+                t.priority,
+                0,
+                self.drain.rate(),
+                now,
+                now + timeout,
+            ) {
                 return Err(self.shed(ShedReason::Overloaded, 0));
             }
         }
@@ -213,6 +226,20 @@ impl Admission {
         Some((self.charge(shard, cost), outcome))
     }
 
+    /// [`Self::place`] for a new request of `priority`, counted as admitted when placed.
+    pub fn place_new(
+        self: &Arc<Self>,
+        table: &Table,
+        route: &ModelRoute,
+        priority: Priority,
+        cost: u64,
+        affinity: Option<&AffinityKey>,
+    ) -> Option<(Slot, Option<AffinityOutcome>)> {
+        let placed = self.place(table, route, cost, affinity)?;
+        self.admitted[priority.index()].add(cost);
+        Some(placed)
+    }
+
     /// Places a retry: any shard routing picks, room or not (the retry budget bounds them).
     pub fn place_retry(
         self: &Arc<Self>,
@@ -253,12 +280,9 @@ impl Admission {
         let settings = &table.policy.admission;
         let now = Instant::now();
         let rate = self.drain.rate();
-        let predicted = self.predicted_wait(priority, cost, rate);
         let timeout = settings.queue_timeout[priority.index()];
         let queue_deadline = (now + timeout).min(deadline);
-        if predicted > self.allowed_wait(settings, priority, now)
-            || now + predicted > queue_deadline
-        {
+        if self.must_refuse(settings, priority, cost, rate, now, queue_deadline) {
             return Err(self.shed(ShedReason::Overloaded, cost));
         }
         let current = self.tables.load();
@@ -270,20 +294,63 @@ impl Admission {
             rate,
             |m, c| self.place_queued(&current, m, c),
         );
+        self.admitted[priority.index()].add(cost);
         Ok((ticket, queue_deadline))
     }
 
+    /// Whether a new request of `priority` and `cost` is refused rather than queued until
+    /// `deadline`: the bands above leave its band (almost) nothing, the queue is longer
+    /// than it may join now ([`Self::allowed_wait`]; for a sheddable request, the whole
+    /// queue at the fleet's drain rate — it joins only the short buffer of waiters that
+    /// keeps slots busy at about capacity), or its predicted wait passes the deadline.
+    fn must_refuse(
+        &self,
+        settings: &AdmissionSettings,
+        priority: Priority,
+        cost: u64,
+        rate: f64,
+        now: Instant,
+        deadline: Instant,
+    ) -> bool {
+        let wait = self.predicted_wait(priority, cost, rate);
+        if wait == Duration::MAX {
+            return true;
+        }
+        let queued = match priority {
+            Priority::Sheddable => {
+                Duration::from_secs_f64((self.queue.tokens_queued() + cost) as f64 / rate)
+            }
+            _ => wait,
+        };
+        queued > self.allowed_wait(settings, priority, now)
+            || now.checked_add(wait).is_none_or(|t| t > deadline)
+    }
+
     /// How long a new request of `priority` and `cost` would wait: the tokens queued ahead
-    /// of it and its own, at the fleet's drain rate (`rate`, tokens/s).
+    /// of it and its own, at what the fleet's drain rate (`rate`, tokens/s) leaves once the
+    /// more important bands' admissions are served (they go first, arriving after it or
+    /// not). A band that the bands above leave almost nothing of would wait for ever: the
+    /// wait is then [`Duration::MAX`], and the request is refused at once instead of
+    /// starving in the queue until its deadline.
     fn predicted_wait(&self, priority: Priority, cost: u64, rate: f64) -> Duration {
         let ahead = self.queue.tokens_ahead_of(priority) + cost;
-        Duration::from_secs_f64(ahead as f64 / rate)
+        let above: f64 = self.admitted[..priority.index()]
+            .iter()
+            .map(TokenRate::rate)
+            .sum();
+        let left = rate - above;
+        if left <= rate * STARVED {
+            return Duration::MAX;
+        }
+        Duration::from_secs_f64(ahead as f64 / left)
     }
 
     /// The longest predicted wait a new request of `priority` may be queued for now.
     /// Critical requests wait only behind critical ones, so a standing queue of others
-    /// does not shorten their wait; the others may join a standing queue only briefly
-    /// (sheddable ones only if their own timeout lets them queue at all).
+    /// does not shorten their wait; standard ones may join a standing queue only briefly;
+    /// sheddable ones only ever briefly (and not at all when their timeout is 0), so the
+    /// queue timeout is a margin over the wait they joined for, and a sheddable request
+    /// refused is refused on arrival.
     fn allowed_wait(
         &self,
         settings: &AdmissionSettings,
@@ -293,6 +360,7 @@ impl Admission {
         let timeout = settings.queue_timeout[priority.index()];
         match priority {
             Priority::Critical => timeout,
+            Priority::Sheddable => settings.queue_target.min(timeout),
             _ if self.queue.standing(now) => settings.queue_target.min(timeout),
             _ => timeout,
         }
@@ -354,34 +422,85 @@ fn rate_limited(tokens: Option<Quota>, requests: Option<Quota>, by_tokens: bool)
     }))
 }
 
-/// The tokens per second the fleet releases (requests finishing), measured over windows
-/// of at least 100 ms and smoothed; never below a tenth of the declared capacity, so one
-/// quiet window cannot make every prediction infinite.
-struct DrainRate {
-    released: AtomicU64,
-    state: Mutex<DrainState>,
-    /// A tenth of the declared capacity, tokens/s (f64 bits).
-    floor: AtomicU64,
+/// A band the bands above leave less than this share of the drain is starved.
+const STARVED: f64 = 0.05;
+
+/// Tokens per second through one counter, measured over windows of at least 100 ms and
+/// smoothed (a window longer than a second, weighed less).
+#[derive(Default)]
+struct TokenRate {
+    total: AtomicU64,
+    state: Mutex<RateState>,
 }
 
-struct DrainState {
-    at: Instant,
+#[derive(Default)]
+struct RateState {
+    at: Option<Instant>,
     seen: u64,
     rate: f64,
 }
 
-/// Shortest window a drain rate is measured over.
-const DRAIN_WINDOW: Duration = Duration::from_millis(100);
+/// Shortest window a rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+
+impl TokenRate {
+    /// A rate that starts at `initial` tokens/s.
+    fn starting_at(initial: f64) -> Self {
+        Self {
+            total: AtomicU64::new(0),
+            state: Mutex::new(RateState {
+                at: Some(Instant::now()),
+                seen: 0,
+                rate: initial,
+            }),
+        }
+    }
+
+    fn add(&self, tokens: u64) {
+        self.total.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    fn rate(&self) -> f64 {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let total = self.total.load(Ordering::Relaxed);
+        let Some(at) = s.at else {
+            *s = RateState {
+                at: Some(now),
+                seen: total,
+                rate: 0.0,
+            };
+            return 0.0;
+        };
+        let dt = now.saturating_duration_since(at);
+        if dt >= RATE_WINDOW {
+            let measured = (total - s.seen) as f64 / dt.as_secs_f64();
+            // Windows longer than a second say little about now: weigh them less.
+            let alpha = if dt > Duration::from_secs(1) {
+                0.2
+            } else {
+                0.3
+            };
+            s.rate = s.rate * (1.0 - alpha) + measured * alpha;
+            s.at = Some(now);
+            s.seen = total;
+        }
+        s.rate
+    }
+}
+
+/// The tokens per second the fleet releases (requests finishing); never below a tenth of
+/// the declared capacity, so one quiet window cannot make every prediction infinite.
+struct DrainRate {
+    released: TokenRate,
+    /// A tenth of the declared capacity, tokens/s (f64 bits).
+    floor: AtomicU64,
+}
 
 impl DrainRate {
     fn new(capacity_tps: f64) -> Self {
         Self {
-            released: AtomicU64::new(0),
-            state: Mutex::new(DrainState {
-                at: Instant::now(),
-                seen: 0,
-                rate: capacity_tps.max(1.0),
-            }),
+            released: TokenRate::starting_at(capacity_tps.max(1.0)),
             floor: AtomicU64::new(Self::floor_for(capacity_tps).to_bits()),
         }
     }
@@ -396,27 +515,12 @@ impl DrainRate {
     }
 
     fn released(&self, tokens: u64) {
-        self.released.fetch_add(tokens, Ordering::Relaxed);
+        self.released.add(tokens);
     }
 
     fn rate(&self) -> f64 {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let dt = now.saturating_duration_since(s.at);
-        if dt >= DRAIN_WINDOW {
-            let total = self.released.load(Ordering::Relaxed);
-            let measured = (total - s.seen) as f64 / dt.as_secs_f64();
-            // Windows longer than a second say little about now: weigh them less.
-            let alpha = if dt > Duration::from_secs(1) {
-                0.2
-            } else {
-                0.3
-            };
-            s.rate = s.rate * (1.0 - alpha) + measured * alpha;
-            s.at = now;
-            s.seen = total;
-        }
-        s.rate
+        self.released
+            .rate()
             .max(f64::from_bits(self.floor.load(Ordering::Relaxed)))
     }
 }

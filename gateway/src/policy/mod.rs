@@ -303,11 +303,11 @@ pub struct AdmissionSettings {
     pub require_api_key: bool,
     /// Priority of requests without a known key (default standard).
     pub default_priority: Priority,
-    /// Longest queue wait by priority (defaults 1 s, 1 s, 0: sheddable requests start at
-    /// once or are refused).
+    /// Longest queue wait by priority (defaults 1 s, 1 s, 500 ms; a sheddable request joins
+    /// the queue only for a predicted wait within `queue_target`, and with 0 not at all).
     pub queue_timeout: [Duration; 3],
-    /// Longest predicted wait a new standard request is queued for while a queue stands
-    /// (default 30 ms).
+    /// Longest predicted wait a new standard request is queued for while a queue stands,
+    /// and a sheddable one at any time (default 30 ms).
     pub queue_target: Duration,
     /// Most requests queued at once (default 1024).
     pub max_queued: usize,
@@ -330,7 +330,7 @@ impl Default for AdmissionSettings {
             queue_timeout: [
                 Duration::from_millis(1000),
                 Duration::from_millis(1000),
-                Duration::ZERO,
+                Duration::from_millis(500),
             ],
             queue_target: Duration::from_millis(30),
             max_queued: 1024,

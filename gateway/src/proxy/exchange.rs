@@ -269,7 +269,9 @@ async fn admit(
         table.policy.admission.enabled,
     ));
     if !admission.must_queue(table, ctx.priority) {
-        if let Some((slot, outcome)) = admission.place(table, r.route, cost, r.affinity.as_ref()) {
+        if let Some((slot, outcome)) =
+            admission.place_new(table, r.route, ctx.priority, cost, r.affinity.as_ref())
+        {
             ctx.affinity = outcome;
             remember_prefix(r, &slot.shard);
             return Ok(Some(slot));

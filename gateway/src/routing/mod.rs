@@ -32,6 +32,7 @@ use smallvec::SmallVec;
 use url::Url;
 
 use crate::admission::limit::ShardLimit;
+use crate::admission::slots::EngineSlots;
 use crate::policy::{Policy, Shard};
 use crate::proxy::request::EndpointSet;
 use crate::proxy::upstream::Endpoint;
@@ -75,6 +76,8 @@ pub struct ShardEntry {
     pub load: Arc<ShardLoad>,
     /// Admission's limit on the tokens in flight, learned.
     pub limit: Arc<ShardLimit>,
+    /// Its engine's batch slots, learned from the engine's running and waiting counts.
+    pub slots: Arc<EngineSlots>,
     /// An operator drained it: no new requests until undrained.
     pub drained: Arc<AtomicBool>,
     /// Where request outcomes on it are reported.
@@ -101,11 +104,24 @@ impl ShardEntry {
         self.drained.load(Ordering::Relaxed)
     }
 
+    /// The most requests admission keeps in flight on it: its declared batch slots
+    /// (`max_requests`), else the slots learned from its engine, else no bound in requests.
+    pub fn max_in_flight(&self) -> Option<u64> {
+        self.max_requests.or_else(|| self.slots.learned())
+    }
+
     /// Whether its admission limit, scaled by its health weight in `health`, has room for
-    /// a request of `cost` tokens beside what is in flight, and a declared batch slot
-    /// (`max_requests`) is free.
+    /// a request of `cost` tokens beside what is in flight, and a batch slot is free
+    /// ([`Self::max_in_flight`]; the engine's latest reading in `health` is learned from
+    /// first).
     pub fn limit_fits(&self, cost: u64, health: &HealthView) -> bool {
-        self.max_requests
+        if let Some(e) = health.engine(self.key) {
+            if let (Some(taken), Some(running), Some(waiting)) = (e.taken, e.running, e.queue_depth)
+            {
+                self.slots.observe(taken, running, waiting);
+            }
+        }
+        self.max_in_flight()
             .is_none_or(|m| self.load.inflight_requests() < m)
             && self.limit.fits(
                 self.load.inflight_tokens(),
@@ -784,7 +800,8 @@ fn shard_entry(
 ) -> ShardEntry {
     let a = &policy.admission;
     let effective_capacity = s.capacity_tps * s.weight;
-    let (key, load, limit, drained, reporter, window) = match old.filter(|o| o.url == s.url) {
+    let (key, load, limit, slots, drained, reporter, window) = match old.filter(|o| o.url == s.url)
+    {
         Some(o) => {
             o.limit.reconfigure(
                 effective_capacity,
@@ -796,6 +813,7 @@ fn shard_entry(
                 o.key,
                 Arc::clone(&o.load),
                 Arc::clone(&o.limit),
+                Arc::clone(&o.slots),
                 Arc::clone(&o.drained),
                 o.reporter.clone(),
                 Arc::clone(&o.window),
@@ -815,6 +833,7 @@ fn shard_entry(
                 key,
                 Arc::new(ShardLoad::default()),
                 Arc::new(limit),
+                Arc::default(),
                 Arc::new(AtomicBool::new(drained)),
                 monitor.reporter(key),
                 Arc::default(),
@@ -848,6 +867,7 @@ fn shard_entry(
         tags: ShardTags::new(&s.id, &s.region),
         load,
         limit,
+        slots,
         drained,
         reporter,
         window,

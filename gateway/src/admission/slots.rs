@@ -1,0 +1,187 @@
+//! Each shard's batch slots, learned from the engine's own counts, so nobody has to write
+//! an engine's `max_num_seqs` into the policy.
+//!
+//! An engine that reports requests *waiting* (vLLM's `num_requests_waiting`, SGLang's and
+//! TGI's queue) has no free slot: what it reports *running* then is what it can run at
+//! once — its batch slots, or fewer when its KV cache is the bound. So:
+//!
+//! - a reading with someone waiting sets the slots to the running count at once when that
+//!   is more than believed (or nothing was learned yet), and closes a quarter of the gap
+//!   when it is less (one reading taken between two scheduler steps can catch an arrival
+//!   before it is scheduled; a KV-bound engine shrinks for real and a few readings follow);
+//! - a reading with nobody waiting raises them to the running count; and when the engine
+//!   runs all the learned slots with nobody waiting — admission holds it there, so it
+//!   cannot show more — one more slot is tried, at most once every [`PROBE_EVERY`]: the
+//!   next reading shows a waiter (the slots were right: back to them) or not (it has more,
+//!   as after a restart with a larger batch or a KV cache with room again);
+//! - each reading counts once (by the time it was taken).
+//!
+//! Admission then keeps at most the learned slots in flight on the shard (counted by the
+//! gateway, so current): the engine never builds a queue of its own, where the gateway's
+//! priorities and deadlines cannot reach (a critical request queued in an engine behind a
+//! sheddable one waits a whole request for a slot), and the slot that frees is filled by
+//! the gateway's next waiter the moment the gateway sees the answer end. Until an engine
+//! has been seen full there is no bound in requests; the token limit learned from time to
+//! first token ([`super::limit`]) still applies.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// One shard's learned batch slots.
+#[derive(Debug, Default)]
+pub struct EngineSlots {
+    /// Slots learned; 0 until the engine has been seen full.
+    slots: AtomicU64,
+    /// When the last reading learned from was taken, nanoseconds since [`epoch`] (+1, so 0
+    /// means none).
+    seen: AtomicU64,
+    /// When one more slot was last tried, nanoseconds since [`epoch`].
+    probed: AtomicU64,
+}
+
+/// Least time between two tries of one more slot than learned.
+pub const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl EngineSlots {
+    /// The slots learned, if the engine has been seen full.
+    pub fn learned(&self) -> Option<u64> {
+        match self.slots.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// Learns from an engine reading taken at `taken`: `running` in the batch, `waiting`
+    /// for a slot. A reading already learned from (or an older one) changes nothing.
+    pub fn observe(&self, taken: Instant, running: f64, waiting: f64) {
+        let at = taken.saturating_duration_since(epoch()).as_nanos() as u64 + 1;
+        let seen = self.seen.load(Ordering::Relaxed);
+        if at <= seen
+            || self
+                .seen
+                .compare_exchange(seen, at, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return; // known, or another thread is learning from it
+        }
+        if !(running.is_finite() && waiting.is_finite()) {
+            return;
+        }
+        let running = running.max(0.0).round() as u64;
+        let current = self.slots.load(Ordering::Relaxed);
+        let next = if waiting >= 0.5 {
+            if current == 0 || running >= current {
+                running
+            } else {
+                current - (current - running).div_ceil(4)
+            }
+        } else if current > 0 && running >= current {
+            let probed = self.probed.load(Ordering::Relaxed);
+            if at.saturating_sub(probed) >= PROBE_EVERY.as_nanos() as u64 {
+                self.probed.store(at, Ordering::Relaxed);
+                running + 1
+            } else {
+                running
+            }
+        } else if current > 0 {
+            current
+        } else {
+            return; // not full: it runs at least this many, which bounds nothing
+        };
+        self.slots.store(next.max(1), Ordering::Relaxed);
+    }
+
+    /// Forgets what was learned (the engine behind the shard changed).
+    pub fn forget(&self) {
+        self.slots.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(ms: u64) -> Instant {
+        epoch() + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn nothing_is_learned_until_the_engine_is_seen_full() {
+        let s = EngineSlots::default();
+        s.observe(at(1), 10.0, 0.0);
+        s.observe(at(2), 30.0, 0.0);
+        assert_eq!(s.learned(), None);
+        s.observe(at(3), 16.0, 4.0);
+        assert_eq!(s.learned(), Some(16));
+    }
+
+    #[test]
+    fn a_full_engine_running_more_raises_the_slots_at_once_and_fewer_closes_a_quarter_of_the_gap() {
+        let s = EngineSlots::default();
+        s.observe(at(1), 16.0, 1.0);
+        s.observe(at(2), 24.0, 0.0);
+        assert_eq!(
+            s.learned(),
+            Some(24),
+            "running more with nobody waiting raises it"
+        );
+        s.observe(at(3), 8.0, 0.0);
+        assert_eq!(
+            s.learned(),
+            Some(24),
+            "running fewer with nobody waiting is not full"
+        );
+        s.observe(at(4), 8.0, 2.0);
+        assert_eq!(s.learned(), Some(20));
+        s.observe(at(5), 8.0, 2.0);
+        assert_eq!(s.learned(), Some(17));
+        s.observe(at(6), 32.0, 1.0);
+        assert_eq!(s.learned(), Some(32));
+        for ms in 7..40 {
+            s.observe(at(ms), 0.0, 3.0);
+        }
+        assert_eq!(s.learned(), Some(1), "never below one slot");
+    }
+
+    #[test]
+    fn an_engine_running_all_its_learned_slots_with_nobody_waiting_is_tried_with_one_more() {
+        let s = EngineSlots::default();
+        s.observe(at(1), 16.0, 1.0);
+        let probe = PROBE_EVERY.as_millis() as u64;
+        // Full to the learned slots and nobody waiting: one more is tried ...
+        s.observe(at(probe + 10), 16.0, 0.0);
+        assert_eq!(s.learned(), Some(17));
+        // ... the engine shows a waiter: 16 was right.
+        s.observe(at(probe + 20), 16.0, 1.0);
+        assert_eq!(s.learned(), Some(16));
+        // Not again before the interval has passed.
+        s.observe(at(probe + 30), 16.0, 0.0);
+        assert_eq!(s.learned(), Some(16));
+        // An engine with more slots (restarted larger) is followed one slot a try.
+        s.observe(at(2 * probe + 40), 16.0, 0.0);
+        s.observe(at(2 * probe + 50), 17.0, 0.0);
+        assert_eq!(s.learned(), Some(17));
+        s.observe(at(3 * probe + 60), 17.0, 0.0);
+        assert_eq!(s.learned(), Some(18));
+    }
+
+    #[test]
+    fn each_reading_counts_once_and_older_ones_not_at_all() {
+        let s = EngineSlots::default();
+        s.observe(at(10), 16.0, 1.0);
+        s.observe(at(10), 8.0, 1.0);
+        s.observe(at(5), 8.0, 1.0);
+        assert_eq!(s.learned(), Some(16));
+        s.observe(at(11), f64::NAN, 1.0);
+        assert_eq!(s.learned(), Some(16));
+        s.forget();
+        assert_eq!(s.learned(), None);
+    }
+}
