@@ -736,7 +736,7 @@ models = ["llama"]
             [
                 Duration::from_millis(400),
                 Duration::from_millis(400),
-                Duration::ZERO
+                Duration::from_millis(500)
             ]
         );
         assert_eq!(p.tenants.len(), 2);

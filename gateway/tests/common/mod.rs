@@ -43,6 +43,8 @@ pub struct ShardSpec {
     pub ttft_ms: u64,
     pub itl_ms: u64,
     pub slots: usize,
+    pub behaviour: llm_sim::Behaviour,
+    pub kv_capacity_tokens: u64,
 }
 
 impl ShardSpec {
@@ -54,6 +56,8 @@ impl ShardSpec {
             ttft_ms: 5,
             itl_ms: 1,
             slots: 64,
+            behaviour: llm_sim::Behaviour::Continuous,
+            kv_capacity_tokens: 1 << 20,
         }
     }
     pub fn capacity(mut self, tps: f64) -> Self {
@@ -75,8 +79,8 @@ pub async fn start_shard(spec: ShardSpec) -> Shard {
         slots: spec.slots,
         ttft: Duration::from_millis(spec.ttft_ms),
         itl: Duration::from_millis(spec.itl_ms),
-        kv_capacity_tokens: 1 << 20,
-        behaviour: llm_sim::Behaviour::Continuous,
+        kv_capacity_tokens: spec.kv_capacity_tokens,
+        behaviour: spec.behaviour,
     };
     Shard {
         id: spec.id.into(),
