@@ -522,8 +522,9 @@ async fn a_shard_never_runs_more_requests_than_its_declared_slots() {
 async fn behind_a_queue_it_may_not_join_a_request_is_refused_before_its_body() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = start_shard(ShardSpec::new("s1", "home").itl_ms(20)).await;
+    // Sheddable requests may not queue at all: any queue is one they may not join.
     let extra = format!(
-        "{}{}",
+        "{}sheddable_queue_timeout_ms = 0\n{}",
         fixed_limit(30),
         tenant("bulk", "sk-bulk", "sheddable", "")
     );

@@ -107,12 +107,15 @@ async fn on_a_fifo_slot_engine_no_slot_idles_while_the_gateway_queues() {
     );
     // The gateway holds the queue, where priorities and deadlines apply, not the engine.
     assert!(engine_waiting < 0.5, "the engine queued: {settled:?}");
+    // Four, or five while one more is being tried (at most every 2 s).
     let shard = gw.shard("s1").await;
-    assert_eq!(shard["learned_slots"], 4, "{shard}");
-    assert!(gw
-        .metrics()
-        .await
-        .contains("breakwater_shard_slots{pool=\"pool-home\",region=\"home\",shard=\"s1\"} 4"));
+    let learned = shard["learned_slots"].as_u64().unwrap();
+    assert!((4..=5).contains(&learned), "{shard}");
+    let metrics = gw.metrics().await;
+    let series = format!(
+        "breakwater_shard_slots{{pool=\"pool-home\",region=\"home\",shard=\"s1\"}} {learned}"
+    );
+    assert!(metrics.contains(&series), "{metrics}");
     assert_eq!(gw.wait_ledger_zero().await, 0);
 }
 
