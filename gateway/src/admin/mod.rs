@@ -179,6 +179,9 @@ impl Admin {
             "require_api_key": settings.require_api_key,
             "queue_depth": queue,
             "drain_tokens_per_s": a.drain_tps().round(),
+            "queue_target_ms": a.queue_target(settings).as_secs_f64() * 1e3,
+            "queue_target_from": if settings.queue_target.is_some() { "policy" } else { "fleet" },
+            "base_ttft_ms": a.base_ttft().map(|d| d.as_secs_f64() * 1e3),
             "tenants": tenants,
         })
     }

@@ -7,6 +7,7 @@
 //! - [`limit`]: each shard's admission limit in tokens in flight, learned from TTFT.
 //! - [`slots`]: each shard's batch slots, learned from the engine's running and waiting.
 //! - [`queue`]: the bounded priority queue with deadlines.
+//! - [`buffer`]: how long the queue may be, sized from the fleet (unless the policy says).
 //!
 //! A request is *placed* when some shard of its route (home region first, then spilling
 //! in region order) has room: its in-flight tokens plus the request's cost within its
@@ -15,11 +16,13 @@
 //! queue. A request that cannot be placed waits in its priority's band while the predicted
 //! wait (tokens queued ahead ÷ the tokens per second the fleet releases) fits its queue
 //! timeout and its own deadline — and, while a queue *stands* (has not emptied for
-//! 100 ms: sustained overload, not a burst), only if that wait is within `queue_target`
-//! (sheddable: also within its own timeout, by default none). Otherwise it is refused at
+//! 100 ms: sustained overload, not a burst), only if that wait is within the queue
+//! target (sheddable: only if the whole queue is; see [`buffer`] for the target the fleet
+//! sets when the policy does not). Otherwise it is refused at
 //! once with 429 and `Retry-After` — before its body is read when the queue ahead of it
 //! alone is already too long ([`Admission::precheck`]).
 
+pub mod buffer;
 pub mod limit;
 pub mod queue;
 pub mod rate;
@@ -38,6 +41,7 @@ use crate::routing::affinity::{AffinityKey, AffinityOutcome};
 use crate::routing::ledger::LoadCharge;
 use crate::routing::{ModelRoute, ShardEntry};
 use crate::table::{Table, Tables};
+use buffer::QueueBudget;
 use queue::{Ticket, WaitQueue};
 use rate::Quota;
 use tenant::KeyProblem;
@@ -52,6 +56,8 @@ pub struct Admission {
     /// Tokens admitted per second, by priority (placed at once or queued): what the more
     /// important bands take of the drain before a less important waiter is served.
     admitted: [TokenRate; 3],
+    /// What the queue target is sized from when the policy does not set it.
+    budget: QueueBudget,
 }
 
 /// A request's charge on a shard. Dropping it releases the tokens and offers the room to
@@ -69,6 +75,7 @@ impl Drop for Slot {
             let tokens = charge.tokens();
             drop(charge);
             self.admission.drain.released(tokens);
+            self.admission.budget.finished();
             // With admission off nothing queues, so this is one atomic read.
             self.admission.dispatch();
         }
@@ -94,6 +101,7 @@ impl Admission {
             queue: WaitQueue::default(),
             drain: DrainRate::new(capacity),
             admitted: Default::default(),
+            budget: QueueBudget::default(),
         })
     }
 
@@ -107,6 +115,11 @@ impl Admission {
     /// Requests queued per priority, most important first.
     pub fn queue_depths(&self) -> [usize; 3] {
         self.queue.depths()
+    }
+
+    /// The fleet's unloaded time to first token, once a streamed answer has been timed.
+    pub fn base_ttft(&self) -> Option<Duration> {
+        self.budget.base_ttft()
     }
 
     /// The tokens per second the fleet is releasing, as last measured.
@@ -195,6 +208,7 @@ impl Admission {
     }
 
     fn charge(self: &Arc<Self>, shard: &Arc<ShardEntry>, cost: u64) -> Slot {
+        self.budget.started();
         Slot {
             admission: Arc::clone(self),
             shard: Arc::clone(shard),
@@ -360,10 +374,19 @@ impl Admission {
         let timeout = settings.queue_timeout[priority.index()];
         match priority {
             Priority::Critical => timeout,
-            Priority::Sheddable => settings.queue_target.min(timeout),
-            _ if self.queue.standing(now) => settings.queue_target.min(timeout),
+            Priority::Sheddable => self.queue_target(settings).min(timeout),
+            _ if self.queue.standing(now) => self.queue_target(settings).min(timeout),
             _ => timeout,
         }
+    }
+
+    /// The queue target in force: the policy's, else the one the fleet's readings size
+    /// ([`buffer`]), else the default until they have been measured.
+    pub fn queue_target(&self, settings: &AdmissionSettings) -> Duration {
+        settings
+            .queue_target
+            .or_else(|| self.budget.target())
+            .unwrap_or(AdmissionSettings::DEFAULT_QUEUE_TARGET)
     }
 
     /// Places a queued request of model `model` in the table in force.
@@ -396,6 +419,7 @@ impl Admission {
 
     /// Learns from a request's time to first token on `shard`, less its estimated prefill.
     pub fn observe_ttft(&self, shard: &ShardEntry, ttft: Duration, prefill: Duration) {
+        self.budget.observe_ttft(ttft, prefill);
         let load = &shard.load;
         let (tokens, requests) = (load.inflight_tokens(), load.inflight_requests());
         let avg = if requests > 0 {

@@ -758,13 +758,9 @@ impl Compiler {
             sheddable,
         );
         a.queue_timeout = [queue, queue, shed];
-        a.queue_target = ms(
-            self,
-            "admission.queue_target_ms",
-            raw.queue_target_ms,
-            0,
-            a.queue_target,
-        );
+        a.queue_target = raw.queue_target_ms.map(|v| {
+            Duration::from_millis(self.bounded(f, "admission.queue_target_ms", v, 0, 3_600_000))
+        });
         if let Some(v) = raw.max_queued {
             a.max_queued = self.bounded(f, "admission.max_queued", v.into(), 0, 1_000_000) as usize;
         }

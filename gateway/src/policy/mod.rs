@@ -307,8 +307,10 @@ pub struct AdmissionSettings {
     /// the queue only for a predicted wait within `queue_target`, and with 0 not at all).
     pub queue_timeout: [Duration; 3],
     /// Longest predicted wait a new standard request is queued for while a queue stands,
-    /// and a sheddable one at any time (default 30 ms).
-    pub queue_target: Duration,
+    /// and the longest whole queue a sheddable one joins. Default (`None`): sized from the
+    /// fleet — the buffer that keeps its slots busy, within what keeps first tokens prompt
+    /// (`admission::buffer`); [`Self::DEFAULT_QUEUE_TARGET`] until measured.
+    pub queue_target: Option<Duration>,
     /// Most requests queued at once (default 1024).
     pub max_queued: usize,
     /// A shard's starting limit, as time at its capacity (default 500 ms).
@@ -319,6 +321,11 @@ pub struct AdmissionSettings {
     pub max_limit: Duration,
     /// TTFT over baseline × this lowers a shard's limit (default 1.3).
     pub ttft_tolerance: f64,
+}
+
+impl AdmissionSettings {
+    /// The queue target before the fleet has been measured, when the policy sets none.
+    pub const DEFAULT_QUEUE_TARGET: Duration = Duration::from_millis(30);
 }
 
 impl Default for AdmissionSettings {
@@ -332,7 +339,7 @@ impl Default for AdmissionSettings {
                 Duration::from_millis(1000),
                 Duration::from_millis(500),
             ],
-            queue_target: Duration::from_millis(30),
+            queue_target: None,
             max_queued: 1024,
             initial_limit: Duration::from_millis(500),
             min_limit: Duration::from_millis(100),
