@@ -142,3 +142,37 @@ async fn on_an_engine_whose_kv_cache_bounds_the_batch_the_slots_follow_the_cache
     assert_eq!(st.completed_total as usize, statuses.len());
     assert_eq!(gw.wait_ledger_zero().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_target_is_sized_from_the_fleet_unless_the_policy_sets_it() {
+    // Four FIFO slots, each request 200 ms to its first token and 5 tokens at 10 ms:
+    // about 16 requests/s. With four in flight the buffer that keeps them busy is √4
+    // requests at 16/s, 125 ms; first tokens at their base (the gateway holds the queue)
+    // leave 0.8 × 200 ms, so the buffer decides.
+    let s = start_shard(ShardSpec {
+        slots: 4,
+        ttft_ms: 200,
+        behaviour: Behaviour::FifoSlots,
+        ..ShardSpec::new("s1", "home").itl_ms(10)
+    })
+    .await;
+    for (extra, from, range) in [
+        ("", "fleet", 80.0..190.0),
+        ("queue_target_ms = 30\n", "policy", 30.0..30.001),
+    ] {
+        let gw = Arc::new(Gateway::start(&policy_text(&[&s], &format!("{POLICY}{extra}"))).await);
+        let (statuses, admission) =
+            tokio::join!(closed_loops(&gw, 8, 5, Duration::from_secs(3)), async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                gw.status().await["admission"].clone()
+            });
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        eprintln!("{from}: {admission}");
+        assert_eq!(admission["queue_target_from"], from, "{admission}");
+        let target = admission["queue_target_ms"].as_f64().unwrap();
+        assert!(range.contains(&target), "{target} ms: {admission}");
+        let base = admission["base_ttft_ms"].as_f64().unwrap();
+        assert!((190.0..300.0).contains(&base), "{base} ms: {admission}");
+        assert_eq!(gw.wait_ledger_zero().await, 0);
+    }
+}

@@ -174,7 +174,10 @@ mod tests {
         let rate = b.finished.rate();
         let want = 8.0 / rate;
         let got = b.target().unwrap().as_secs_f64();
-        assert!((got - want).abs() < want * 0.05, "{got} against √64 / {rate}");
+        assert!(
+            (got - want).abs() < want * 0.05,
+            "{got} against √64 / {rate}"
+        );
     }
 
     #[test]
@@ -222,10 +225,16 @@ mod tests {
             b.observe_ttft(ms(20 + prefill), ms(prefill));
         }
         let base = b.base_ttft().unwrap().as_secs_f64() * 1e3;
-        assert!((100.0..140.0).contains(&base), "{base} ms: 20 + the mean prefill");
+        assert!(
+            (100.0..140.0).contains(&base),
+            "{base} ms: 20 + the mean prefill"
+        );
         // unloaded: 0.8 × the whole TTFT may be queued (capped by the slots' buffer,
         // which is long here: 84 finished over 110 ms)
         let got = b.target().unwrap().as_secs_f64() * 1e3;
-        assert!((0.8 * base - 2.0..0.8 * base + 2.0).contains(&got), "{got} ms");
+        assert!(
+            (0.8 * base - 2.0..0.8 * base + 2.0).contains(&got),
+            "{got} ms"
+        );
     }
 }

@@ -316,7 +316,8 @@ impl Admission {
     /// `deadline`: the bands above leave its band (almost) nothing, the queue is longer
     /// than it may join now ([`Self::allowed_wait`]; for a sheddable request, the whole
     /// queue at the fleet's drain rate — it joins only the short buffer of waiters that
-    /// keeps slots busy at about capacity), or its predicted wait passes the deadline.
+    /// keeps slots busy at about capacity, and never behind a critical or standard waiter,
+    /// where it would starve and be refused late), or its predicted wait passes the deadline.
     fn must_refuse(
         &self,
         settings: &AdmissionSettings,
@@ -331,6 +332,11 @@ impl Admission {
             return true;
         }
         let queued = match priority {
+            // Behind a more important waiter a sheddable one would starve while the
+            // fleet is full: it fills the dips between them, not the queue.
+            Priority::Sheddable if self.queue.ahead_of(Priority::Standard) > 0 => {
+                return true;
+            }
             Priority::Sheddable => {
                 Duration::from_secs_f64((self.queue.tokens_queued() + cost) as f64 / rate)
             }
