@@ -595,3 +595,43 @@ async fn behind_a_queue_it_may_not_join_a_request_is_refused_before_its_body() {
         "the refused request reached the shard"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sheddable_request_is_refused_at_once_while_a_standard_one_waits() {
+    let s = start_shard(ShardSpec::new("s1", "home").itl_ms(20)).await;
+    // Sheddable requests may join a long buffer here: only the standard waiter ahead
+    // of them can make them refused.
+    let extra = format!(
+        "{}sheddable_queue_timeout_ms = 3000\n{}",
+        fixed_limit(30),
+        tenant("bulk", "sk-bulk", "sheddable", "")
+    );
+    let gw = Gateway::start(&policy_text(&[&s], &extra)).await;
+    let holder = hold_slot(&gw, 35); // about 0.7 s
+    wait_inflight(&gw).await;
+    let queued = hold_slot(&gw, 5); // standard: waits in the queue behind the holder
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gw.status().await["admission"]["queue_depth"]["standard"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the standard request never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = post(&gw, Some("sk-bulk"), &chat(5, false)).await;
+    assert_eq!(r.status().as_u16(), 429, "the sheddable request queued");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_code(r).await, "server_overloaded");
+    // Still waiting: the refusal did not wait for the standard request to start.
+    assert_eq!(
+        gw.status().await["admission"]["queue_depth"]["standard"],
+        1,
+        "the refusal came only after the queue drained"
+    );
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(queued.await.unwrap(), 200);
+    // Once nothing waits, the same request is served.
+    let r = post(&gw, Some("sk-bulk"), &chat(5, false)).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(s.stats().requests_total, 3);
+}

@@ -6,9 +6,12 @@
 //! once — its batch slots, or fewer when its KV cache is the bound. So:
 //!
 //! - a reading with someone waiting sets the slots to the running count at once when that
-//!   is more than believed (or nothing was learned yet), and closes a quarter of the gap
-//!   when it is less (one reading taken between two scheduler steps can catch an arrival
-//!   before it is scheduled; a KV-bound engine shrinks for real and a few readings follow);
+//!   is more than believed (or nothing was learned yet); when it is less, the slots close a
+//!   quarter of the gap, and only from the second such reading in a row (one reading taken
+//!   between two scheduler steps can catch a freed slot before the waiter is scheduled into
+//!   it, and a slot given up on that would idle until the next try; a KV-bound engine
+//!   shrinks for real and the readings that follow say so) — except right after one more
+//!   slot was tried, where the first reading with a waiter is the answer;
 //! - a reading with nobody waiting raises them to the running count; and when the engine
 //!   runs all the learned slots with nobody waiting — admission holds it there, so it
 //!   cannot show more — one more slot is tried, at most once every [`PROBE_EVERY`]: the
@@ -24,7 +27,7 @@
 //! has been seen full there is no bound in requests; the token limit learned from time to
 //! first token ([`super::limit`]) still applies.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -38,6 +41,10 @@ pub struct EngineSlots {
     seen: AtomicU64,
     /// When one more slot was last tried, nanoseconds since [`epoch`].
     probed: AtomicU64,
+    /// Whether the slots stand at one more than learned, being tried.
+    trying: AtomicBool,
+    /// Whether the last reading showed a waiter with fewer running than the slots.
+    short: AtomicBool,
 }
 
 /// Least time between two tries of one more slot than learned.
@@ -75,31 +82,40 @@ impl EngineSlots {
         }
         let running = running.max(0.0).round() as u64;
         let current = self.slots.load(Ordering::Relaxed);
-        let next = if waiting >= 0.5 {
-            if current == 0 || running >= current {
-                running
-            } else {
+        let short = waiting >= 0.5 && current > running;
+        let was_short = self.short.swap(short, Ordering::Relaxed);
+        let mut trying = false;
+        let next = if short {
+            if self.trying.load(Ordering::Relaxed) || was_short {
                 current - (current - running).div_ceil(4)
+            } else {
+                return; // one reading may be between two steps: the next one decides
             }
+        } else if waiting >= 0.5 {
+            running
         } else if current > 0 && running >= current {
             let probed = self.probed.load(Ordering::Relaxed);
             if at.saturating_sub(probed) >= PROBE_EVERY.as_nanos() as u64 {
                 self.probed.store(at, Ordering::Relaxed);
+                trying = true;
                 running + 1
             } else {
                 running
             }
         } else if current > 0 {
-            current
+            return; // not full: the slots stand, and so does a try of one more
         } else {
             return; // not full: it runs at least this many, which bounds nothing
         };
+        self.trying.store(trying, Ordering::Relaxed);
         self.slots.store(next.max(1), Ordering::Relaxed);
     }
 
     /// Forgets what was learned (the engine behind the shard changed).
     pub fn forget(&self) {
         self.slots.store(0, Ordering::Relaxed);
+        self.trying.store(false, Ordering::Relaxed);
+        self.short.store(false, Ordering::Relaxed);
     }
 }
 
@@ -139,12 +155,18 @@ mod tests {
             "running fewer with nobody waiting is not full"
         );
         s.observe(at(4), 8.0, 2.0);
-        assert_eq!(s.learned(), Some(20));
+        assert_eq!(
+            s.learned(),
+            Some(24),
+            "one reading may fall between two steps"
+        );
         s.observe(at(5), 8.0, 2.0);
+        assert_eq!(s.learned(), Some(20));
+        s.observe(at(6), 8.0, 2.0);
         assert_eq!(s.learned(), Some(17));
-        s.observe(at(6), 32.0, 1.0);
+        s.observe(at(7), 32.0, 1.0);
         assert_eq!(s.learned(), Some(32));
-        for ms in 7..40 {
+        for ms in 8..40 {
             s.observe(at(ms), 0.0, 3.0);
         }
         assert_eq!(s.learned(), Some(1), "never below one slot");
@@ -170,6 +192,21 @@ mod tests {
         assert_eq!(s.learned(), Some(17));
         s.observe(at(3 * probe + 60), 17.0, 0.0);
         assert_eq!(s.learned(), Some(18));
+    }
+
+    #[test]
+    fn one_reading_between_two_scheduler_steps_does_not_give_up_a_slot() {
+        let s = EngineSlots::default();
+        s.observe(at(1), 4.0, 1.0);
+        // A slot freed and its waiter not yet scheduled into it ...
+        s.observe(at(2), 3.0, 1.0);
+        assert_eq!(s.learned(), Some(4));
+        // ... and the next reading is full again.
+        s.observe(at(3), 4.0, 0.0);
+        s.observe(at(4), 3.0, 1.0);
+        assert_eq!(s.learned(), Some(4), "not two short readings in a row");
+        s.observe(at(5), 3.0, 1.0);
+        assert_eq!(s.learned(), Some(3), "two in a row: the engine runs fewer");
     }
 
     #[test]
