@@ -262,6 +262,10 @@ def surge(fl, phases, gateway):
             span = inside[-1][0] - inside[0][0]
             phase["engines_completed_per_s"] = (inside[-1][3] - inside[0][3]) / span
             phase["engines_connections"] = inside[-1][4] - inside[0][4]
+    # The raw series, for a closer look: (seconds, running, waiting, completed, connections,
+    # queued in the gateway).
+    result["engine_samples"] = [[round(x, 3) if isinstance(x, float) else x for x in s]
+                                for s in samples]
     return result
 
 

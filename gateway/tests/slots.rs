@@ -147,8 +147,9 @@ async fn on_an_engine_whose_kv_cache_bounds_the_batch_the_slots_follow_the_cache
 async fn the_queue_target_is_sized_from_the_fleet_unless_the_policy_sets_it() {
     // Four FIFO slots, each request 200 ms to its first token and 5 tokens at 10 ms:
     // about 16 requests/s. With four in flight the buffer that keeps them busy is √4
-    // requests at 16/s, 125 ms; first tokens at their base (the gateway holds the queue)
-    // leave 0.8 × 200 ms, so the buffer decides.
+    // requests at 16/s, 125 ms — twice that near capacity, as closed loops are (each
+    // arrival follows a finish): 250 ms; first tokens at their base (the gateway holds
+    // the queue) leave 1.5 × 200 ms there, so the buffer decides.
     let s = start_shard(ShardSpec {
         slots: 4,
         ttft_ms: 200,
@@ -157,7 +158,7 @@ async fn the_queue_target_is_sized_from_the_fleet_unless_the_policy_sets_it() {
     })
     .await;
     for (extra, from, range) in [
-        ("", "fleet", 80.0..190.0),
+        ("", "fleet", 170.0..340.0),
         ("queue_target_ms = 30\n", "policy", 30.0..30.001),
     ] {
         let gw = Arc::new(Gateway::start(&policy_text(&[&s], &format!("{POLICY}{extra}"))).await);
@@ -171,6 +172,8 @@ async fn the_queue_target_is_sized_from_the_fleet_unless_the_policy_sets_it() {
         assert_eq!(admission["queue_target_from"], from, "{admission}");
         let target = admission["queue_target_ms"].as_f64().unwrap();
         assert!(range.contains(&target), "{target} ms: {admission}");
+        let ratio = admission["arrivals_per_finish"].as_f64().unwrap();
+        assert!((0.8..1.2).contains(&ratio), "closed loops: {admission}");
         let base = admission["base_ttft_ms"].as_f64().unwrap();
         assert!((190.0..300.0).contains(&base), "{base} ms: {admission}");
         assert_eq!(gw.wait_ledger_zero().await, 0);

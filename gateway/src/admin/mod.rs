@@ -182,6 +182,7 @@ impl Admin {
             "queue_target_ms": a.queue_target(settings).as_secs_f64() * 1e3,
             "queue_target_from": if settings.queue_target.is_some() { "policy" } else { "fleet" },
             "base_ttft_ms": a.base_ttft().map(|d| d.as_secs_f64() * 1e3),
+            "arrivals_per_finish": a.arrivals_per_finish().map(|r| (r * 100.0).round() / 100.0),
             "tenants": tenants,
         })
     }

@@ -15,6 +15,14 @@
 //!   long prompts do not read as load, and a surge does not read as the new normal). A
 //!   prefill estimate too long (`capacity_tps` declared low) lets the queue a little more;
 //!   too short, a little less.
+//! - **Near capacity, more**: both hold under sustained overload, where the queue stands
+//!   at its target whatever its length and every admitted request waits about that long.
+//!   Arrivals at about what the fleet finishes make the queue come and go instead, and a
+//!   buffer of √N leaves slots idle after each time it empties while it refused requests
+//!   it could have served. So the buffer is widened while requests arrive (placed or
+//!   refused) at up to [`NEAR_CAPACITY`] × the rate they finish — to [`NEAR_WIDEN`] × √N
+//!   waiters within [`NEAR_TTFT_BUDGET`] × the unloaded TTFT — and narrows back in step
+//!   with the excess until [`OVERLOADED`] ×, where it is as above.
 //!
 //! Until the first streamed answer has been timed the queue target is the policy's default.
 
@@ -34,6 +42,15 @@ const BASE_FALL: f64 = 1.0 / 20.0;
 const BASE_RISE: f64 = 1.0 / 5_000.0;
 /// Samples above this multiple of the baseline are queueing, not a new normal.
 const QUEUEING: f64 = 2.0;
+/// Arrivals up to this multiple of the finish rate are near capacity: the widest buffer.
+pub const NEAR_CAPACITY: f64 = 1.2;
+/// Arrivals from this multiple of the finish rate on are sustained overload: the buffer
+/// of √N within [`TTFT_BUDGET`].
+pub const OVERLOADED: f64 = 1.5;
+/// How many times √N waiters the buffer may hold near capacity.
+pub const NEAR_WIDEN: f64 = 2.0;
+/// The TTFT budget near capacity, a multiple of the unloaded TTFT.
+pub const NEAR_TTFT_BUDGET: f64 = 2.5;
 /// Weight of a new sample in the fleet's current TTFT.
 const RECENT: f64 = 0.05;
 /// Below this many requests finishing a second the rate says too little to size a buffer.
@@ -44,6 +61,8 @@ const MIN_FINISH_RATE: f64 = 1.0;
 pub struct QueueBudget {
     inflight: AtomicU64,
     finished: TokenRate,
+    /// Requests placed or refused for want of room: what arrives.
+    arrived: TokenRate,
     /// The fleet's unloaded time to first token less prefill, seconds (f64 bits; 0: no
     /// sample yet).
     base_ttft: AtomicU64,
@@ -58,6 +77,7 @@ impl Default for QueueBudget {
         Self {
             inflight: AtomicU64::new(0),
             finished: TokenRate::starting_at(0.0),
+            arrived: TokenRate::starting_at(0.0),
             base_ttft: AtomicU64::new(0),
             recent_ttft: AtomicU64::new(0),
             prefill: AtomicU64::new(0),
@@ -69,6 +89,12 @@ impl QueueBudget {
     /// A request was placed on a shard.
     pub fn started(&self) {
         self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.arrived.add(1);
+    }
+
+    /// A request was refused for want of room (it arrived, and nothing started).
+    pub fn refused(&self) {
+        self.arrived.add(1);
     }
 
     /// A placed request ended (its slot was released).
@@ -110,6 +136,13 @@ impl QueueBudget {
         (base > 0.0).then(|| Duration::from_secs_f64(base + prefill))
     }
 
+    /// Requests arriving (placed or refused for want of room) per request finishing, once
+    /// requests finish: about 1 near capacity, over [`OVERLOADED`] in sustained overload.
+    pub fn arrivals_per_finish(&self) -> Option<f64> {
+        let finish_rate = self.finished.rate();
+        (finish_rate >= MIN_FINISH_RATE).then(|| self.arrived.rate() / finish_rate)
+    }
+
     /// The longest the queue may be now (see the module's rule), or `None` while nothing
     /// has been measured to size it from.
     pub fn target(&self) -> Option<Duration> {
@@ -119,10 +152,14 @@ impl QueueBudget {
             return None;
         }
         let inflight = self.inflight.load(Ordering::Relaxed).max(1) as f64;
-        let busy = inflight.sqrt() / finish_rate;
+        // 1 near capacity, 0 in sustained overload.
+        let overload = self.arrived.rate() / finish_rate;
+        let near = ((OVERLOADED - overload) / (OVERLOADED - NEAR_CAPACITY)).clamp(0.0, 1.0);
+        let busy = inflight.sqrt() * (1.0 + (NEAR_WIDEN - 1.0) * near) / finish_rate;
+        let budget = TTFT_BUDGET + (NEAR_TTFT_BUDGET - TTFT_BUDGET) * near;
         let recent = f64::from_bits(self.recent_ttft.load(Ordering::Relaxed));
         let prefill = f64::from_bits(self.prefill.load(Ordering::Relaxed));
-        let prompt = (TTFT_BUDGET * (base + prefill) - (recent + prefill)).max(0.0);
+        let prompt = (budget * (base + prefill) - (recent + prefill)).max(0.0);
         Some(Duration::from_secs_f64(busy.min(prompt)))
     }
 }
@@ -156,20 +193,30 @@ mod tests {
         assert_eq!(b.target(), None);
     }
 
-    #[test]
-    fn the_buffer_is_root_n_requests_at_the_finish_rate() {
+    /// 64 in flight, then 100 requests started and finished and `refused` more refused,
+    /// over ≥ 110 ms.
+    fn fleet_of_64(refused: usize) -> QueueBudget {
         let b = QueueBudget::default();
         b.observe_ttft(ms(500), Duration::ZERO);
-        for _ in 0..64 {
-            b.started();
-        }
-        // 100 requests finished over ≥ 100 ms, as 64 more start: ≈ 1,000/s or less
-        std::thread::sleep(ms(5));
+        // in flight since before the rates' windows: not arrivals in them
+        b.inflight.store(64, Ordering::Relaxed);
         b.finished.rate();
+        b.arrived.rate();
         for _ in 0..100 {
             b.started();
             b.finished();
         }
+        for _ in 0..refused {
+            b.refused();
+        }
+        std::thread::sleep(ms(110));
+        b
+    }
+
+    #[test]
+    fn the_buffer_is_root_n_requests_at_the_finish_rate() {
+        // Twice as many arrive as finish: sustained overload.
+        let b = fleet_of_64(100);
         std::thread::sleep(ms(110));
         let rate = b.finished.rate();
         let want = 8.0 / rate;
@@ -178,6 +225,27 @@ mod tests {
             (got - want).abs() < want * 0.05,
             "{got} against √64 / {rate}"
         );
+    }
+
+    #[test]
+    fn near_capacity_the_buffer_is_wider() {
+        // As many arrive as finish: the queue comes and goes, and holds twice √N.
+        let b = fleet_of_64(0);
+        let rate = b.finished.rate();
+        let want = 2.0 * 8.0 / rate;
+        let got = b.target().unwrap().as_secs_f64();
+        assert!(
+            (got - want).abs() < want * 0.05,
+            "{got} against 2 × √64 / {rate}"
+        );
+        // Past the overloaded mark it narrows back to √N.
+        for _ in 0..300 {
+            b.refused();
+        }
+        std::thread::sleep(ms(110));
+        let got = b.target().unwrap().as_secs_f64();
+        let rate = b.finished.rate();
+        assert!(got < 1.6 * 8.0 / rate, "{got} against √64 / {rate}");
     }
 
     #[test]

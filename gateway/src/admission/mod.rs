@@ -18,7 +18,9 @@
 //! timeout and its own deadline — and, while a queue *stands* (has not emptied for
 //! 100 ms: sustained overload, not a burst), only if that wait is within the queue
 //! target (sheddable: only if the whole queue is; see [`buffer`] for the target the fleet
-//! sets when the policy does not). Otherwise it is refused at
+//! sets when the policy does not). A queued sheddable request goes before standard ones
+//! queued more than that target after it, so it is not starved into a late refusal.
+//! Otherwise it is refused at
 //! once with 429 and `Retry-After` — before its body is read when the queue ahead of it
 //! alone is already too long ([`Admission::precheck`]).
 
@@ -120,6 +122,11 @@ impl Admission {
     /// The fleet's unloaded time to first token, once a streamed answer has been timed.
     pub fn base_ttft(&self) -> Option<Duration> {
         self.budget.base_ttft()
+    }
+
+    /// Requests arriving per request finishing ([`buffer::QueueBudget::arrivals_per_finish`]).
+    pub fn arrivals_per_finish(&self) -> Option<f64> {
+        self.budget.arrivals_per_finish()
     }
 
     /// The tokens per second the fleet is releasing, as last measured.
@@ -300,6 +307,8 @@ impl Admission {
             return Err(self.shed(ShedReason::Overloaded, cost));
         }
         let current = self.tables.load();
+        self.queue
+            .set_sheddable_grace(self.sheddable_buffer(settings));
         let ticket = self.queue.enqueue(
             priority,
             Arc::clone(&route.name),
@@ -316,8 +325,8 @@ impl Admission {
     /// `deadline`: the bands above leave its band (almost) nothing, the queue is longer
     /// than it may join now ([`Self::allowed_wait`]; for a sheddable request, the whole
     /// queue at the fleet's drain rate — it joins only the short buffer of waiters that
-    /// keeps slots busy at about capacity, and never behind a critical or standard waiter,
-    /// where it would starve and be refused late), or its predicted wait passes the deadline.
+    /// keeps slots busy at about capacity, and standard arrivals after it go first for no
+    /// longer than the queue target: [`queue`]), or its predicted wait passes the deadline.
     fn must_refuse(
         &self,
         settings: &AdmissionSettings,
@@ -332,11 +341,6 @@ impl Admission {
             return true;
         }
         let queued = match priority {
-            // Behind a more important waiter a sheddable one would starve while the
-            // fleet is full: it fills the dips between them, not the queue.
-            Priority::Sheddable if self.queue.ahead_of(Priority::Standard) > 0 => {
-                return true;
-            }
             Priority::Sheddable => {
                 Duration::from_secs_f64((self.queue.tokens_queued() + cost) as f64 / rate)
             }
@@ -380,10 +384,19 @@ impl Admission {
         let timeout = settings.queue_timeout[priority.index()];
         match priority {
             Priority::Critical => timeout,
-            Priority::Sheddable => self.queue_target(settings).min(timeout),
+            Priority::Sheddable => self.sheddable_buffer(settings),
             _ if self.queue.standing(now) => self.queue_target(settings).min(timeout),
             _ => timeout,
         }
+    }
+
+    /// How long the whole queue may be for a sheddable request to join, and how long
+    /// standard arrivals after it may go first: the queue target, within half the
+    /// sheddable timeout — the two together stay within it, so a sheddable request that
+    /// joined is served, not refused after waiting (unless critical traffic takes it all).
+    fn sheddable_buffer(&self, settings: &AdmissionSettings) -> Duration {
+        let timeout = settings.queue_timeout[Priority::Sheddable.index()];
+        self.queue_target(settings).min(timeout / 2)
     }
 
     /// The queue target in force: the policy's, else the one the fleet's readings size
@@ -415,6 +428,9 @@ impl Admission {
     /// A refusal by admission, with `Retry-After` from the time the fleet needs to drain
     /// what is queued (at least a second, the header's unit).
     pub fn shed(&self, reason: ShedReason, cost: u64) -> GatewayError {
+        if matches!(reason, ShedReason::Overloaded | ShedReason::QueueFull) {
+            self.budget.refused();
+        }
         let backlog = self.queue.tokens_queued() + cost;
         let secs = (backlog as f64 / self.drain.rate()).ceil();
         GatewayError::Shed {

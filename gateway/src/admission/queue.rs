@@ -1,4 +1,8 @@
-//! The gateway's bounded wait queue: one FIFO band per priority, served critical first.
+//! The gateway's bounded wait queue: one FIFO band per priority, served critical first —
+//! except that a sheddable waiter counts as arrived a grace later than it did
+//! ([`WaitQueue::set_sheddable_grace`]) and, once standard waiters queued after that are
+//! ahead of it, goes before them: standard arrivals can delay it by the grace, not starve
+//! it until its deadline and a refusal after all that waiting.
 //!
 //! A waiter is granted a place (`G`, a charged shard) by [`WaitQueue::dispatch`], which
 //! runs whenever tokens are released; the grant is made under the queue's lock and sent to
@@ -8,7 +12,7 @@
 //! its deadline is refused at once rather than left to time out.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -33,6 +37,7 @@ struct Waiter<K, G> {
     id: u64,
     model: K,
     cost: u64,
+    enqueued: Instant,
     deadline: Instant,
     tx: oneshot::Sender<Outcome<G>>,
 }
@@ -51,6 +56,9 @@ pub struct WaitQueue<K, G> {
     waiting: [AtomicUsize; 3],
     /// Tokens queued per band.
     tokens: [AtomicUsize; 3],
+    /// How much later than it arrived a sheddable waiter counts against standard ones,
+    /// nanoseconds.
+    sheddable_grace: AtomicU64,
 }
 
 /// One queued request. Dropping it leaves the queue.
@@ -87,6 +95,7 @@ impl<K, G> Default for WaitQueue<K, G> {
             }),
             waiting: Default::default(),
             tokens: Default::default(),
+            sheddable_grace: AtomicU64::new(STANDING_AFTER.as_nanos() as u64),
         }
     }
 }
@@ -127,6 +136,17 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         self.tokens_ahead_of(Priority::Sheddable)
     }
 
+    /// Sets how long standard arrivals may go before a sheddable waiter that came first
+    /// (default [`STANDING_AFTER`]).
+    pub fn set_sheddable_grace(&self, grace: Duration) {
+        self.sheddable_grace
+            .store(grace.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn grace(&self) -> Duration {
+        Duration::from_nanos(self.sheddable_grace.load(Ordering::Relaxed))
+    }
+
     /// Whether the queue has held someone for longer than [`STANDING_AFTER`] without a
     /// break: a standing queue, i.e. sustained overload rather than a burst.
     pub fn standing(&self, now: Instant) -> bool {
@@ -164,6 +184,7 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
             id,
             model,
             cost,
+            enqueued: now,
             deadline,
             tx,
         });
@@ -210,37 +231,59 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         // A model whose oldest waiter did not fit: its younger waiters wait behind it.
         let mut blocked: Vec<K> = Vec::new();
         let mut scanned = 0;
-        for band in 0..3 {
-            let mut i = 0;
-            while i < inner.bands[band].len() && scanned < MAX_SCAN {
-                let w = &inner.bands[band][i];
-                if w.tx.is_closed() {
-                    self.take(inner, band, i);
-                    continue;
-                }
-                if blocked.contains(&w.model) {
-                    i += 1;
-                    continue;
-                }
-                match place(&w.model, w.cost) {
-                    Some(g) => {
-                        if let Some(w) = self.take(inner, band, i) {
-                            sends.push((w.tx, Ok(g)));
+        let grace = self.grace();
+        // Critical first; then standard and sheddable waiters in the order they count as
+        // arrived, a sheddable one a grace after it did. `next[b]`: band b's next waiter.
+        let mut next = [0usize; 3];
+        while scanned < MAX_SCAN {
+            let band = if next[0] < inner.bands[0].len() {
+                0
+            } else {
+                let standard = inner.bands[1].get(next[1]).map(|w| w.enqueued);
+                let sheddable = inner.bands[2].get(next[2]).map(|w| w.enqueued + grace);
+                match (standard, sheddable) {
+                    (None, None) => break,
+                    (Some(_), None) => 1,
+                    (None, Some(_)) => 2,
+                    (Some(a), Some(b)) => {
+                        if b < a {
+                            2
+                        } else {
+                            1
                         }
-                        scanned = 0;
                     }
-                    None => {
-                        blocked.push(w.model.clone());
-                        scanned += 1;
-                        i += 1;
+                }
+            };
+            let i = next[band];
+            let w = &inner.bands[band][i];
+            if w.tx.is_closed() {
+                self.take(inner, band, i);
+                continue;
+            }
+            if blocked.contains(&w.model) {
+                next[band] += 1;
+                continue;
+            }
+            match place(&w.model, w.cost) {
+                Some(g) => {
+                    if let Some(w) = self.take(inner, band, i) {
+                        sends.push((w.tx, Ok(g)));
                     }
+                    scanned = 0;
+                }
+                None => {
+                    blocked.push(w.model.clone());
+                    scanned += 1;
+                    next[band] += 1;
                 }
             }
         }
     }
 
-    /// Refuses the less important waiters that, behind everything queued ahead of them,
-    /// would be served after their deadline.
+    /// Refuses the less important waiters that, behind everything served before them,
+    /// would be served after their deadline. Before a sheddable waiter: every critical
+    /// one, the standard ones that count as earlier (queued within the grace after it)
+    /// and the sheddable ones ahead in its band.
     fn evict_overdue(
         &self,
         inner: &mut Inner<K, G>,
@@ -249,19 +292,35 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         sends: &mut Vec<(oneshot::Sender<Outcome<G>>, Outcome<G>)>,
     ) {
         let rate = rate.max(1.0);
-        let mut ahead = 0u64;
-        for band in 0..3 {
+        let grace = self.grace();
+        let critical: u64 = inner.bands[0].iter().map(|w| w.cost).sum();
+        // The standard waiters kept: when each was queued and the tokens up to it.
+        let mut standard: Vec<(Instant, u64)> = Vec::new();
+        let mut sheddable = 0u64;
+        for band in 1..3 {
             let mut i = 0;
             while i < inner.bands[band].len() {
                 let w = &inner.bands[band][i];
+                let ahead = if band == 1 {
+                    critical + standard.last().map_or(0, |s| s.1)
+                } else {
+                    let counted = w.enqueued + grace;
+                    let before = standard.partition_point(|s| s.0 < counted);
+                    critical + before.checked_sub(1).map_or(0, |j| standard[j].1) + sheddable
+                };
                 let wait = Duration::from_secs_f64((ahead + w.cost) as f64 / rate);
-                if band > 0 && now + wait > w.deadline {
+                if now + wait > w.deadline {
                     if let Some(w) = self.take(inner, band, i) {
                         sends.push((w.tx, Err(Evicted)));
                     }
                     continue;
                 }
-                ahead += w.cost;
+                if band == 1 {
+                    let total = standard.last().map_or(0, |s| s.1) + w.cost;
+                    standard.push((w.enqueued, total));
+                } else {
+                    sheddable += w.cost;
+                }
                 i += 1;
             }
         }
@@ -380,6 +439,49 @@ mod tests {
         assert_eq!(shed.granted().await, Some(Err(Evicted)));
         assert_eq!(std1.granted().await, Some(Err(Evicted)));
         assert_eq!(q.depths(), [1, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_sheddable_waiter_goes_before_standard_ones_queued_a_grace_after_it() {
+        let q: WaitQueue<usize, u32> = WaitQueue::default();
+        q.set_sheddable_grace(Duration::from_millis(30));
+        let never = |_: &usize, _: u64| None;
+        let mut shed = q.enqueue(Priority::Sheddable, 0, 10, far(), 1e6, never);
+        let mut early = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, never);
+        std::thread::sleep(Duration::from_millis(50));
+        let mut late = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, never);
+        let mut crit = q.enqueue(Priority::Critical, 0, 10, far(), 1e6, never);
+        // Room for all: granted in the order critical, early, sheddable, late.
+        let order = Cell::new(0u32);
+        q.dispatch(|_, _| {
+            order.set(order.get() + 1);
+            Some(order.get())
+        });
+        assert_eq!(crit.granted().await, Some(Ok(1)));
+        assert_eq!(early.granted().await, Some(Ok(2)));
+        assert_eq!(
+            shed.granted().await,
+            Some(Ok(3)),
+            "starved behind later standards"
+        );
+        assert_eq!(late.granted().await, Some(Ok(4)));
+    }
+
+    #[tokio::test]
+    async fn standard_arrivals_after_the_grace_do_not_evict_a_sheddable_waiter() {
+        let q: WaitQueue<usize, u32> = WaitQueue::default();
+        q.set_sheddable_grace(Duration::from_millis(20));
+        // 1,000 tokens/s: the sheddable waiter's 100 tokens are due in 100 ms, its
+        // deadline in 300 ms.
+        let soon = Instant::now() + Duration::from_millis(300);
+        let mut shed = q.enqueue(Priority::Sheddable, 0, 100, soon, 1000.0, |_, _| None);
+        std::thread::sleep(Duration::from_millis(40));
+        // 400 standard tokens queued after its grace: served after it, no eviction.
+        let _std = q.enqueue(Priority::Standard, 0, 400, far(), 1000.0, |_, _| None);
+        assert_eq!(q.depths(), [0, 1, 1]);
+        // 400 critical tokens do go first: it can no longer make its deadline.
+        let _crit = q.enqueue(Priority::Critical, 0, 400, far(), 1000.0, |_, _| None);
+        assert_eq!(shed.granted().await, Some(Err(Evicted)));
     }
 
     #[test]
