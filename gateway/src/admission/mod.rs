@@ -341,6 +341,11 @@ impl Admission {
             return true;
         }
         let queued = match priority {
+            // Critical waiters always go first (no ageing against them): behind one a
+            // sheddable request would starve while critical traffic fills the fleet.
+            Priority::Sheddable if self.queue.ahead_of(Priority::Critical) > 0 => {
+                return true;
+            }
             Priority::Sheddable => {
                 Duration::from_secs_f64((self.queue.tokens_queued() + cost) as f64 / rate)
             }

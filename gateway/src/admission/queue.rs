@@ -191,6 +191,13 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         self.waiting[band].fetch_add(1, Ordering::Relaxed);
         self.tokens[band].fetch_add(cost as usize, Ordering::Relaxed);
         let mut sends = Vec::new();
+        if band == 0 {
+            // Critical waiters go first whatever their age: sheddable ones behind them
+            // would starve while critical traffic fills the fleet, so they are refused now.
+            while let Some(w) = self.take(&mut inner, 2, 0) {
+                sends.push((w.tx, Err(Evicted)));
+            }
+        }
         if band < 2
             && self.waiting[band + 1..]
                 .iter()
@@ -371,10 +378,11 @@ mod tests {
     async fn grants_go_to_the_most_important_band_first_and_fifo_within_it() {
         let q: WaitQueue<usize, u32> = WaitQueue::default();
         let never = |_: &usize, _: u64| None;
+        // (A critical arrival refuses the sheddable waiters queued before it.)
+        let mut c1 = q.enqueue(Priority::Critical, 0, 10, far(), 1e6, never);
         let mut s1 = q.enqueue(Priority::Sheddable, 0, 10, far(), 1e6, never);
         let mut a1 = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, never);
         let mut a2 = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, never);
-        let mut c1 = q.enqueue(Priority::Critical, 0, 10, far(), 1e6, never);
         assert_eq!(q.depths(), [1, 2, 1]);
         assert_eq!(q.ahead_of(Priority::Standard), 3);
         assert_eq!(q.tokens_ahead_of(Priority::Critical), 10);
@@ -446,11 +454,11 @@ mod tests {
         let q: WaitQueue<usize, u32> = WaitQueue::default();
         q.set_sheddable_grace(Duration::from_millis(30));
         let never = |_: &usize, _: u64| None;
+        let mut crit = q.enqueue(Priority::Critical, 0, 10, far(), 1e6, never);
         let mut shed = q.enqueue(Priority::Sheddable, 0, 10, far(), 1e6, never);
         let mut early = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, never);
         std::thread::sleep(Duration::from_millis(50));
         let mut late = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, never);
-        let mut crit = q.enqueue(Priority::Critical, 0, 10, far(), 1e6, never);
         // Room for all: granted in the order critical, early, sheddable, late.
         let order = Cell::new(0u32);
         q.dispatch(|_, _| {
