@@ -295,6 +295,15 @@ fn hold_slot(gw: &Gateway, tokens: u64) -> tokio::task::JoinHandle<u16> {
     })
 }
 
+/// Waits until one request of `band` (`critical`, `standard`, `sheddable`) is queued.
+async fn wait_queued(gw: &Gateway, band: &str) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gw.status().await["admission"]["queue_depth"][band] != 1 {
+        assert!(Instant::now() < deadline, "the {band} request never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn wait_inflight(gw: &Gateway) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while gw.inflight_tokens().await == 0 {
@@ -532,14 +541,7 @@ async fn behind_a_queue_it_may_not_join_a_request_is_refused_before_its_body() {
     let holder = hold_slot(&gw, 35); // about 0.7 s, within the queued one's 1 s
     wait_inflight(&gw).await;
     let queued = hold_slot(&gw, 5); // standard: waits in the queue behind the holder
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while gw.status().await["admission"]["queue_depth"]["standard"] != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the standard request never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_queued(&gw, "standard").await;
     // A sheddable request may not queue at all: its header alone decides, so it is
     // answered although its body never comes.
     let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
@@ -614,17 +616,7 @@ async fn a_queued_sheddable_request_goes_before_standard_ones_that_came_a_target
         let r = post(&g, Some("sk-bulk"), &chat(20, false)).await;
         (r.status().as_u16(), started.elapsed())
     });
-    let queued = |band: &'static str| {
-        let gw = gw.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while gw.status().await["admission"]["queue_depth"][band] != 1 {
-                assert!(Instant::now() < deadline, "the {band} request never queued");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    queued("sheddable").await;
+    wait_queued(&gw, "sheddable").await;
     // A standard request that comes more than the target later ...
     tokio::time::sleep(Duration::from_millis(700)).await;
     let g = gw.clone();
@@ -632,7 +624,7 @@ async fn a_queued_sheddable_request_goes_before_standard_ones_that_came_a_target
         let r = post(&g, None, &chat(20, false)).await;
         (r.status().as_u16(), started.elapsed())
     });
-    queued("standard").await;
+    wait_queued(&gw, "standard").await;
     assert_eq!(
         gw.status().await["admission"]["queue_depth"]["sheddable"],
         1,

@@ -63,17 +63,23 @@ async fn sample(gw: &Gateway, shard: &Shard, stop: &AtomicBool) -> Vec<(u64, u64
     samples
 }
 
+/// An engine of four FIFO slots (a waiting queue behind them), `ttft_ms` to the first
+/// token and 10 ms a token whatever the batch.
+async fn four_fifo_slots(ttft_ms: u64) -> Shard {
+    start_shard(ShardSpec {
+        slots: 4,
+        ttft_ms,
+        behaviour: Behaviour::FifoSlots,
+        ..ShardSpec::new("s1", "home").itl_ms(10)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_a_fifo_slot_engine_no_slot_idles_while_the_gateway_queues() {
     // Four slots, each request 20 ms + 10 tokens at 10 ms whatever the batch: about 33
     // requests/s; twelve clients keep eight more than it can run.
-    let s = start_shard(ShardSpec {
-        slots: 4,
-        ttft_ms: 20,
-        behaviour: Behaviour::FifoSlots,
-        ..ShardSpec::new("s1", "home").itl_ms(10)
-    })
-    .await;
+    let s = four_fifo_slots(20).await;
     let gw = Arc::new(Gateway::start(&policy_text(&[&s], POLICY)).await);
     let stop = Arc::new(AtomicBool::new(false));
     let (statuses, samples) = tokio::join!(
@@ -150,13 +156,7 @@ async fn the_queue_target_is_sized_from_the_fleet_unless_the_policy_sets_it() {
     // requests at 16/s, 125 ms — twice that near capacity, as closed loops are (each
     // arrival follows a finish): 250 ms; first tokens at their base (the gateway holds
     // the queue) leave 1.5 × 200 ms there, so the buffer decides.
-    let s = start_shard(ShardSpec {
-        slots: 4,
-        ttft_ms: 200,
-        behaviour: Behaviour::FifoSlots,
-        ..ShardSpec::new("s1", "home").itl_ms(10)
-    })
-    .await;
+    let s = four_fifo_slots(200).await;
     for (extra, from, range) in [
         ("", "fleet", 170.0..340.0),
         ("queue_target_ms = 30\n", "policy", 30.0..30.001),

@@ -217,7 +217,6 @@ mod tests {
     fn the_buffer_is_root_n_requests_at_the_finish_rate() {
         // Twice as many arrive as finish: sustained overload.
         let b = fleet_of_64(100);
-        std::thread::sleep(ms(110));
         let rate = b.finished.rate();
         let want = 8.0 / rate;
         let got = b.target().unwrap().as_secs_f64();

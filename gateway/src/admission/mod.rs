@@ -307,8 +307,10 @@ impl Admission {
             return Err(self.shed(ShedReason::Overloaded, cost));
         }
         let current = self.tables.load();
-        self.queue
-            .set_sheddable_grace(self.sheddable_buffer(settings));
+        if priority == Priority::Sheddable {
+            self.queue
+                .set_sheddable_grace(self.sheddable_buffer(settings));
+        }
         let ticket = self.queue.enqueue(
             priority,
             Arc::clone(&route.name),

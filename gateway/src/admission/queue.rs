@@ -37,7 +37,9 @@ struct Waiter<K, G> {
     id: u64,
     model: K,
     cost: u64,
-    enqueued: Instant,
+    /// When it counts as arrived, for the order of standard and sheddable waiters: when
+    /// it was queued, a sheddable one the grace in force then later.
+    counts_from: Instant,
     deadline: Instant,
     tx: oneshot::Sender<Outcome<G>>,
 }
@@ -136,15 +138,11 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         self.tokens_ahead_of(Priority::Sheddable)
     }
 
-    /// Sets how long standard arrivals may go before a sheddable waiter that came first
-    /// (default [`STANDING_AFTER`]).
+    /// Sets how long standard arrivals may go before a sheddable waiter that came first,
+    /// for the sheddable waiters queued from now on (default [`STANDING_AFTER`]).
     pub fn set_sheddable_grace(&self, grace: Duration) {
         self.sheddable_grace
             .store(grace.as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    fn grace(&self) -> Duration {
-        Duration::from_nanos(self.sheddable_grace.load(Ordering::Relaxed))
     }
 
     /// Whether the queue has held someone for longer than [`STANDING_AFTER`] without a
@@ -184,7 +182,11 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
             id,
             model,
             cost,
-            enqueued: now,
+            counts_from: if priority == Priority::Sheddable {
+                now + Duration::from_nanos(self.sheddable_grace.load(Ordering::Relaxed))
+            } else {
+                now
+            },
             deadline,
             tx,
         });
@@ -238,7 +240,6 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         // A model whose oldest waiter did not fit: its younger waiters wait behind it.
         let mut blocked: Vec<K> = Vec::new();
         let mut scanned = 0;
-        let grace = self.grace();
         // Critical first; then standard and sheddable waiters in the order they count as
         // arrived, a sheddable one a grace after it did. `next[b]`: band b's next waiter.
         let mut next = [0usize; 3];
@@ -246,8 +247,8 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
             let band = if next[0] < inner.bands[0].len() {
                 0
             } else {
-                let standard = inner.bands[1].get(next[1]).map(|w| w.enqueued);
-                let sheddable = inner.bands[2].get(next[2]).map(|w| w.enqueued + grace);
+                let standard = inner.bands[1].get(next[1]).map(|w| w.counts_from);
+                let sheddable = inner.bands[2].get(next[2]).map(|w| w.counts_from);
                 match (standard, sheddable) {
                     (None, None) => break,
                     (Some(_), None) => 1,
@@ -299,7 +300,6 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         sends: &mut Vec<(oneshot::Sender<Outcome<G>>, Outcome<G>)>,
     ) {
         let rate = rate.max(1.0);
-        let grace = self.grace();
         let critical: u64 = inner.bands[0].iter().map(|w| w.cost).sum();
         // The standard waiters kept: when each was queued and the tokens up to it.
         let mut standard: Vec<(Instant, u64)> = Vec::new();
@@ -311,8 +311,7 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
                 let ahead = if band == 1 {
                     critical + standard.last().map_or(0, |s| s.1)
                 } else {
-                    let counted = w.enqueued + grace;
-                    let before = standard.partition_point(|s| s.0 < counted);
+                    let before = standard.partition_point(|s| s.0 < w.counts_from);
                     critical + before.checked_sub(1).map_or(0, |j| standard[j].1) + sheddable
                 };
                 let wait = Duration::from_secs_f64((ahead + w.cost) as f64 / rate);
@@ -324,7 +323,7 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
                 }
                 if band == 1 {
                     let total = standard.last().map_or(0, |s| s.1) + w.cost;
-                    standard.push((w.enqueued, total));
+                    standard.push((w.counts_from, total));
                 } else {
                     sheddable += w.cost;
                 }

@@ -102,10 +102,10 @@ impl EngineSlots {
             } else {
                 running
             }
-        } else if current > 0 {
-            return; // not full: the slots stand, and so does a try of one more
         } else {
-            return; // not full: it runs at least this many, which bounds nothing
+            // Not full: the slots (and a try of one more) stand; with none learned yet,
+            // it runs at least this many, which bounds nothing.
+            return;
         };
         self.trying.store(trying, Ordering::Relaxed);
         self.slots.store(next.max(1), Ordering::Relaxed);
