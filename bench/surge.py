@@ -191,14 +191,18 @@ backend engines
 
 
 def gateway_queued():
-    """Requests waiting in the gateway's queue now (None when it does not answer)."""
+    """Requests waiting in the gateway's queue now, and what admission reads (queue target,
+    drain rate, base TTFT, arrivals per finish); (None, None) when it does not answer."""
     req = urllib.request.Request(f"http://127.0.0.1:{ADMIN}/admin/status",
                                  headers={"authorization": "Bearer bench"})
     try:
         with urllib.request.urlopen(req, timeout=1) as r:
-            return sum(json.load(r)["admission"]["queue_depth"].values())
+            a = json.load(r)["admission"]
     except Exception:
-        return None
+        return None, None
+    reads = {k: a.get(k) for k in ("queue_target_ms", "drain_tokens_per_s", "base_ttft_ms",
+                                   "arrivals_per_finish")}
+    return sum(a["queue_depth"].values()), reads
 
 
 def sample_engines(fl, samples, stop, gateway):
@@ -208,7 +212,7 @@ def sample_engines(fl, samples, stop, gateway):
     since the surge started."""
     start = time.time()
     while not stop.is_set():
-        queued = gateway_queued() if gateway else None
+        queued, reads = gateway_queued() if gateway else (None, None)
         running = waiting = completed = connections = 0
         for e in fl["engines"]:
             try:
@@ -220,7 +224,8 @@ def sample_engines(fl, samples, stop, gateway):
                 connections += st["connections_total"]
             except Exception:
                 pass
-        samples.append((time.time() - start, running, waiting, completed, connections, queued))
+        samples.append((time.time() - start, running, waiting, completed, connections, queued,
+                        reads))
         stop.wait(0.1)
 
 
@@ -263,7 +268,7 @@ def surge(fl, phases, gateway):
             phase["engines_completed_per_s"] = (inside[-1][3] - inside[0][3]) / span
             phase["engines_connections"] = inside[-1][4] - inside[0][4]
     # The raw series, for a closer look: (seconds, running, waiting, completed, connections,
-    # queued in the gateway).
+    # queued in the gateway, what admission reads).
     result["engine_samples"] = [[round(x, 3) if isinstance(x, float) else x for x in s]
                                 for s in samples]
     return result
@@ -315,10 +320,15 @@ def run_target(name, tmp, fl=DEFAULT_FLEET, phases=PHASES, admission_set=ADMISSI
             os.makedirs(d, exist_ok=True)
             policy(d, fl, admission=(name != "no-admission"), declare_slots=(name != "learned"),
                    admission_set=admission_set)
-            log = open(os.path.join(tmp, f"{name}.log"), "w")
-            env = dict(os.environ, BREAKWATER_ADMIN_TOKEN="bench", RUST_LOG="warn")
+            # SURGE_LOG_DIR=DIR keeps each gateway's access log there (JSON lines), for a
+            # closer look at one request; it costs the proxy some CPU.
+            keep = os.environ.get("SURGE_LOG_DIR")
+            log = open(os.path.join(keep or tmp, f"{name}.log"), "w")
+            env = dict(os.environ, BREAKWATER_ADMIN_TOKEN="bench",
+                       RUST_LOG="warn,access=info" if keep else "warn")
             procs.append(start([os.path.join(REL, "breakwater"), "serve", "--policy", d,
-                                "--threads", "1"], cpus=PROXY_CPUS, stderr=log, env=env))
+                                "--threads", "1"] + (["--log-format", "json"] if keep else []),
+                               cpus=PROXY_CPUS, stderr=log, env=env))
             wait_http(f"http://127.0.0.1:{GATEWAY}/healthz")
         time.sleep(1.0)
         proxy, sim_pids = [procs[-1].pid], [p.pid for p in sims]

@@ -641,3 +641,78 @@ async fn a_queued_sheddable_request_goes_before_standard_ones_that_came_a_target
     );
     assert_eq!(s.stats().requests_total, 3);
 }
+
+/// `breakwater_queue_wait_seconds` for `priority`: the waits counted, and those within `le`
+/// seconds (a bucket bound of the histogram).
+fn queue_waits(metrics: &str, priority: &str, le: &str) -> (u64, u64) {
+    let value = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
+    };
+    (
+        value(&format!(
+            "breakwater_queue_wait_seconds_count{{priority=\"{priority}\"}}"
+        )),
+        value(&format!(
+            "breakwater_queue_wait_seconds_bucket{{priority=\"{priority}\",le=\"{le}\"}}"
+        )),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_twice_capacity_standard_requests_join_only_the_queue_target_though_the_queue_empties() {
+    // Two slots, 10 tokens at 20 ms: about 9 requests/s. Offered: 20/s, open loop, 3 s.
+    let s = start_shard(ShardSpec::new("s1", "home").itl_ms(20)).await;
+    let text = policy_text(
+        &[&s],
+        "[admission]\nqueue_target_ms = 40\nqueue_timeout_ms = 3000\n",
+    )
+    .replace(
+        "capacity_tps = 1000\n",
+        "capacity_tps = 1000\nmax_requests = 2\n",
+    );
+    assert!(text.contains("max_requests = 2"), "{text}");
+    let gw = Gateway::start(&text).await;
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        let url = gw.url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let r = client()
+                .post(url)
+                .json(&chat(10, true))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let _ = r.text().await;
+            status
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(served + refused, statuses.len(), "{statuses:?}");
+    assert!(refused >= 10, "twice capacity was offered: {statuses:?}");
+    // The queue empties now and then (a slot that frees is granted at once): each time,
+    // a standard request allowed its whole timeout would join behind a second of others.
+    let (waits, within) = queue_waits(&gw.metrics().await, "standard", "0.2");
+    eprintln!("{served} served, {refused} refused; {within} of {waits} queue waits within 200 ms");
+    // (At most a few in the first second, before the rates that say "overloaded" are
+    // measured.)
+    assert!(
+        waits - within <= 3,
+        "{} of {waits} queue waits over 200 ms with a 40 ms target",
+        waits - within
+    );
+    assert!(
+        served >= 20,
+        "the slots were kept busy: {served} served in 3 s"
+    );
+}

@@ -29,7 +29,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::TokenRate;
+use super::drain::TokenRate;
 
 /// An admitted request's time to first token (queue wait and the engine's own) is kept
 /// within this multiple of the fleet's unloaded TTFT.
@@ -141,6 +141,12 @@ impl QueueBudget {
     pub fn arrivals_per_finish(&self) -> Option<f64> {
         let finish_rate = self.finished.rate();
         (finish_rate >= MIN_FINISH_RATE).then(|| self.arrived.rate() / finish_rate)
+    }
+
+    /// Whether requests arrive at [`OVERLOADED`] times the rate they finish or more:
+    /// sustained overload, not a fleet near capacity.
+    pub fn overloaded(&self) -> bool {
+        self.arrivals_per_finish().is_some_and(|r| r >= OVERLOADED)
     }
 
     /// The longest the queue may be now (see the module's rule), or `None` while nothing

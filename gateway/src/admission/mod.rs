@@ -8,6 +8,7 @@
 //! - [`slots`]: each shard's batch slots, learned from the engine's running and waiting.
 //! - [`queue`]: the bounded priority queue with deadlines.
 //! - [`buffer`]: how long the queue may be, sized from the fleet (unless the policy says).
+//! - `drain`: the tokens per second the fleet gets through, which predicted waits divide by.
 //!
 //! A request is *placed* when some shard of its route (home region first, then spilling
 //! in region order) has room: its in-flight tokens plus the request's cost within its
@@ -25,14 +26,14 @@
 //! alone is already too long ([`Admission::precheck`]).
 
 pub mod buffer;
+mod drain;
 pub mod limit;
 pub mod queue;
 pub mod rate;
 pub mod slots;
 pub mod tenant;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use breakwater_health::{HealthView, ShardId};
@@ -44,6 +45,7 @@ use crate::routing::ledger::LoadCharge;
 use crate::routing::{ModelRoute, ShardEntry};
 use crate::table::{Table, Tables};
 use buffer::QueueBudget;
+use drain::{DrainRate, TokenRate};
 use queue::{Ticket, WaitQueue};
 use rate::Quota;
 use tenant::KeyProblem;
@@ -53,13 +55,30 @@ use tenant::KeyProblem;
 /// request started with (a queued request is granted room by the table in force).
 pub struct Admission {
     tables: Arc<Tables>,
-    queue: WaitQueue<Arc<str>, Slot>,
+    queue: WaitQueue<Waiting, Slot>,
     drain: DrainRate,
     /// Tokens admitted per second, by priority (placed at once or queued): what the more
     /// important bands take of the drain before a less important waiter is served.
     admitted: [TokenRate; 3],
     /// What the queue target is sized from when the policy does not set it.
     budget: QueueBudget,
+}
+
+/// What a queued request is placed by: its model and its priority (a critical request
+/// takes only the batch slots an engine is known to have: [`ShardEntry::max_in_flight_for`]).
+/// Two are equal when they wait for the same model: the queue holds a model's younger
+/// waiters, of any band, behind its oldest one that did not fit, so a small standard
+/// request never takes the room a large critical one waits for.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    model: Arc<str>,
+    priority: Priority,
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        self.model == other.model
+    }
 }
 
 /// A request's charge on a shard. Dropping it releases the tokens and offers the room to
@@ -69,6 +88,8 @@ pub struct Slot {
     /// The shard.
     pub shard: Arc<ShardEntry>,
     charge: Option<LoadCharge>,
+    /// When it was charged.
+    placed: Instant,
 }
 
 impl Drop for Slot {
@@ -76,7 +97,7 @@ impl Drop for Slot {
         if let Some(charge) = self.charge.take() {
             let tokens = charge.tokens();
             drop(charge);
-            self.admission.drain.released(tokens);
+            self.admission.drain.released(tokens, self.placed.elapsed());
             self.admission.budget.finished();
             // With admission off nothing queues, so this is one atomic read.
             self.admission.dispatch();
@@ -216,20 +237,23 @@ impl Admission {
 
     fn charge(self: &Arc<Self>, shard: &Arc<ShardEntry>, cost: u64) -> Slot {
         self.budget.started();
+        self.drain.charged(cost);
         Slot {
             admission: Arc::clone(self),
             shard: Arc::clone(shard),
             charge: Some(shard.load.charge(cost)),
+            placed: Instant::now(),
         }
     }
 
-    /// Places a request's first attempt on a shard of `table` with room for it, following
+    /// Places a request of `priority` on a shard of `table` with room for it, following
     /// its cache `affinity` where that allows; `None` when none has room. With admission
     /// off, any shard routing would pick has room. Also says what affinity did.
     pub fn place(
         self: &Arc<Self>,
         table: &Table,
         route: &ModelRoute,
+        priority: Priority,
         cost: u64,
         affinity: Option<&AffinityKey>,
     ) -> Option<(Slot, Option<AffinityOutcome>)> {
@@ -238,7 +262,7 @@ impl Admission {
         let affine = affinity.map(|k| (k, cost));
         let (shard, outcome) = if table.policy.admission.enabled {
             let fits = |s: &ShardEntry, h: &HealthView, now| {
-                s.limit_fits(cost, h) && router.has_headroom(s, h, now)
+                s.limit_fits(cost, priority, h) && router.has_headroom(s, h, now)
             };
             router.pick_affine(route, &[], fits, affine, rng)?
         } else {
@@ -256,7 +280,7 @@ impl Admission {
         cost: u64,
         affinity: Option<&AffinityKey>,
     ) -> Option<(Slot, Option<AffinityOutcome>)> {
-        let placed = self.place(table, route, cost, affinity)?;
+        let placed = self.place(table, route, priority, cost, affinity)?;
         self.admitted[priority.index()].add(cost);
         Some(placed)
     }
@@ -297,7 +321,7 @@ impl Admission {
         priority: Priority,
         cost: u64,
         deadline: Instant,
-    ) -> Result<(Ticket<'a, Arc<str>, Slot>, Instant), GatewayError> {
+    ) -> Result<(Ticket<'a, Waiting, Slot>, Instant), GatewayError> {
         let settings = &table.policy.admission;
         let now = Instant::now();
         let rate = self.drain.rate();
@@ -311,12 +335,16 @@ impl Admission {
             self.queue
                 .set_sheddable_grace(self.sheddable_buffer(settings));
         }
+        let waiting = Waiting {
+            model: Arc::clone(&route.name),
+            priority,
+        };
         let ticket = self.queue.enqueue(
             priority,
-            Arc::clone(&route.name),
+            waiting,
             cost,
             queue_deadline,
-            rate,
+            self.left(rate),
             |m, c| self.place_queued(&current, m, c),
         );
         self.admitted[priority.index()].add(cost);
@@ -343,11 +371,6 @@ impl Admission {
             return true;
         }
         let queued = match priority {
-            // Critical waiters always go first (no ageing against them): behind one a
-            // sheddable request would starve while critical traffic fills the fleet.
-            Priority::Sheddable if self.queue.ahead_of(Priority::Critical) > 0 => {
-                return true;
-            }
             Priority::Sheddable => {
                 Duration::from_secs_f64((self.queue.tokens_queued() + cost) as f64 / rate)
             }
@@ -357,28 +380,43 @@ impl Admission {
             || now.checked_add(wait).is_none_or(|t| t > deadline)
     }
 
-    /// How long a new request of `priority` and `cost` would wait: the tokens queued ahead
-    /// of it and its own, at what the fleet's drain rate (`rate`, tokens/s) leaves once the
-    /// more important bands' admissions are served (they go first, arriving after it or
-    /// not). A band that the bands above leave almost nothing of would wait for ever: the
-    /// wait is then [`Duration::MAX`], and the request is refused at once instead of
-    /// starving in the queue until its deadline.
+    /// How long a new request of `priority` and `cost` would wait: the tokens served before
+    /// it and its own, at what the fleet's drain rate (`rate`, tokens/s) leaves it. Before a
+    /// critical request: the critical waiters, at the whole rate. Before a standard one:
+    /// the critical and standard waiters, at what critical arrivals leave (they go first,
+    /// arriving after it or not). Before a sheddable one: every waiter, at what critical
+    /// and standard arrivals leave — a margin, since standard requests arriving once its
+    /// grace is over go after it. A band left almost nothing would wait for ever: the wait
+    /// is then [`Duration::MAX`], and the request is refused at once instead of starving in
+    /// the queue until its deadline.
     fn predicted_wait(&self, priority: Priority, cost: u64, rate: f64) -> Duration {
-        let ahead = self.queue.tokens_ahead_of(priority) + cost;
-        let above: f64 = self.admitted[..priority.index()]
-            .iter()
-            .map(TokenRate::rate)
-            .sum();
-        let left = rate - above;
+        let (ahead, left) = match priority {
+            Priority::Critical => (self.queue.tokens_ahead_of(priority), rate),
+            Priority::Standard => (self.queue.tokens_ahead_of(priority), self.left(rate)),
+            Priority::Sheddable => {
+                let standard = self.admitted[Priority::Standard.index()].rate();
+                (self.queue.tokens_queued(), self.left(rate) - standard)
+            }
+        };
         if left <= rate * STARVED {
             return Duration::MAX;
         }
-        Duration::from_secs_f64(ahead as f64 / left)
+        Duration::from_secs_f64((ahead + cost) as f64 / left)
+    }
+
+    /// What the drain rate `rate` leaves the standard and sheddable bands once critical
+    /// arrivals are served, tokens/s.
+    fn left(&self, rate: f64) -> f64 {
+        rate - self.admitted[Priority::Critical.index()].rate()
     }
 
     /// The longest predicted wait a new request of `priority` may be queued for now.
     /// Critical requests wait only behind critical ones, so a standing queue of others
-    /// does not shorten their wait; standard ones may join a standing queue only briefly;
+    /// does not shorten their wait; standard ones may join only briefly while the fleet is
+    /// overloaded — the queue stands, or requests arrive at [`buffer::OVERLOADED`] times
+    /// the rate they finish or more (a queue that grants fast empties now and then even
+    /// at twice capacity, and each time it does, a standard request allowed its whole
+    /// timeout would make every request behind it late);
     /// sheddable ones only ever briefly (and not at all when their timeout is 0), so the
     /// queue timeout is a margin over the wait they joined for, and a sheddable request
     /// refused is refused on arrival.
@@ -392,18 +430,22 @@ impl Admission {
         match priority {
             Priority::Critical => timeout,
             Priority::Sheddable => self.sheddable_buffer(settings),
-            _ if self.queue.standing(now) => self.queue_target(settings).min(timeout),
+            _ if self.queue.standing(now) || self.budget.overloaded() => {
+                self.queue_target(settings).min(timeout)
+            }
             _ => timeout,
         }
     }
 
     /// How long the whole queue may be for a sheddable request to join, and how long
-    /// standard arrivals after it may go first: the queue target, within half the
-    /// sheddable timeout — the two together stay within it, so a sheddable request that
-    /// joined is served, not refused after waiting (unless critical traffic takes it all).
+    /// standard arrivals after it may go first: the queue target, within a third of the
+    /// sheddable timeout — the two together stay within it with a margin for the standard
+    /// work that arrives within the grace (at twice capacity, more than the grace's worth),
+    /// so a sheddable request that joined is served, not refused after waiting (unless
+    /// critical traffic takes it all).
     fn sheddable_buffer(&self, settings: &AdmissionSettings) -> Duration {
         let timeout = settings.queue_timeout[Priority::Sheddable.index()];
-        self.queue_target(settings).min(timeout / 2)
+        self.queue_target(settings).min(timeout / 3)
     }
 
     /// The queue target in force: the policy's, else the one the fleet's readings size
@@ -415,10 +457,11 @@ impl Admission {
             .unwrap_or(AdmissionSettings::DEFAULT_QUEUE_TARGET)
     }
 
-    /// Places a queued request of model `model` in the table in force.
-    fn place_queued(self: &Arc<Self>, table: &Table, model: &Arc<str>, cost: u64) -> Option<Slot> {
-        let route = table.router.route(model)?;
-        self.place(table, route, cost, None).map(|(slot, _)| slot)
+    /// Places a queued request in the table in force.
+    fn place_queued(self: &Arc<Self>, table: &Table, w: &Waiting, cost: u64) -> Option<Slot> {
+        let route = table.router.route(&w.model)?;
+        self.place(table, route, w.priority, cost, None)
+            .map(|(slot, _)| slot)
     }
 
     /// Offers the room there is now to the queue: run when a slot is released, and by
@@ -477,103 +520,3 @@ fn rate_limited(tokens: Option<Quota>, requests: Option<Quota>, by_tokens: bool)
 
 /// A band the bands above leave less than this share of the drain is starved.
 const STARVED: f64 = 0.05;
-
-/// Tokens per second through one counter, measured over windows of at least 100 ms and
-/// smoothed (a window longer than a second, weighed less).
-#[derive(Default)]
-struct TokenRate {
-    total: AtomicU64,
-    state: Mutex<RateState>,
-}
-
-#[derive(Default)]
-struct RateState {
-    at: Option<Instant>,
-    seen: u64,
-    rate: f64,
-}
-
-/// Shortest window a rate is measured over.
-const RATE_WINDOW: Duration = Duration::from_millis(100);
-
-impl TokenRate {
-    /// A rate that starts at `initial` tokens/s.
-    fn starting_at(initial: f64) -> Self {
-        Self {
-            total: AtomicU64::new(0),
-            state: Mutex::new(RateState {
-                at: Some(Instant::now()),
-                seen: 0,
-                rate: initial,
-            }),
-        }
-    }
-
-    fn add(&self, tokens: u64) {
-        self.total.fetch_add(tokens, Ordering::Relaxed);
-    }
-
-    fn rate(&self) -> f64 {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let total = self.total.load(Ordering::Relaxed);
-        let Some(at) = s.at else {
-            *s = RateState {
-                at: Some(now),
-                seen: total,
-                rate: 0.0,
-            };
-            return 0.0;
-        };
-        let dt = now.saturating_duration_since(at);
-        if dt >= RATE_WINDOW {
-            let measured = (total - s.seen) as f64 / dt.as_secs_f64();
-            // Windows longer than a second say little about now: weigh them less.
-            let alpha = if dt > Duration::from_secs(1) {
-                0.2
-            } else {
-                0.3
-            };
-            s.rate = s.rate * (1.0 - alpha) + measured * alpha;
-            s.at = Some(now);
-            s.seen = total;
-        }
-        s.rate
-    }
-}
-
-/// The tokens per second the fleet releases (requests finishing); never below a tenth of
-/// the declared capacity, so one quiet window cannot make every prediction infinite.
-struct DrainRate {
-    released: TokenRate,
-    /// A tenth of the declared capacity, tokens/s (f64 bits).
-    floor: AtomicU64,
-}
-
-impl DrainRate {
-    fn new(capacity_tps: f64) -> Self {
-        Self {
-            released: TokenRate::starting_at(capacity_tps.max(1.0)),
-            floor: AtomicU64::new(Self::floor_for(capacity_tps).to_bits()),
-        }
-    }
-
-    fn floor_for(capacity_tps: f64) -> f64 {
-        (capacity_tps / 10.0).max(1.0)
-    }
-
-    fn set_capacity(&self, capacity_tps: f64) {
-        let floor = Self::floor_for(capacity_tps).to_bits();
-        self.floor.store(floor, Ordering::Relaxed);
-    }
-
-    fn released(&self, tokens: u64) {
-        self.released.add(tokens);
-    }
-
-    fn rate(&self) -> f64 {
-        self.released
-            .rate()
-            .max(f64::from_bits(self.floor.load(Ordering::Relaxed)))
-    }
-}

@@ -158,8 +158,9 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
 
     /// Queues a request of model `model`, `cost` tokens, until `deadline`, then runs a
     /// dispatch at once (room may have freed since the caller looked). `rate` (tokens/s
-    /// the fleet releases) decides which less important waiters can no longer make their
-    /// deadlines and are evicted.
+    /// the fleet releases for standard and sheddable waiters, once critical arrivals are
+    /// served) decides which less important waiters can no longer make their deadlines
+    /// and are evicted.
     pub fn enqueue(
         &self,
         priority: Priority,
@@ -193,13 +194,6 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         self.waiting[band].fetch_add(1, Ordering::Relaxed);
         self.tokens[band].fetch_add(cost as usize, Ordering::Relaxed);
         let mut sends = Vec::new();
-        if band == 0 {
-            // Critical waiters go first whatever their age: sheddable ones behind them
-            // would starve while critical traffic fills the fleet, so they are refused now.
-            while let Some(w) = self.take(&mut inner, 2, 0) {
-                sends.push((w.tx, Err(Evicted)));
-            }
-        }
         if band < 2
             && self.waiting[band + 1..]
                 .iter()
@@ -377,7 +371,6 @@ mod tests {
     async fn grants_go_to_the_most_important_band_first_and_fifo_within_it() {
         let q: WaitQueue<usize, u32> = WaitQueue::default();
         let never = |_: &usize, _: u64| None;
-        // (A critical arrival refuses the sheddable waiters queued before it.)
         let mut c1 = q.enqueue(Priority::Critical, 0, 10, far(), 1e6, never);
         let mut s1 = q.enqueue(Priority::Sheddable, 0, 10, far(), 1e6, never);
         let mut a1 = q.enqueue(Priority::Standard, 0, 10, far(), 1e6, never);
@@ -446,6 +439,19 @@ mod tests {
         assert_eq!(shed.granted().await, Some(Err(Evicted)));
         assert_eq!(std1.granted().await, Some(Err(Evicted)));
         assert_eq!(q.depths(), [1, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_critical_arrival_leaves_the_waiters_that_still_make_their_deadlines() {
+        let q: WaitQueue<usize, u32> = WaitQueue::default();
+        // 1,000 tokens/s: 100 critical tokens ahead put the sheddable waiter's 100 at
+        // 200 ms, within its 300 ms.
+        let soon = Instant::now() + Duration::from_millis(300);
+        let mut shed = q.enqueue(Priority::Sheddable, 0, 100, soon, 1000.0, |_, _| None);
+        let _crit = q.enqueue(Priority::Critical, 0, 100, far(), 1000.0, |_, _| None);
+        assert_eq!(q.depths(), [1, 0, 1]);
+        q.dispatch(|_, _| Some(1));
+        assert_eq!(shed.granted().await, Some(Ok(1)));
     }
 
     #[tokio::test]

@@ -16,7 +16,10 @@
 //!   runs all the learned slots with nobody waiting — admission holds it there, so it
 //!   cannot show more — one more slot is tried, at most once every [`PROBE_EVERY`]: the
 //!   next reading shows a waiter (the slots were right: back to them) or not (it has more,
-//!   as after a restart with a larger batch or a KV cache with room again);
+//!   as after a restart with a larger batch or a KV cache with room again). A try that
+//!   was wrong costs one request a wait inside the engine (on FIFO slots, a whole request
+//!   more to its first token), so each wrong try doubles the interval to the next, up to
+//!   [`PROBE_AT_MOST_EVERY`], and one that found a slot brings it back to [`PROBE_EVERY`];
 //! - each reading counts once (by the time it was taken).
 //!
 //! Admission then keeps at most the learned slots in flight on the shard (counted by the
@@ -45,10 +48,15 @@ pub struct EngineSlots {
     trying: AtomicBool,
     /// Whether the last reading showed a waiter with fewer running than the slots.
     short: AtomicBool,
+    /// Tries of one more slot that were wrong since one was right (the interval between
+    /// tries doubles with each).
+    wrong_tries: AtomicU64,
 }
 
 /// Least time between two tries of one more slot than learned.
 pub const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most time between two tries, after wrong ones.
+pub const PROBE_AT_MOST_EVERY: std::time::Duration = std::time::Duration::from_secs(32);
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -62,6 +70,15 @@ impl EngineSlots {
             0 => None,
             n => Some(n),
         }
+    }
+
+    /// The slots learned less the one being tried, if any: what the engine is known to run
+    /// at once. A critical request is kept to these, so it never lands in the engine's own
+    /// queue (or, on an engine bound by its KV cache, becomes the youngest request, the
+    /// one preempted) because a try of one more slot was wrong.
+    pub fn confirmed(&self) -> Option<u64> {
+        let trying = u64::from(self.trying.load(Ordering::Relaxed));
+        self.learned().map(|n| n.saturating_sub(trying).max(1))
     }
 
     /// Learns from an engine reading taken at `taken`: `running` in the batch, `waiting`
@@ -84,18 +101,29 @@ impl EngineSlots {
         let current = self.slots.load(Ordering::Relaxed);
         let short = waiting >= 0.5 && current > running;
         let was_short = self.short.swap(short, Ordering::Relaxed);
+        let was_trying = self.trying.load(Ordering::Relaxed);
         let mut trying = false;
         let next = if short {
-            if self.trying.load(Ordering::Relaxed) || was_short {
+            if was_trying {
+                // The engine had no slot more: wait longer before the next try.
+                self.wrong_tries.fetch_add(1, Ordering::Relaxed);
+                current - (current - running).div_ceil(4)
+            } else if was_short {
                 current - (current - running).div_ceil(4)
             } else {
                 return; // one reading may be between two steps: the next one decides
             }
         } else if waiting >= 0.5 {
+            if was_trying && running >= current {
+                self.wrong_tries.store(0, Ordering::Relaxed);
+            }
             running
         } else if current > 0 && running >= current {
+            if was_trying {
+                self.wrong_tries.store(0, Ordering::Relaxed); // the slot tried was there
+            }
             let probed = self.probed.load(Ordering::Relaxed);
-            if at.saturating_sub(probed) >= PROBE_EVERY.as_nanos() as u64 {
+            if at.saturating_sub(probed) >= self.probe_interval().as_nanos() as u64 {
                 self.probed.store(at, Ordering::Relaxed);
                 trying = true;
                 running + 1
@@ -111,8 +139,15 @@ impl EngineSlots {
         self.slots.store(next.max(1), Ordering::Relaxed);
     }
 
+    /// How long after a try of one more slot the next may be.
+    fn probe_interval(&self) -> std::time::Duration {
+        let wrong = self.wrong_tries.load(Ordering::Relaxed).min(8) as u32;
+        (PROBE_EVERY * 2u32.pow(wrong)).min(PROBE_AT_MOST_EVERY)
+    }
+
     /// Forgets what was learned (the engine behind the shard changed).
     pub fn forget(&self) {
+        self.wrong_tries.store(0, Ordering::Relaxed);
         self.slots.store(0, Ordering::Relaxed);
         self.trying.store(false, Ordering::Relaxed);
         self.short.store(false, Ordering::Relaxed);
@@ -180,9 +215,11 @@ mod tests {
         // Full to the learned slots and nobody waiting: one more is tried ...
         s.observe(at(probe + 10), 16.0, 0.0);
         assert_eq!(s.learned(), Some(17));
+        assert_eq!(s.confirmed(), Some(16), "the slot tried is not confirmed");
         // ... the engine shows a waiter: 16 was right.
         s.observe(at(probe + 20), 16.0, 1.0);
         assert_eq!(s.learned(), Some(16));
+        assert_eq!(s.confirmed(), Some(16));
         // Not again before the interval has passed.
         s.observe(at(probe + 30), 16.0, 0.0);
         assert_eq!(s.learned(), Some(16));
@@ -192,6 +229,53 @@ mod tests {
         assert_eq!(s.learned(), Some(17));
         s.observe(at(3 * probe + 60), 17.0, 0.0);
         assert_eq!(s.learned(), Some(18));
+    }
+
+    #[test]
+    fn each_wrong_try_doubles_the_wait_for_the_next_and_a_right_one_resets_it() {
+        let s = EngineSlots::default();
+        s.observe(at(1), 16.0, 1.0);
+        let probe = PROBE_EVERY.as_millis() as u64;
+        // A first try, wrong.
+        let mut now = probe + 10;
+        s.observe(at(now), 16.0, 0.0);
+        assert_eq!(s.learned(), Some(17));
+        now += 1;
+        s.observe(at(now), 16.0, 1.0);
+        now -= 1;
+        // Three more wrong tries: each one comes twice as long after the last.
+        for wait in [2 * probe, 4 * probe, 8 * probe] {
+            now += wait - 5;
+            s.observe(at(now), 16.0, 0.0);
+            assert_eq!(
+                s.learned(),
+                Some(16),
+                "not yet {wait} ms after the last try"
+            );
+            now += 5;
+            s.observe(at(now), 16.0, 0.0);
+            assert_eq!(s.learned(), Some(17), "tried {wait} ms after the last");
+            s.observe(at(now + 1), 16.0, 1.0);
+            assert_eq!(s.learned(), Some(16));
+        }
+        // A right one (the engine runs 17, nobody waits) brings the interval back.
+        now += 16 * probe;
+        s.observe(at(now), 16.0, 0.0);
+        now += 1;
+        s.observe(at(now), 17.0, 0.0);
+        assert_eq!(s.learned(), Some(17));
+        now += probe;
+        s.observe(at(now), 17.0, 0.0);
+        assert_eq!(s.learned(), Some(18));
+        // The interval never passes its bound.
+        for _ in 0..10 {
+            now += PROBE_AT_MOST_EVERY.as_millis() as u64;
+            s.observe(at(now), 18.0, 0.0);
+            assert_eq!(s.learned(), Some(19));
+            now += 1;
+            s.observe(at(now), 18.0, 1.0);
+            assert_eq!(s.learned(), Some(18));
+        }
     }
 
     #[test]

@@ -266,7 +266,7 @@ async fn admit(
         r.route,
         cost,
         &[],
-        table.policy.admission.enabled,
+        table.policy.admission.enabled.then_some(ctx.priority),
     ));
     if !admission.must_queue(table, ctx.priority) {
         if let Some((slot, outcome)) =
@@ -447,7 +447,7 @@ async fn attempts(
             }
         }
         ctx.decision.next_candidates =
-            Some(table.router.explain(r.route, r.cost.total(), &tried, false));
+            Some(table.router.explain(r.route, r.cost.total(), &tried, None));
         next = state
             .admission
             .place_retry(table, r.route, r.cost.total(), &tried);

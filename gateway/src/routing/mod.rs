@@ -33,7 +33,7 @@ use url::Url;
 
 use crate::admission::limit::ShardLimit;
 use crate::admission::slots::EngineSlots;
-use crate::policy::{Policy, Shard};
+use crate::policy::{Policy, Priority, Shard};
 use crate::proxy::request::EndpointSet;
 use crate::proxy::upstream::Endpoint;
 use crate::stats::LatencyWindow;
@@ -110,18 +110,29 @@ impl ShardEntry {
         self.max_requests.or_else(|| self.slots.learned())
     }
 
+    /// [`Self::max_in_flight`] for a request of `priority`: a critical one only takes the
+    /// slots the engine is known to have, not one more being tried
+    /// ([`EngineSlots::confirmed`]).
+    pub fn max_in_flight_for(&self, priority: Priority) -> Option<u64> {
+        match (self.max_requests, priority) {
+            (Some(m), _) => Some(m),
+            (None, Priority::Critical) => self.slots.confirmed(),
+            (None, _) => self.slots.learned(),
+        }
+    }
+
     /// Whether its admission limit, scaled by its health weight in `health`, has room for
-    /// a request of `cost` tokens beside what is in flight, and a batch slot is free
-    /// ([`Self::max_in_flight`]; the engine's latest reading in `health` is learned from
-    /// first).
-    pub fn limit_fits(&self, cost: u64, health: &HealthView) -> bool {
+    /// a request of `cost` tokens and `priority` beside what is in flight, and a batch
+    /// slot is free ([`Self::max_in_flight_for`]; the engine's latest reading in `health`
+    /// is learned from first).
+    pub fn limit_fits(&self, cost: u64, priority: Priority, health: &HealthView) -> bool {
         if let Some(e) = health.engine(self.key) {
             if let (Some(taken), Some(running), Some(waiting)) = (e.taken, e.running, e.queue_depth)
             {
                 self.slots.observe(taken, running, waiting);
             }
         }
-        self.max_in_flight()
+        self.max_in_flight_for(priority)
             .is_none_or(|m| self.load.inflight_requests() < m)
             && self.limit.fits(
                 self.load.inflight_tokens(),
@@ -735,14 +746,15 @@ impl Router {
     }
 
     /// Every shard of `route` as a pick for a request of `cost` tokens would see it now:
-    /// tier, score, and why one is passed over (`limits`: whether admission limits apply,
-    /// as for a first attempt). The decisions log keeps it; routing itself never calls it.
+    /// tier, score, and why one is passed over (`limits`: the priority admission limits
+    /// apply for, as for a first attempt; `None` for none). The decisions log keeps it;
+    /// routing itself never calls it.
     pub fn explain(
         &self,
         route: &ModelRoute,
         cost: u64,
         tried: &[ShardId],
-        limits: bool,
+        limits: Option<Priority>,
     ) -> explain::Candidates {
         use explain::Exclusion;
         let health = self.fleet.health.load();
@@ -760,9 +772,9 @@ impl Router {
                         ShardState::Draining => Exclusion::Draining,
                         _ => Exclusion::Ejected,
                     })
-                } else if limits && !self.has_headroom(s, &health, now) {
+                } else if limits.is_some() && !self.has_headroom(s, &health, now) {
                     Some(Exclusion::Saturated)
-                } else if limits && !s.limit_fits(cost, &health) {
+                } else if limits.is_some_and(|p| !s.limit_fits(cost, p, &health)) {
                     Some(Exclusion::Full)
                 } else {
                     None
@@ -1118,5 +1130,24 @@ capacity_tps = 100
         r.publish_health(view(&r, entries));
         assert_eq!(pos(&r, r.pick(route, &keys(&r, &[2]), &mut rng)), Some(1));
         assert!(!r.ready());
+    }
+    #[test]
+    fn a_slot_being_tried_is_not_offered_to_a_critical_request() {
+        let r = Router::new(&policy());
+        let s = &r.shards()[1];
+        let health = view(&r, vec![ShardHealth::healthy(); 4]);
+        let now = std::time::Instant::now();
+        // Seen full at 4, then running all 4 with nobody waiting: a fifth is tried.
+        s.slots.observe(now, 4.0, 1.0);
+        s.slots
+            .observe(now + crate::admission::slots::PROBE_EVERY * 2, 4.0, 0.0);
+        assert_eq!(s.max_in_flight(), Some(5));
+        let _charges: Vec<_> = (0..4).map(|_| s.load.charge(1)).collect();
+        assert!(s.limit_fits(1, Priority::Standard, &health));
+        assert!(s.limit_fits(1, Priority::Sheddable, &health));
+        assert!(
+            !s.limit_fits(1, Priority::Critical, &health),
+            "a critical request would be the one to find the engine full"
+        );
     }
 }
