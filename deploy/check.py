@@ -157,21 +157,24 @@ def check_service_monitor(name, sm, objects):
 
 
 def check_gateway_wiring(name, objects):
-    """What the schemas cannot see: Services and the NetworkPolicy select the gateway pods,
-    the Secret the Deployment reads exists, the policy path names this overlay's region."""
-    deployments = [o for o in objects if o["kind"] == "Deployment"]
-    for d in deployments:
-        labels = d["spec"]["template"]["metadata"]["labels"]
-        for o in objects:
-            sel = None
-            if o["kind"] == "Service":
-                sel = o["spec"]["selector"]
-            elif o["kind"] == "NetworkPolicy":
-                sel = o["spec"]["podSelector"]["matchLabels"]
-            elif o["kind"] == "PodDisruptionBudget":
-                sel = o["spec"]["selector"]["matchLabels"]
-            if sel is not None and not all(labels.get(k) == v for k, v in sel.items()):
-                problem(f"{name}: {o['kind']} {o['metadata']['name']} selects no pod of {d['metadata']['name']}")
+    """What the schemas cannot see: each Service, NetworkPolicy and PodDisruptionBudget
+    selects the pods of a workload in the set (the gateway's Deployment, the store's
+    StatefulSet), the Secrets the workloads read exist, the policy path names this overlay's
+    region."""
+    workloads = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    pod_labels = [w["spec"]["template"]["metadata"]["labels"] for w in workloads]
+    for o in objects:
+        sel = None
+        if o["kind"] == "Service":
+            sel = o["spec"]["selector"]
+        elif o["kind"] == "NetworkPolicy":
+            sel = o["spec"]["podSelector"]["matchLabels"]
+        elif o["kind"] == "PodDisruptionBudget":
+            sel = o["spec"]["selector"]["matchLabels"]
+        if sel is not None and not any(all(labels.get(k) == v for k, v in sel.items())
+                                       for labels in pod_labels):
+            problem(f"{name}: {o['kind']} {o['metadata']['name']} selects no pod of the set")
+    for d in workloads:
         for c in d["spec"]["template"]["spec"]["containers"]:
             for e in c.get("env", []):
                 ref = e.get("valueFrom", {}).get("secretKeyRef")

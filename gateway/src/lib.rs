@@ -12,13 +12,15 @@
 //! 4. [`policy`] — the TOML policy set everything above is built from.
 //! 5. [`admin`], [`metrics`], [`stats`] and [`decisions`] — the admin listener and its
 //!    dashboard, Prometheus, the in-memory history, the routing decisions log.
-//! 6. [`server`] — assembling it all on Pingora; [`cli`], [`check_health`] and [`demo`] —
+//! 6. [`cluster`] — replicas sharing tenant limits through a store (`[cluster]`).
+//! 7. [`server`] — assembling it all on Pingora; [`cli`], [`check_health`] and [`demo`] —
 //!    the commands.
 
 pub mod admin;
 pub mod admission;
 pub mod check_health;
 pub mod cli;
+pub mod cluster;
 pub mod decisions;
 #[cfg(feature = "demo")]
 pub mod demo;

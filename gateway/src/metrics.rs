@@ -352,6 +352,14 @@ impl Metrics {
         })
     }
 
+    /// Adds another part's collectors (the cluster's) to the exposition.
+    pub fn register(
+        &self,
+        c: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(c)
+    }
+
     /// Records a completed stream's mean time per output token.
     pub fn time_per_output_token(&self, model: &str, per_token: Duration) {
         self.time_per_output_token_seconds

@@ -88,6 +88,42 @@ pub enum ServeError {
     /// Pingora refused the TLS settings.
     #[error("TLS settings: {0}")]
     TlsSettings(String),
+    /// `[cluster]` cannot start (its store client, its thread).
+    #[error("cluster: {0}")]
+    Cluster(String),
+}
+
+/// Starts `[cluster]`, if the policy has one, on a thread of its own: settling leases must
+/// not wait behind health checks, nor they behind a slow store.
+fn start_cluster(
+    tables: &Arc<Tables>,
+    metrics: &Metrics,
+    port: u16,
+) -> Result<Option<Arc<crate::cluster::Cluster>>, ServeError> {
+    let Some(settings) = tables.peek().policy.cluster.clone() else {
+        return Ok(None);
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ServeError::Cluster(e.to_string()))?;
+    // The store client is made here (inside the runtime it runs on), so a password file
+    // that cannot be read stops the start; the store itself being down does not (it is
+    // connected to on first use).
+    let store = {
+        let _inside = runtime.enter();
+        crate::cluster::store::Store::open(&settings)
+            .map_err(|e| ServeError::Cluster(e.to_string()))?
+    };
+    let cluster = crate::cluster::Cluster::new(settings, port, metrics)
+        .map_err(|e| ServeError::Cluster(e.to_string()))?;
+    let (run, tables) = (Arc::clone(&cluster), Arc::clone(tables));
+    std::thread::Builder::new()
+        .name("cluster".into())
+        .spawn(move || runtime.block_on(run.run(store, tables)))
+        .map_err(|e| ServeError::Cluster(e.to_string()))?;
+    tracing::info!(replica = %cluster.replica_id(), "cluster: tenant limits shared through the store");
+    Ok(Some(cluster))
 }
 
 /// A listener's certificate, with whether it offers HTTP/2.
@@ -270,8 +306,10 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
             .send((table.probes(), table.policy.health.clone()));
     }
     let admission = crate::admission::Admission::new(Arc::clone(&tables));
+    let cluster = start_cluster(&tables, &metrics, listen.port())?;
     let lifecycle = Arc::new(Lifecycle::default());
     let state = Arc::new(State {
+        cluster,
         tables: Arc::clone(&tables),
         metrics: Arc::clone(&metrics),
         body_budget: BodyBudget::new(max_buffered),

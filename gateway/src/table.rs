@@ -34,18 +34,21 @@ pub struct Table {
 }
 
 impl Table {
-    /// Compiles `policy`, carrying live state over from `previous`.
+    /// Compiles `policy`, carrying live state over from `previous`; with `shared_limits`,
+    /// tenant buckets are leased from the cluster's store.
     fn build(
         policy: Policy,
         revision: String,
         previous: Option<&Table>,
         fleet: &Arc<Fleet>,
+        shared_limits: bool,
     ) -> Self {
         let router = Router::build(&policy, previous.map(|p| &p.router), fleet);
         let tenants = Tenants::carried(
             &policy.tenants,
             &policy.admission,
             previous.map(|p| &p.tenants),
+            shared_limits,
         );
         Self {
             upstream: UpstreamClient::new(policy.timeouts.connect, policy.timeouts.pool_idle),
@@ -116,18 +119,24 @@ fn shard_probes(policy: &Policy, s: &ShardEntry) -> ShardProbes {
 pub struct Tables {
     current: ArcSwap<Table>,
     fleet: Arc<Fleet>,
+    /// Whether tenant limits are leased from a cluster store: fixed at start, since the
+    /// cluster task that settles the leases starts with the process.
+    shared_limits: bool,
     /// Held while a table is built and installed: two reloads must not both build from
     /// the same previous table.
     installing: Mutex<()>,
 }
 
 impl Tables {
-    /// The first table, from `policy`.
+    /// The first table, from `policy`; its `[cluster]`, if any, shares tenant limits for
+    /// as long as the process runs.
     pub fn new(policy: Policy, revision: String, fleet: Arc<Fleet>) -> Arc<Self> {
-        let first = Table::build(policy, revision, None, &fleet);
+        let shared_limits = policy.cluster.is_some();
+        let first = Table::build(policy, revision, None, &fleet, shared_limits);
         Arc::new(Self {
             current: ArcSwap::from_pointee(first),
             fleet,
+            shared_limits,
             installing: Mutex::new(()),
         })
     }
@@ -152,7 +161,13 @@ impl Tables {
     pub fn install(&self, policy: Policy, revision: String) -> (Arc<Table>, Arc<Table>) {
         let _one_at_a_time = self.installing.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current.load_full();
-        let new = Arc::new(Table::build(policy, revision, Some(&old), &self.fleet));
+        let new = Arc::new(Table::build(
+            policy,
+            revision,
+            Some(&old),
+            &self.fleet,
+            self.shared_limits,
+        ));
         self.current.store(Arc::clone(&new));
         (new, old)
     }

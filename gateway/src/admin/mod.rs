@@ -145,6 +145,7 @@ impl Admin {
             "policy": self.reloader.status(),
             "shards": shards,
             "admission": self.admission_status(&table),
+            "cluster": self.state.cluster.as_ref().map(|c| c.view()),
         })
     }
 
@@ -171,6 +172,9 @@ impl Admin {
                     "rpm_remaining": t.rpm.as_ref().map(|b| b.peek().remaining),
                     "tpm": t.tpm.as_ref().map(|b| b.peek().limit),
                     "tpm_remaining": t.tpm.as_ref().map(|b| b.peek().remaining),
+                    "limits_from": t.rpm.as_ref().or(t.tpm.as_ref()).map(|b| b.source().as_str()),
+                    "rpm_held": t.rpm.as_ref().map(|b| b.held().floor()),
+                    "tpm_held": t.tpm.as_ref().map(|b| b.held().floor()),
                 })
             })
             .collect();

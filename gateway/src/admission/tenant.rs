@@ -33,11 +33,13 @@ pub struct TenantState {
 
 impl TenantState {
     /// Tenant `t`, keeping the buckets of `old` (the same tenant in the previous table)
-    /// whose allowance is unchanged: a reload neither refills nor empties them.
-    fn new(t: &Tenant, old: Option<&TenantState>) -> Self {
+    /// whose allowance is unchanged: a reload neither refills nor empties them. With
+    /// `shared`, new buckets are leased from the cluster's store.
+    fn new(t: &Tenant, old: Option<&TenantState>, shared: bool) -> Self {
         let bucket = |per_minute: Option<u64>, old: Option<&Arc<Bucket>>| {
             per_minute.map(|n| match old {
                 Some(b) if b.per_minute() == n => Arc::clone(b),
+                _ if shared => Arc::new(Bucket::leased(n)),
                 _ => Arc::new(Bucket::new(n)),
             })
         };
@@ -73,20 +75,21 @@ pub enum KeyProblem {
 impl Tenants {
     /// The tenants of a policy, plus the default one.
     pub fn new(tenants: &[Tenant], settings: &AdmissionSettings) -> Self {
-        Self::carried(tenants, settings, None)
+        Self::carried(tenants, settings, None, false)
     }
 
     /// [`Tenants::new`], keeping the rate buckets `previous` has for tenants of the same
-    /// id and allowance.
+    /// id and allowance; with `shared`, buckets are leased from the cluster's store.
     pub fn carried(
         tenants: &[Tenant],
         settings: &AdmissionSettings,
         previous: Option<&Tenants>,
+        shared: bool,
     ) -> Self {
         let old = |id: &str| previous.and_then(|p| p.tenants.iter().find(|t| &*t.id == id));
         let mut states: Vec<TenantState> = tenants
             .iter()
-            .map(|t| TenantState::new(t, old(&t.id)))
+            .map(|t| TenantState::new(t, old(&t.id), shared))
             .collect();
         let mut by_digest = HashMap::new();
         for (i, t) in tenants.iter().enumerate() {

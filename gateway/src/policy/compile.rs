@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::raw::{RawAdmission, RawListenerTls, RawPoolTls, RawTenant};
+use super::raw::{RawAdmission, RawCluster, RawListenerTls, RawPoolTls, RawTenant};
 use super::raw::{
     RawFile, RawGateway, RawHealth, RawLimits, RawRetries, RawRouting, RawShard, RawTimeouts,
 };
 use super::{
-    AdmissionSettings, EngineKind, Limits, ListenerTls, Policy, PolicyIssue, Pool, Priority,
-    Region, RetrySettings, RoutingSettings, Shard, Shutdown, Tenant, Timeouts,
+    AdmissionSettings, ClusterSettings, EngineKind, Limits, ListenerTls, Policy, PolicyIssue, Pool,
+    Priority, Region, RetrySettings, RoutingSettings, SecretSource, Shard, Shutdown, Tenant,
+    Timeouts,
 };
 use crate::proxy::request::{Endpoint, EndpointSet};
 use crate::routing::affinity::{AffinityMode, AffinitySettings};
@@ -100,6 +101,7 @@ impl Compiler {
         let health = self.singleton(files, "health", |f| f.health.as_ref());
         let retries = self.singleton(files, "retries", |f| f.retries.as_ref());
         let admission = self.singleton(files, "admission", |f| f.admission.as_ref());
+        let cluster = self.singleton(files, "cluster", |f| f.cluster.as_ref());
 
         let (regions, region_file) = self.regions(files);
         let mut pools = self.pools(files, &region_file);
@@ -135,6 +137,7 @@ impl Compiler {
             None => AdmissionSettings::default(),
         };
         let tenants = self.tenants(files, &adm, admission.map(|(f, _)| f));
+        let cluster = cluster.and_then(|(f, raw)| self.cluster(f, raw));
 
         self.policy = Some(Policy {
             home_region: gw.home_region.clone(),
@@ -150,6 +153,7 @@ impl Compiler {
             health: health_section,
             retries: retries_section,
             admission: adm,
+            cluster,
             tenants,
             regions,
             pools,
@@ -798,6 +802,113 @@ impl Compiler {
                     / 100.0;
         }
         a
+    }
+
+    /// `[cluster]`: the store's URL (without credentials: a password in the policy would
+    /// sit in its Git history), where the password comes from, the timings.
+    fn cluster(&mut self, f: &str, raw: &RawCluster) -> Option<ClusterSettings> {
+        let store = match Url::parse(&raw.store) {
+            Ok(u) if matches!(u.scheme(), "redis" | "rediss") && u.host_str().is_some() => u,
+            _ => {
+                // The value is not repeated: it may hold a password.
+                self.issue(
+                    f,
+                    "cluster.store",
+                    "must be redis://HOST:PORT or rediss://HOST:PORT",
+                );
+                return None;
+            }
+        };
+        if store.password().is_some() || !store.username().is_empty() {
+            self.issue(
+                f,
+                "cluster.store",
+                "the store URL must not hold credentials: use username, and password_file or \
+                 password_env",
+            );
+        }
+        let password = match (&raw.password_file, &raw.password_env) {
+            (Some(p), None) => self
+                .path(f, "cluster.password_file", p)
+                .map(SecretSource::File),
+            (None, Some(v)) if !v.is_empty() => Some(SecretSource::Env(v.clone())),
+            (None, None) => None,
+            _ => {
+                self.issue(
+                    f,
+                    "cluster.password_file",
+                    "set one of password_file and password_env (a non-empty variable name)",
+                );
+                None
+            }
+        };
+        let tls = match &raw.tls {
+            Some(t) if store.scheme() == "rediss" => self.pool_tls_files(f, "cluster.tls", t),
+            Some(_) => {
+                self.issue(f, "cluster.tls", "[cluster.tls] needs a rediss:// store");
+                Default::default()
+            }
+            None => Default::default(),
+        };
+        if let Some(id) = &raw.replica_id {
+            self.check_id(f, "cluster.replica_id", id);
+        }
+        let key_prefix = raw
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| "breakwater".into());
+        if key_prefix.is_empty()
+            || key_prefix.len() > 64
+            || !key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            self.issue(
+                f,
+                "cluster.key_prefix",
+                "1-64 characters of letters, digits, '-', '_', '.' or ':'",
+            );
+        }
+        let ms = |c: &mut Self, key: &str, v: Option<u64>, default: u64, min: u64, max: u64| {
+            Duration::from_millis(c.bounded(f, key, v.unwrap_or(default), min, max))
+        };
+        let timeout = ms(self, "cluster.timeout_ms", raw.timeout_ms, 100, 1, 10_000);
+        let sync_interval = ms(self, "cluster.sync_ms", raw.sync_ms, 100, 10, 10_000);
+        let heartbeat = ms(
+            self,
+            "cluster.heartbeat_ms",
+            raw.heartbeat_ms,
+            1000,
+            100,
+            60_000,
+        );
+        let replica_ttl = ms(
+            self,
+            "cluster.replica_ttl_ms",
+            raw.replica_ttl_ms,
+            5000,
+            200,
+            600_000,
+        );
+        if replica_ttl < heartbeat * 2 {
+            self.issue(
+                f,
+                "cluster.replica_ttl_ms",
+                "must be at least twice heartbeat_ms, or a live replica drops out between beats",
+            );
+        }
+        Some(ClusterSettings {
+            store,
+            username: raw.username.clone(),
+            password,
+            tls,
+            replica_id: raw.replica_id.clone(),
+            key_prefix,
+            timeout,
+            sync_interval,
+            heartbeat,
+            replica_ttl,
+        })
     }
 
     fn tenant(

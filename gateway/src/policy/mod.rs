@@ -349,6 +349,41 @@ impl Default for AdmissionSettings {
     }
 }
 
+/// Where a secret comes from: never the policy itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file holding it (its first line).
+    File(PathBuf),
+    /// An environment variable holding it.
+    Env(String),
+}
+
+/// `[cluster]`: the store the replicas share tenant limits through, and how this replica
+/// talks to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// `redis://` or `rediss://` URL, without credentials.
+    pub store: Url,
+    /// The ACL user, if any.
+    pub username: Option<String>,
+    /// Where the password is read from, if the store needs one.
+    pub password: Option<SecretSource>,
+    /// `[cluster.tls]` of a `rediss://` store.
+    pub tls: crate::tls::upstream::PoolTlsFiles,
+    /// This replica's name; `None`: host name and traffic port, found at start.
+    pub replica_id: Option<String>,
+    /// Prefix of every key written.
+    pub key_prefix: String,
+    /// Longest wait for one store command.
+    pub timeout: Duration,
+    /// How often leased allowance is settled with the store.
+    pub sync_interval: Duration,
+    /// How often this replica says it is alive.
+    pub heartbeat: Duration,
+    /// How long a replica not heard from still counts.
+    pub replica_ttl: Duration,
+}
+
 /// A listener's HTTPS settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerTls {
@@ -387,6 +422,8 @@ pub struct Policy {
     pub retries: RetrySettings,
     /// Keys, queueing and shedding.
     pub admission: AdmissionSettings,
+    /// The store replicas share limits through (`None`: every limit is this replica's).
+    pub cluster: Option<ClusterSettings>,
     /// Tenants.
     pub tenants: Vec<Tenant>,
     /// Regions in failover order.
@@ -1064,6 +1101,58 @@ models = ["llama"]
                 .any(|i| i.contains("different affinity settings")),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn a_cluster_section_compiles_with_defaults() {
+        assert_eq!(one(BASE).unwrap().cluster, None);
+        let text = format!(
+            "{BASE}\n[cluster]\nstore = \"redis://10.0.0.5:6379/2\"\npassword_env = \"REDIS_PW\"\n"
+        );
+        let c = one(&text).unwrap().cluster.unwrap();
+        assert_eq!(c.store.as_str(), "redis://10.0.0.5:6379/2");
+        assert_eq!(c.password, Some(SecretSource::Env("REDIS_PW".into())));
+        assert_eq!(c.replica_id, None);
+        assert_eq!(c.key_prefix, "breakwater");
+        assert_eq!(c.timeout, Duration::from_millis(100));
+        assert_eq!(c.sync_interval, Duration::from_millis(100));
+        assert_eq!(c.heartbeat, Duration::from_secs(1));
+        assert_eq!(c.replica_ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn cluster_mistakes_are_named_and_no_password_is_repeated() {
+        let bad = |cluster: &str| issues(one(&format!("{BASE}\n[cluster]\n{cluster}\n")));
+        let i = bad("store = \"redis://:hunter2@10.0.0.5:6379\"");
+        assert!(
+            i.iter()
+                .any(|m| m.contains("cluster.store") && m.contains("credentials")),
+            "{i:?}"
+        );
+        assert!(i.iter().all(|m| !m.contains("hunter2")), "{i:?}");
+        let i = bad("store = \"http://:hunter2@10.0.0.5:6379\"");
+        assert!(i.iter().any(|m| m.contains("cluster.store")), "{i:?}");
+        assert!(i.iter().all(|m| !m.contains("hunter2")), "{i:?}");
+        let i =
+            bad("store = \"redis://r:6379\"\npassword_env = \"A\"\npassword_file = \"/run/pw\"");
+        assert!(
+            i.iter().any(|m| m.contains("cluster.password_file")),
+            "{i:?}"
+        );
+        let i = bad("store = \"redis://r:6379\"\npassword_file = \"pw.txt\"");
+        assert!(i.iter().any(|m| m.contains("absolute")), "{i:?}");
+        let i = bad("store = \"redis://r:6379\"\n[cluster.tls]\nca_file = \"/etc/ca.pem\"");
+        assert!(i.iter().any(|m| m.contains("rediss://")), "{i:?}");
+        let i = bad("store = \"redis://r:6379\"\nheartbeat_ms = 1000\nreplica_ttl_ms = 1500");
+        assert!(
+            i.iter().any(|m| m.contains("cluster.replica_ttl_ms")),
+            "{i:?}"
+        );
+        let i = bad("store = \"redis://r:6379\"\nkey_prefix = \"a b\"\nreplica_id = \"x/y\"");
+        assert!(i.iter().any(|m| m.contains("cluster.key_prefix")), "{i:?}");
+        assert!(i.iter().any(|m| m.contains("cluster.replica_id")), "{i:?}");
+        let i = bad("store = \"redis://r:6379\"\nsync_ms = 0");
+        assert!(i.iter().any(|m| m.contains("cluster.sync_ms")), "{i:?}");
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct RawFile {
     pub retries: Option<RawRetries>,
     /// `[admission]`: API keys, queueing and load shedding.
     pub admission: Option<RawAdmission>,
+    /// `[cluster]`: replicas that share tenant limits through a store.
+    pub cluster: Option<RawCluster>,
     /// `[[tenants]]`: who sends traffic, with their keys, priority and limits.
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
@@ -315,6 +317,36 @@ pub struct RawAdmission {
     /// A time to first token this many times the shard's baseline lowers its limit,
     /// percent. Default 130.
     pub ttft_tolerance_percent: Option<u32>,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// The store the replicas share: `redis://HOST:PORT[/DB]` or `rediss://` (TLS), Redis 7
+    /// or Valkey. No password in it: see `password_file` and `password_env`. Required.
+    pub store: String,
+    /// The user to authenticate as (Redis ACL). Default: none (the `default` user).
+    pub username: Option<String>,
+    /// A file holding the store's password (one line), an absolute path.
+    pub password_file: Option<String>,
+    /// An environment variable holding the store's password.
+    pub password_env: Option<String>,
+    /// `[cluster.tls]`: how a `rediss://` store is verified and what the gateway presents.
+    pub tls: Option<RawPoolTls>,
+    /// This replica's name among the others. Default: the host name and the traffic port.
+    pub replica_id: Option<String>,
+    /// Prefix of every key the gateway writes, so several fleets can share one store.
+    /// Default `breakwater`.
+    pub key_prefix: Option<String>,
+    /// Longest wait for one store command, milliseconds. Default 100.
+    pub timeout_ms: Option<u64>,
+    /// How often the allowance leased from the store is settled, milliseconds. Default 100.
+    pub sync_ms: Option<u64>,
+    /// How often the replica says it is alive, milliseconds. Default 1000.
+    pub heartbeat_ms: Option<u64>,
+    /// A replica not heard from for this long no longer counts, milliseconds. Default 5000.
+    pub replica_ttl_ms: Option<u64>,
 }
 
 /// `[[tenants]]`

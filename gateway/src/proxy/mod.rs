@@ -47,6 +47,8 @@ use request::Route;
 pub struct State {
     /// The routing table in force (a request loads it once and keeps it).
     pub tables: Arc<Tables>,
+    /// The replicas sharing tenant limits, with `[cluster]`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// The global budget for buffered request bodies.

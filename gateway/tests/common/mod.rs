@@ -373,13 +373,14 @@ fn serve(
         .arg("2")
         .args(args)
         .env("BREAKWATER_ADMIN_TOKEN", ADMIN_TOKEN)
-        // Warnings only, unless a test chose the log format: then it reads the access log.
+        // Warnings only (and the cluster's transitions, one line each), unless a test chose
+        // the log format: then it reads the access log too.
         .env(
             "RUST_LOG",
             if args.contains(&"--log-format") {
-                "warn,access=info"
+                "warn,breakwater::cluster=info,access=info"
             } else {
-                "warn"
+                "warn,breakwater::cluster=info"
             },
         )
         .stdout(Stdio::null())

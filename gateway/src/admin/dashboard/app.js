@@ -187,8 +187,35 @@ function renderPolicy(status) {
     p.last_error ? el("span", { class: "bad" }, ` · last reload rejected: ${p.last_error}`) : "",
     ` · ${status.ready ? "ready" : "NOT READY"}${status.stopping ? " · stopping" : ""}`,
     ` · v${status.version}`,
+    ...clusterParts(status),
   ];
   $("policy").replaceChildren(...parts);
+}
+
+// `[cluster]`: the store's state, the replicas seen, and each limited tenant's use across
+// them (what is left in the store plus what this replica holds).
+function clusterParts(status) {
+  const c = status.cluster;
+  if (!c) return [];
+  const replicas = (c.replicas || []).map((r) => r.id).join(", ");
+  const tenants = ((status.admission || {}).tenants || [])
+    .filter((t) => t.rpm !== null || t.tpm !== null)
+    .map((t) => [
+      t.id,
+      t.rpm !== null ? ` rpm ${fmt(t.rpm_remaining)}/${fmt(t.rpm)} left` : "",
+      t.tpm !== null ? ` tpm ${fmt(t.tpm_remaining)}/${fmt(t.tpm)} left` : "",
+    ].join(""))
+    .join("; ");
+  const state = c.state === "up"
+    ? el("span", { class: "good", id: "cluster-state" }, "store up")
+    : el("span", { class: "bad", id: "cluster-state" },
+      c.state === "down" ? `store down, limits local (${c.last_error || "no answer"})` : "store not reached yet");
+  return [
+    el("br"),
+    `cluster ${c.replica_id}: `, state,
+    ` · ${(c.replicas || []).length} replica(s): ${replicas}`,
+    tenants ? ` · ${tenants}` : "",
+  ];
 }
 
 function renderNow(status, h) {

@@ -1,0 +1,374 @@
+//! A fleet of gateways: replicas that share tenant limits through a store (`[cluster]`).
+//!
+//! Every tenant's RPM and TPM bucket lives in the store (Redis or Valkey), refilled by the
+//! store's clock. A replica holds a *lease* on each — units taken from the store's bucket
+//! that its requests spend without asking anyone ([`crate::admission::rate`]) — and settles
+//! every lease in one script call each `sync_ms` ([`store::Store::settle`]): what it spent
+//! and what it wants next (what it was asked for lately, a share of the store's level while
+//! that is plenty, nothing when idle: an idle replica hands its lease back). Units are
+//! conserved — whatever a replica spends was first taken from the store — so the tenants'
+//! limits hold across replicas to within the leases outstanding, whatever the replicas'
+//! number or clocks.
+//!
+//! The store is optional and fallible. Each replica beats a heartbeat into a sorted set
+//! every `heartbeat_ms` ([`store::Store::heartbeat`]), so every replica knows how many
+//! there are. When the store does not answer within `timeout_ms` (down, hung, partitioned)
+//! every leased bucket refills locally at `1 ÷ replicas` of its tenant's rate until the
+//! store answers again, one log line per transition; no request waits on the store.
+
+pub mod store;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntGauge};
+use serde::Serialize;
+
+use crate::admission::rate::{Bucket, LeaseAsk};
+use crate::metrics::Metrics;
+use crate::policy::ClusterSettings;
+use crate::table::Tables;
+use store::{Settle, Store};
+
+/// Why the cluster cannot start or a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The store refused, failed or answered something unexpected.
+    #[error("store: {0}")]
+    Store(String),
+    /// The store did not answer in time.
+    #[error("store: no answer within {0:?}")]
+    Timeout(Duration),
+    /// The password could not be read.
+    #[error("store password: {0}")]
+    Secret(String),
+    /// A `[cluster.tls]` file could not be read.
+    #[error("store TLS: {0}")]
+    Tls(String),
+    /// The cluster's metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Whether the store answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreState {
+    /// Not reached yet since start.
+    Connecting,
+    /// Answering: limits are the store's.
+    Up,
+    /// Not answering: limits are local, at this replica's share.
+    Down,
+}
+
+/// One replica the store has heard from.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaSeen {
+    /// Its id.
+    pub id: String,
+    /// Since its last heartbeat, milliseconds.
+    pub last_beat_ms: u64,
+}
+
+/// What `/admin/status` and the dashboard show of the cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    /// This replica's id.
+    pub replica_id: String,
+    /// The store's URL (never credentials: the policy holds none).
+    pub store: String,
+    /// Whether the store answers.
+    pub state: StoreState,
+    /// Since the last change of `state`, milliseconds.
+    pub state_for_ms: u64,
+    /// The last store error, if the store is down.
+    pub last_error: Option<String>,
+    /// The replicas heard from within the TTL, this one included.
+    pub replicas: Vec<ReplicaSeen>,
+    /// Settlings that failed since start.
+    pub store_errors_total: u64,
+}
+
+struct Shared {
+    state: StoreState,
+    since: Instant,
+    last_error: Option<String>,
+    replicas: Vec<ReplicaSeen>,
+}
+
+/// The cluster: this replica's link to the others through the store.
+pub struct Cluster {
+    settings: ClusterSettings,
+    replica_id: String,
+    shared: Mutex<Shared>,
+    gauges: Gauges,
+}
+
+struct Gauges {
+    store_up: IntGauge,
+    replicas: IntGauge,
+    store_errors: IntCounter,
+    settles: IntCounter,
+}
+
+impl Gauges {
+    fn new(metrics: &Metrics) -> Result<Self, ClusterError> {
+        let g = Self {
+            store_up: IntGauge::new(
+                "cluster_store_up",
+                "1 while the cluster store answers (limits shared), 0 while limits are local.",
+            )?,
+            replicas: IntGauge::new(
+                "cluster_replicas",
+                "Gateway replicas the store has heard from within replica_ttl_ms, this one included.",
+            )?,
+            store_errors: IntCounter::new(
+                "cluster_store_errors_total",
+                "Store calls (settling leases, heartbeats) that failed or timed out.",
+            )?,
+            settles: IntCounter::new(
+                "cluster_settles_total",
+                "Settlings of this replica's leases with the store.",
+            )?,
+        };
+        metrics.register(Box::new(g.store_up.clone()))?;
+        metrics.register(Box::new(g.replicas.clone()))?;
+        metrics.register(Box::new(g.store_errors.clone()))?;
+        metrics.register(Box::new(g.settles.clone()))?;
+        Ok(g)
+    }
+}
+
+/// The store key of tenant `tenant`'s `kind` (`rpm` or `tpm`) bucket.
+pub fn bucket_key(prefix: &str, tenant: &str, kind: &str) -> String {
+    format!("{prefix}:tenant:{tenant}:{kind}")
+}
+
+/// This replica's id when the policy names none: the host name and the traffic port.
+pub fn default_replica_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into());
+    format!("{host}:{port}")
+}
+
+impl Cluster {
+    /// The cluster of `settings`, its metrics registered; [`Cluster::run`] drives it.
+    pub fn new(
+        settings: ClusterSettings,
+        traffic_port: u16,
+        metrics: &Metrics,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let replica_id = settings
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| default_replica_id(traffic_port));
+        Ok(Arc::new(Self {
+            settings,
+            replica_id,
+            shared: Mutex::new(Shared {
+                state: StoreState::Connecting,
+                since: Instant::now(),
+                last_error: None,
+                replicas: Vec::new(),
+            }),
+            gauges: Gauges::new(metrics)?,
+        }))
+    }
+
+    /// This replica's id.
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
+    /// A snapshot for the admin API.
+    pub fn view(&self) -> ClusterView {
+        let s = self.lock();
+        ClusterView {
+            replica_id: self.replica_id.clone(),
+            store: self.settings.store.to_string(),
+            state: s.state,
+            state_for_ms: s.since.elapsed().as_millis() as u64,
+            last_error: s.last_error.clone(),
+            replicas: s.replicas.clone(),
+            store_errors_total: self.gauges.store_errors.get(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The replicas last seen (at least this one).
+    fn replica_count(&self) -> usize {
+        self.lock().replicas.len().max(1)
+    }
+
+    /// Settles leases and beats the heartbeat through `store` until the process ends. The
+    /// store being unreachable is a state ([`StoreState::Down`]), not an end.
+    pub async fn run(self: Arc<Self>, store: Store, tables: Arc<Tables>) {
+        let replicas_key = format!("{}:replicas", self.settings.key_prefix);
+        let mut tick = tokio::time::interval(self.settings.sync_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_settle = Instant::now();
+        let mut last_beat: Option<Instant> = None;
+        loop {
+            tick.tick().await;
+            let beat_due = last_beat.is_none_or(|b| b.elapsed() >= self.settings.heartbeat);
+            if beat_due || self.lock().state != StoreState::Up {
+                match store
+                    .heartbeat(&replicas_key, &self.replica_id, self.settings.replica_ttl)
+                    .await
+                {
+                    Ok(seen) => {
+                        last_beat = Some(Instant::now());
+                        self.replicas_seen(seen);
+                        self.store_answered(&tables);
+                    }
+                    Err(e) => {
+                        self.store_failed(&tables, &e);
+                        continue;
+                    }
+                }
+            }
+            let elapsed = last_settle.elapsed();
+            last_settle = Instant::now();
+            if let Err(e) = self.settle(&store, &tables, elapsed).await {
+                self.store_failed(&tables, &e);
+            }
+        }
+    }
+
+    /// One settling of every leased bucket of the table in force.
+    async fn settle(
+        &self,
+        store: &Store,
+        tables: &Tables,
+        elapsed: Duration,
+    ) -> Result<(), ClusterError> {
+        let table = tables.load();
+        let replicas = self.replica_count();
+        // Leases cover the demand of two settlings, so one late answer refuses nobody.
+        let ahead = self.settings.sync_interval * 2;
+        let mut buckets: Vec<(&Bucket, LeaseAsk)> = Vec::new();
+        let mut batch = Vec::new();
+        for t in table.tenants.all() {
+            for (kind, bucket) in [("rpm", &t.rpm), ("tpm", &t.tpm)] {
+                let Some(bucket) = bucket else { continue };
+                let Some(ask) = bucket.lease_ask(elapsed, ahead, replicas) else {
+                    continue;
+                };
+                batch.push(Settle {
+                    key: bucket_key(&self.settings.key_prefix, &t.id, kind),
+                    per_minute: bucket.per_minute(),
+                    want: ask.want,
+                    held: ask.held,
+                    init: bucket.store_level(),
+                });
+                buckets.push((bucket, ask));
+            }
+        }
+        // On failure nothing was settled: the leases stand, and the buckets fall back.
+        let answers = store.settle(&batch).await?;
+        for ((bucket, ask), answer) in buckets.iter().zip(answers) {
+            bucket.lease_settled(*ask, answer.granted, answer.level);
+        }
+        self.gauges.settles.inc();
+        Ok(())
+    }
+
+    fn replicas_seen(&self, mut seen: Vec<(String, Duration)>) {
+        seen.sort();
+        let mut s = self.lock();
+        s.replicas = seen
+            .into_iter()
+            .map(|(id, ago)| ReplicaSeen {
+                id,
+                last_beat_ms: ago.as_millis() as u64,
+            })
+            .collect();
+        self.gauges.replicas.set(s.replicas.len() as i64);
+    }
+
+    /// The store answered: if it had not been, leasing resumes.
+    fn store_answered(&self, tables: &Tables) {
+        let mut s = self.lock();
+        if s.state == StoreState::Up {
+            return;
+        }
+        let was = s.state;
+        s.state = StoreState::Up;
+        s.since = Instant::now();
+        s.last_error = None;
+        drop(s);
+        self.gauges.store_up.set(1);
+        for_each_bucket(tables, Bucket::resume_leasing);
+        match was {
+            StoreState::Down => tracing::info!(
+                replica = %self.replica_id,
+                "cluster store answers again: tenant limits are shared again"
+            ),
+            _ => tracing::info!(
+                replica = %self.replica_id,
+                replicas = self.replica_count(),
+                "cluster store reached: tenant limits are shared"
+            ),
+        }
+    }
+
+    /// A store call failed: on the first failure, every leased bucket falls back to this
+    /// replica's share.
+    fn store_failed(&self, tables: &Tables, e: &ClusterError) {
+        self.gauges.store_errors.inc();
+        let mut s = self.lock();
+        s.last_error = Some(e.to_string());
+        if s.state == StoreState::Down {
+            return;
+        }
+        s.state = StoreState::Down;
+        s.since = Instant::now();
+        let replicas = s.replicas.len().max(1);
+        drop(s);
+        self.gauges.store_up.set(0);
+        let share = 1.0 / replicas as f64;
+        for_each_bucket(tables, |b| b.fall_back(share));
+        tracing::warn!(
+            replica = %self.replica_id,
+            error = %e,
+            replicas,
+            "cluster store unreachable: tenant limits are local, at 1/{replicas} of each"
+        );
+    }
+}
+
+fn for_each_bucket(tables: &Tables, f: impl Fn(&Bucket)) {
+    let table = tables.peek();
+    for t in table.tenants.all() {
+        for b in [&t.rpm, &t.tpm].into_iter().flatten() {
+            f(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_the_prefix_tenant_and_kind() {
+        assert_eq!(
+            bucket_key("breakwater", "acme", "rpm"),
+            "breakwater:tenant:acme:rpm"
+        );
+    }
+
+    #[test]
+    fn a_default_replica_id_ends_in_the_port() {
+        let id = default_replica_id(8080);
+        assert!(id.ends_with(":8080") && id.len() > 5, "{id}");
+    }
+}

@@ -1,0 +1,459 @@
+//! `[cluster]`: three gateway replicas in front of one engine share their tenants' limits
+//! through a real `redis-server` (Debian's package; `.ci/run` installs it), and keep
+//! serving on local shares when the store dies, hangs or comes back empty.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A `redis-server` on a free loopback port, without persistence; killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package) must be installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.signal_quietly();
+        self.kill();
+    }
+}
+
+impl Redis {
+    /// A stopped server must be continued before it can die of SIGKILL's wait.
+    fn signal_quietly(&self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+    }
+}
+
+const RPM_KEY: &str = "sk-cluster-rpm";
+const TPM_KEY: &str = "sk-cluster-tpm";
+
+fn digest(key: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+fn policy(shard: &Shard, redis_port: u16, rpm: u64, tpm: u64, replica: &str) -> String {
+    policy_text(
+        &[shard],
+        &format!(
+            "[cluster]\nstore = \"redis://127.0.0.1:{redis_port}\"\nreplica_id = \"{replica}\"\n\
+             timeout_ms = 100\nsync_ms = 100\nheartbeat_ms = 500\nreplica_ttl_ms = 2000\n\n\
+             [[tenants]]\nid = \"by-requests\"\napi_key_sha256 = [\"{}\"]\nrpm = {rpm}\n\n\
+             [[tenants]]\nid = \"by-tokens\"\napi_key_sha256 = [\"{}\"]\ntpm = {tpm}\n",
+            digest(RPM_KEY),
+            digest(TPM_KEY)
+        ),
+    )
+}
+
+async fn replicas(shard: &Shard, redis_port: u16, rpm: u64, tpm: u64) -> Vec<Gateway> {
+    let mut out = Vec::new();
+    for i in 0..3 {
+        out.push(Gateway::start(&policy(shard, redis_port, rpm, tpm, &format!("r{i}"))).await);
+    }
+    // Every replica has beaten once and sees the other two.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for gw in &out {
+        loop {
+            let s = gw.status().await;
+            let seen = s["cluster"]["replicas"].as_array().map_or(0, Vec::len);
+            if s["cluster"]["state"] == "up" && seen == 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replicas not seen: {s}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    out
+}
+
+/// One request's outcome: status, tokens its answer reported, latency.
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    status: u16,
+    tokens: u64,
+    took: Duration,
+    retry_after: bool,
+}
+
+async fn ask(c: &reqwest::Client, url: &str, key: &str) -> Outcome {
+    let sent = Instant::now();
+    let r = c
+        .post(url)
+        .bearer_auth(key)
+        .json(&chat(4, false))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    match r {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let retry_after = r.headers().contains_key("retry-after");
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            Outcome {
+                status,
+                tokens: body["usage"]["total_tokens"].as_u64().unwrap_or(0),
+                took: sent.elapsed(),
+                retry_after,
+            }
+        }
+        Err(_) => Outcome {
+            status: 0,
+            tokens: 0,
+            took: sent.elapsed(),
+            retry_after: false,
+        },
+    }
+}
+
+/// Open-loop arrivals for `length`: `per_s` requests a second with `key`, round-robin over
+/// the replicas; every outcome, with when it was sent.
+async fn offer(
+    gws: &[Gateway],
+    key: &'static str,
+    per_s: f64,
+    length: Duration,
+) -> Vec<(Duration, Outcome)> {
+    let urls: Vec<String> = gws.iter().map(|g| g.url("/v1/chat/completions")).collect();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    let c = client();
+    let n = (per_s * length.as_secs_f64()) as usize;
+    for i in 0..n {
+        let at = Duration::from_secs_f64(i as f64 / per_s);
+        tokio::time::sleep_until((start + at).into()).await;
+        let (c, url, out) = (c.clone(), urls[i % urls.len()].clone(), Arc::clone(&out));
+        tasks.push(tokio::spawn(async move {
+            let o = ask(&c, &url, key).await;
+            out.lock().unwrap().push((at, o));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = out.lock().unwrap().clone();
+    v
+}
+
+/// Spends the minute's allowance each bucket starts with: requests as fast as they go
+/// until 30 in a row are refused (at most 30 s).
+async fn drain(gws: &[Gateway], key: &'static str) {
+    let urls: Vec<String> = gws.iter().map(|g| g.url("/v1/chat/completions")).collect();
+    let refused_in_a_row = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tasks = Vec::new();
+    for w in 0..12 {
+        let (url, row) = (urls[w % urls.len()].clone(), Arc::clone(&refused_in_a_row));
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..20_000 {
+                if Instant::now() > deadline || row.load(std::sync::atomic::Ordering::Relaxed) >= 30
+                {
+                    break;
+                }
+                let o = ask(&c, &url, key).await;
+                if o.status == 429 {
+                    row.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    row.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        refused_in_a_row.load(std::sync::atomic::Ordering::Relaxed) >= 30,
+        "the starting allowance was not spent within 30 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_hold_a_tenants_rpm_and_tpm_within_5_percent_over_a_minute() {
+    let redis = Redis::start();
+    let shard = start_shard(ShardSpec::new("s1", "home").capacity(100_000.0)).await;
+    // 20 requests/s and 400 tokens/s for the whole fleet of replicas.
+    let (rpm, tpm) = (1200u64, 24_000u64);
+    let gws = replicas(&shard, redis.port, rpm, tpm).await;
+    tokio::join!(drain(&gws, RPM_KEY), drain(&gws, TPM_KEY));
+
+    // A minute at three times each limit (the token tenant's requests are ~22 tokens).
+    let minute = Duration::from_secs(60);
+    let (by_requests, by_tokens) = tokio::join!(
+        offer(&gws, RPM_KEY, 60.0, minute),
+        offer(&gws, TPM_KEY, 3.0 * 400.0 / 22.0, minute)
+    );
+    for (name, outcomes) in [("rpm", &by_requests), ("tpm", &by_tokens)] {
+        let bad: Vec<_> = outcomes
+            .iter()
+            .filter(|(_, o)| !matches!(o.status, 200 | 429))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{name}: answers other than 200 and 429: {bad:?}"
+        );
+        assert!(
+            outcomes
+                .iter()
+                .all(|(_, o)| o.status != 429 || o.retry_after),
+            "{name}: a refusal without Retry-After"
+        );
+    }
+    let admitted = by_requests.iter().filter(|(_, o)| o.status == 200).count() as f64;
+    let tokens: u64 = by_tokens
+        .iter()
+        .filter(|(_, o)| o.status == 200)
+        .map(|(_, o)| o.tokens)
+        .sum();
+    eprintln!(
+        "rpm {rpm}: {admitted} admitted of {}; tpm {tpm}: {tokens} tokens in {} answers of {}",
+        by_requests.len(),
+        by_tokens.iter().filter(|(_, o)| o.status == 200).count(),
+        by_tokens.len()
+    );
+    assert!(
+        (admitted / rpm as f64 - 1.0).abs() <= 0.05,
+        "rpm {rpm} across three replicas: {admitted} admitted in a minute"
+    );
+    assert!(
+        (tokens as f64 / tpm as f64 - 1.0).abs() <= 0.05,
+        "tpm {tpm} across three replicas: {tokens} tokens answered in a minute"
+    );
+    // Each replica admitted a part: the limit was shared, not served by one.
+    for gw in &gws {
+        assert!(
+            gw.metrics().await.contains("breakwater_cluster_store_up 1"),
+            "{}",
+            gw.log()
+        );
+    }
+}
+
+/// Requests admitted per second over `outcomes` sent within `from..to`.
+fn admitted_per_s(outcomes: &[(Duration, Outcome)], from: Duration, to: Duration) -> f64 {
+    let n = outcomes
+        .iter()
+        .filter(|(at, o)| *at >= from && *at < to && o.status == 200)
+        .count();
+    n as f64 / (to - from).as_secs_f64()
+}
+
+async fn wait_state(gws: &[Gateway], state: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    for gw in gws {
+        loop {
+            let s = gw.status().await;
+            if s["cluster"]["state"] == state {
+                break;
+            }
+            assert!(
+                start.elapsed() < within,
+                "not {state} within {within:?}: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_killed_hung_and_restarted_empty_fails_no_request() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let shard = start_shard(ShardSpec::new("s1", "home").capacity(100_000.0)).await;
+    let rpm = 1200u64; // 20/s
+    let gws = replicas(&shard, port, rpm, 1_000_000).await;
+    drain(&gws, RPM_KEY).await;
+
+    // 24 s at three times the limit: store up (0–4 s), killed (4–9 s), back empty
+    // (9–14 s), hung by SIGSTOP (14–19 s), continued (19–24 s).
+    let faults = async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        redis.kill();
+        let down = wait_state(&gws, "down", Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(5) - down).await;
+        let restarted = Redis::start_on(port);
+        let up = wait_state(&gws, "up", Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(5) - up).await;
+        restarted.signal("STOP");
+        let hung = wait_state(&gws, "down", Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(5) - hung).await;
+        restarted.signal("CONT");
+        let back = wait_state(&gws, "up", Duration::from_secs(3)).await;
+        (down, up, hung, back, restarted)
+    };
+    let (outcomes, (down, up, hung, back, _restarted)) =
+        tokio::join!(offer(&gws, RPM_KEY, 60.0, Duration::from_secs(24)), faults);
+    eprintln!("down after {down:?}, up after {up:?}, hung after {hung:?}, back after {back:?}");
+
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|(_, o)| !matches!(o.status, 200 | 429))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed because of the store: {failed:?}"
+    );
+    // Nobody waited on the store: not while it was killed, nor while it hung.
+    let slowest = outcomes.iter().map(|(_, o)| o.took).max().unwrap();
+    assert!(
+        slowest < Duration::from_millis(900),
+        "a request took {slowest:?}"
+    );
+    let limit = rpm as f64 / 60.0;
+    for (from, to, what) in [
+        (5, 9, "killed"),
+        (10, 14, "restarted empty"),
+        (15, 19, "hung"),
+        (20, 24, "continued"),
+    ] {
+        let rate = admitted_per_s(
+            &outcomes,
+            Duration::from_secs(from),
+            Duration::from_secs(to),
+        );
+        eprintln!("{what}: {rate:.1}/s admitted against a limit of {limit}/s");
+        // During an outage within 2x of the limit; after one (4 s windows: 80 requests at
+        // the limit), within 10 %.
+        let (low, high) = match what {
+            "killed" | "hung" => (0.5, 2.0),
+            _ => (0.9, 1.1),
+        };
+        assert!(
+            rate <= high * limit && rate >= low * limit,
+            "{what}: {rate:.1}/s admitted, limit {limit}/s"
+        );
+    }
+    // One log line per transition, not one per request.
+    for gw in &gws {
+        let log = gw.log();
+        let lost = log.matches("cluster store unreachable").count();
+        let back = log.matches("cluster store answers again").count();
+        assert_eq!((lost, back), (2, 2), "{log}");
+    }
+    let m = gws[0].metrics().await;
+    assert!(m.contains("breakwater_cluster_replicas 3"), "{m}");
+    assert!(m.contains("breakwater_cluster_store_up 1"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_drops_out_and_the_others_take_the_whole_limit() {
+    let redis = Redis::start();
+    let shard = start_shard(ShardSpec::new("s1", "home").capacity(100_000.0)).await;
+    let rpm = 1200u64; // 20/s
+    let mut gws = replicas(&shard, redis.port, rpm, 1_000_000).await;
+    drain(&gws, RPM_KEY).await;
+    let doomed = gws.pop().unwrap();
+    // The survivors get 40/s between them throughout, the doomed replica 20/s until it is
+    // killed at 3 s.
+    let killed = async {
+        let _ = offer(
+            std::slice::from_ref(&doomed),
+            RPM_KEY,
+            20.0,
+            Duration::from_secs(3),
+        )
+        .await;
+        doomed.signal("KILL");
+        let start = Instant::now();
+        loop {
+            let seen = gws[0].status().await["cluster"]["replicas"]
+                .as_array()
+                .map_or(0, Vec::len);
+            if seen == 2 {
+                break start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the killed replica still counts"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (survivors, dropped_out) =
+        tokio::join!(offer(&gws, RPM_KEY, 40.0, Duration::from_secs(10)), killed);
+    eprintln!("the killed replica dropped out after {dropped_out:?}");
+    assert!(survivors.iter().all(|(_, o)| matches!(o.status, 200 | 429)));
+    let limit = rpm as f64 / 60.0;
+    let rate = admitted_per_s(&survivors, Duration::from_secs(4), Duration::from_secs(10));
+    eprintln!("survivors: {rate:.1}/s admitted against a limit of {limit}/s");
+    assert!(
+        (rate / limit - 1.0).abs() <= 0.1,
+        "after one of three replicas died the other two admitted {rate:.1}/s, limit {limit}/s"
+    );
+    let m = gws[0].metrics().await;
+    assert!(m.contains("breakwater_cluster_replicas 2"), "{m}");
+}
+
+#[tokio::test]
+async fn a_store_url_with_a_password_is_refused_by_validation() {
+    let shard = start_shard(ShardSpec::new("s1", "home")).await;
+    let text = policy_text(
+        &[&shard],
+        "[cluster]\nstore = \"redis://:hunter2@127.0.0.1:6379\"\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.toml"), text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["validate", &dir.path().display().to_string()])
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("cluster.store"), "{said}");
+    assert!(!said.contains("hunter2"), "the password was echoed: {said}");
+}
