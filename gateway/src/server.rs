@@ -97,6 +97,7 @@ pub enum ServeError {
 /// not wait behind health checks, nor they behind a slow store.
 fn start_cluster(
     tables: &Arc<Tables>,
+    admission: &Arc<crate::admission::Admission>,
     metrics: &Metrics,
     port: u16,
 ) -> Result<Option<Arc<crate::cluster::Cluster>>, ServeError> {
@@ -117,10 +118,14 @@ fn start_cluster(
     };
     let cluster = crate::cluster::Cluster::new(settings, port, metrics)
         .map_err(|e| ServeError::Cluster(e.to_string()))?;
-    let (run, tables) = (Arc::clone(&cluster), Arc::clone(tables));
+    let (run, tables, admission) = (
+        Arc::clone(&cluster),
+        Arc::clone(tables),
+        Arc::clone(admission),
+    );
     std::thread::Builder::new()
         .name("cluster".into())
-        .spawn(move || runtime.block_on(run.run(store, tables)))
+        .spawn(move || runtime.block_on(run.run(store, tables, admission)))
         .map_err(|e| ServeError::Cluster(e.to_string()))?;
     tracing::info!(replica = %cluster.replica_id(), "cluster: tenant limits shared through the store");
     Ok(Some(cluster))
@@ -306,7 +311,7 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
             .send((table.probes(), table.policy.health.clone()));
     }
     let admission = crate::admission::Admission::new(Arc::clone(&tables));
-    let cluster = start_cluster(&tables, &metrics, listen.port())?;
+    let cluster = start_cluster(&tables, &admission, &metrics, listen.port())?;
     let lifecycle = Arc::new(Lifecycle::default());
     let state = Arc::new(State {
         cluster,

@@ -88,7 +88,7 @@ fn policy(shard: &Shard, redis_port: u16, rpm: u64, tpm: u64, replica: &str) -> 
         &[shard],
         &format!(
             "[cluster]\nstore = \"redis://127.0.0.1:{redis_port}\"\nreplica_id = \"{replica}\"\n\
-             timeout_ms = 100\nsync_ms = 100\nheartbeat_ms = 500\nreplica_ttl_ms = 2000\n\n\
+             timeout_ms = 100\nsync_ms = 100\nheartbeat_ms = 100\nreplica_ttl_ms = 2000\n\n\
              [[tenants]]\nid = \"by-requests\"\napi_key_sha256 = [\"{}\"]\nrpm = {rpm}\n\n\
              [[tenants]]\nid = \"by-tokens\"\napi_key_sha256 = [\"{}\"]\ntpm = {tpm}\n",
             digest(RPM_KEY),
@@ -98,9 +98,14 @@ fn policy(shard: &Shard, redis_port: u16, rpm: u64, tpm: u64, replica: &str) -> 
 }
 
 async fn replicas(shard: &Shard, redis_port: u16, rpm: u64, tpm: u64) -> Vec<Gateway> {
+    replicas_of(|i| policy(shard, redis_port, rpm, tpm, &format!("r{i}"))).await
+}
+
+/// Three replicas of `policy(i)`, once each sees the other two.
+async fn replicas_of(policy: impl Fn(usize) -> String) -> Vec<Gateway> {
     let mut out = Vec::new();
     for i in 0..3 {
-        out.push(Gateway::start(&policy(shard, redis_port, rpm, tpm, &format!("r{i}"))).await);
+        out.push(Gateway::start(&policy(i)).await);
     }
     // Every replica has beaten once and sees the other two.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -436,6 +441,94 @@ async fn a_replica_killed_drops_out_and_the_others_take_the_whole_limit() {
     );
     let m = gws[0].metrics().await;
     assert!(m.contains("breakwater_cluster_replicas 2"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
+    let redis = Redis::start();
+    let mut spec = ShardSpec::new("s1", "home");
+    spec.behaviour = llm_sim::Behaviour::FifoSlots;
+    (spec.slots, spec.ttft_ms, spec.itl_ms) = (6, 20, 5);
+    let shard = start_shard(spec).await;
+    let gws = replicas_of(|i| {
+        policy(&shard, redis.port, 1_000_000, 100_000_000, &format!("r{i}")).replacen(
+            "capacity_tps = 1000\n",
+            "capacity_tps = 1000\nmax_requests = 6\n",
+            1,
+        )
+    })
+    .await;
+    // Each replica alone would fill all 6 slots; together they must share them. Twelve
+    // clients on the first replica, six on each of the others: four times the slots.
+    let stop = Instant::now() + Duration::from_secs(6);
+    let mut clients = Vec::new();
+    for (i, n) in [(0usize, 12), (1, 6), (2, 6)] {
+        for _ in 0..n {
+            let url = gws[i].url("/v1/chat/completions");
+            clients.push(tokio::spawn(async move {
+                let (c, mut statuses) = (client(), Vec::new());
+                while Instant::now() < stop && statuses.len() < 2000 {
+                    let r = c.post(&url).json(&chat(8, false)).send().await;
+                    let status = match r {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let _ = r.bytes().await;
+                            s
+                        }
+                        Err(_) => 0,
+                    };
+                    statuses.push(status);
+                    if status == 429 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                statuses
+            }));
+        }
+    }
+    // The engine's own counts, every 10 ms, after a second to settle the shares.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut samples = Vec::new();
+    while Instant::now() < stop - Duration::from_millis(200) {
+        let st = shard.stats();
+        samples.push((st.running, st.waiting));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut statuses = Vec::new();
+    for c in clients {
+        statuses.extend(c.await.unwrap());
+    }
+    let queued_in_engine = samples.iter().filter(|(_, w)| *w > 0).count();
+    let mean_running =
+        samples.iter().map(|(r, _)| *r as f64).sum::<f64>() / samples.len().max(1) as f64;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    eprintln!(
+        "{} samples: engine queue non-empty in {queued_in_engine}, mean running {mean_running:.2} of 6; \
+         {ok} answered of {}",
+        samples.len(),
+        statuses.len()
+    );
+    assert!(
+        statuses.iter().all(|s| matches!(s, 200 | 429)),
+        "{statuses:?}"
+    );
+    assert!(
+        queued_in_engine * 20 <= samples.len(),
+        "the replicas together sent the engine more than its 6 slots in {queued_in_engine} of {} samples",
+        samples.len()
+    );
+    assert!(
+        mean_running >= 4.8,
+        "slots idle: {mean_running:.2} of 6 running"
+    );
+    let shares: Vec<Value> = {
+        let mut v = Vec::new();
+        for gw in &gws {
+            v.push(gw.shard("s1").await["allotted_slots"].clone());
+        }
+        v
+    };
+    eprintln!("allotted slots at the end: {shares:?}");
 }
 
 #[tokio::test]

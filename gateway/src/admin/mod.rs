@@ -128,6 +128,7 @@ impl Admin {
                     "admission_limit_tokens": s.limit.tokens(),
                     "declared_slots": s.max_requests,
                     "learned_slots": s.slots.learned(),
+                    "allotted_slots": s.slots.allotment(),
                     "effective_limit_tokens": (s.limit.tokens() as f64 * h.weight_factor.clamp(0.0, 1.0)).round(),
                     "last_minute": s.window.summary(now_s, now_s),
                     "dispatched_requests_total": s.load.dispatched_requests_total(),

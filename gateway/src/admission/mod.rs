@@ -150,6 +150,15 @@ impl Admission {
         self.budget.arrivals_per_finish()
     }
 
+    /// Requests queued for `model`, all priorities (walks the queue: for the cluster's
+    /// reports of demand, not the request path).
+    pub fn queued_for(&self, model: &str) -> usize {
+        self.queue.waiting_for(&Waiting {
+            model: Arc::from(model),
+            priority: Priority::Standard,
+        })
+    }
+
     /// The tokens per second the fleet is releasing, as last measured.
     pub fn drain_tps(&self) -> f64 {
         self.drain.rate()

@@ -108,6 +108,16 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         [0, 1, 2].map(|b| self.waiting[b].load(Ordering::Relaxed))
     }
 
+    /// Waiters for `key`, all bands (walks the queue: for reports, not the request path).
+    pub fn waiting_for(&self, key: &K) -> usize {
+        let inner = self.lock();
+        inner
+            .bands
+            .iter()
+            .map(|b| b.iter().filter(|w| w.model == *key).count())
+            .sum()
+    }
+
     /// Waiters in all bands.
     pub fn len(&self) -> usize {
         self.depths().iter().sum()

@@ -51,6 +51,9 @@ pub struct EngineSlots {
     /// Tries of one more slot that were wrong since one was right (the interval between
     /// tries doubles with each).
     wrong_tries: AtomicU64,
+    /// With `[cluster]`: this replica's part of the slots (+1, so 0 means the whole), as
+    /// [`allot`] last divided them among the replicas.
+    allotted: AtomicU64,
 }
 
 /// Least time between two tries of one more slot than learned.
@@ -79,6 +82,26 @@ impl EngineSlots {
     pub fn confirmed(&self) -> Option<u64> {
         let trying = u64::from(self.trying.load(Ordering::Relaxed));
         self.learned().map(|n| n.saturating_sub(trying).max(1))
+    }
+
+    /// `slots` (declared or learned) as far as this replica may fill them: its allotment
+    /// among the gateway replicas, if one is set.
+    pub fn allotted(&self, slots: u64) -> u64 {
+        match self.allotted.load(Ordering::Relaxed) {
+            0 => slots,
+            a => slots.min(a - 1),
+        }
+    }
+
+    /// This replica's allotment of the slots (`None`: all of them).
+    pub fn allotment(&self) -> Option<u64> {
+        self.allotted.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Sets this replica's allotment (`None`: all of them).
+    pub fn set_allotment(&self, allotted: Option<u64>) {
+        self.allotted
+            .store(allotted.map_or(0, |a| a + 1), Ordering::Relaxed);
     }
 
     /// Learns from an engine reading taken at `taken`: `running` in the batch, `waiting`
@@ -154,9 +177,94 @@ impl EngineSlots {
     }
 }
 
+/// Divides `slots` among replicas by their `demand` (requests in flight and queued for
+/// the shard's pool, one entry per replica in the same order on every replica, so each
+/// computes the same division): every replica with any demand gets one slot first (as far
+/// as the slots go, in order), the rest go in proportion to the demand beyond that, by
+/// largest remainder (ties to the earlier replica), or evenly when nobody wants more than
+/// one. The parts add up to `slots`, so the replicas together never fill more than the
+/// engine has; under load, a replica with no demand gets none until it reports some.
+pub fn allot(slots: u64, demand: &[f64]) -> Vec<u64> {
+    let mut parts = vec![0u64; demand.len()];
+    let mut left = slots;
+    for (i, d) in demand.iter().enumerate() {
+        if left > 0 && *d > 0.0 {
+            parts[i] = 1;
+            left -= 1;
+        }
+    }
+    let beyond: Vec<f64> = demand
+        .iter()
+        .zip(&parts)
+        .map(|(d, p)| (d - *p as f64).max(0.0))
+        .collect();
+    let total: f64 = beyond.iter().sum();
+    if left == 0 {
+        return parts;
+    }
+    // Nobody wants more than one: what is left is shared evenly, so a replica's next
+    // request finds a slot without waiting for the next report.
+    let (weights, total) = if total > 0.0 {
+        (beyond, total)
+    } else {
+        (vec![1.0; demand.len()], demand.len() as f64)
+    };
+    let exact: Vec<f64> = weights.iter().map(|b| b / total * left as f64).collect();
+    let mut given = 0;
+    for (p, e) in parts.iter_mut().zip(&exact) {
+        *p += e.floor() as u64;
+        given += e.floor() as u64;
+    }
+    let mut order: Vec<usize> = (0..demand.len()).collect();
+    order.sort_by(|a, b| {
+        let (ra, rb) = (exact[*a] - exact[*a].floor(), exact[*b] - exact[*b].floor());
+        rb.total_cmp(&ra).then(a.cmp(b))
+    });
+    for i in order.into_iter().take((left - given) as usize) {
+        parts[i] += 1;
+    }
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_divided_by_demand_and_always_add_up() {
+        assert_eq!(allot(16, &[10.0, 10.0, 10.0]), vec![6, 5, 5]);
+        assert_eq!(allot(6, &[20.0, 8.0, 8.0]).iter().sum::<u64>(), 6);
+        // One waiting request is not starved by a busy replica.
+        assert_eq!(allot(16, &[40.0, 1.0, 0.0]), vec![15, 1, 0]);
+        // Idle replicas share evenly; one asking for more takes what is left.
+        assert_eq!(allot(8, &[0.0, 0.0, 0.0]), vec![3, 3, 2]);
+        assert_eq!(allot(8, &[1.0, 0.0, 0.0]), vec![4, 2, 2]);
+        assert_eq!(allot(8, &[0.0, 2.0, 0.0]), vec![0, 8, 0]);
+        // Fewer slots than replicas asking: one each as far as they go.
+        assert_eq!(allot(2, &[5.0, 5.0, 5.0]), vec![1, 1, 0]);
+        for slots in [1u64, 3, 7, 64] {
+            for demand in [[0.5, 3.0, 9.0], [100.0, 0.0, 1.0], [2.0, 2.0, 2.0]] {
+                assert_eq!(
+                    allot(slots, &demand).iter().sum::<u64>(),
+                    slots,
+                    "{slots} {demand:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_allotment_caps_the_slots_this_replica_fills() {
+        let s = EngineSlots::default();
+        assert_eq!(s.allotted(16), 16);
+        s.set_allotment(Some(5));
+        assert_eq!((s.allotted(16), s.allotment()), (5, Some(5)));
+        assert_eq!(s.allotted(3), 3);
+        s.set_allotment(Some(0));
+        assert_eq!(s.allotted(16), 0);
+        s.set_allotment(None);
+        assert_eq!(s.allotted(16), 16);
+    }
     use std::time::Duration;
 
     fn at(ms: u64) -> Instant {

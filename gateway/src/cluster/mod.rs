@@ -10,9 +10,13 @@
 //! limits hold across replicas to within the leases outstanding, whatever the replicas'
 //! number or clocks.
 //!
-//! The store is optional and fallible. Each replica beats a heartbeat into a sorted set
-//! every `heartbeat_ms` ([`store::Store::heartbeat`]), so every replica knows how many
-//! there are. When the store does not answer within `timeout_ms` (down, hung, partitioned)
+//! Each replica beats a heartbeat into a sorted set every `heartbeat_ms`
+//! ([`store::Store::heartbeat`]) with what it asks of each pool (requests in flight and
+//! queued), so every replica knows the others and their demand, and divides each shard's
+//! batch slots among them the same way ([`crate::admission::slots::allot`]): the replicas
+//! together fill no more slots than the engine runs.
+//!
+//! The store is optional and fallible. When the store does not answer within `timeout_ms` (down, hung, partitioned)
 //! every leased bucket refills locally at `1 ÷ replicas` of its tenant's rate until the
 //! store answers again, one log line per transition; no request waits on the store.
 
@@ -25,10 +29,12 @@ use prometheus::{IntCounter, IntGauge};
 use serde::Serialize;
 
 use crate::admission::rate::{Bucket, LeaseAsk};
+use crate::admission::slots::allot;
+use crate::admission::Admission;
 use crate::metrics::Metrics;
 use crate::policy::ClusterSettings;
 use crate::table::Tables;
-use store::{Settle, Store};
+use store::{Beat, Settle, Store};
 
 /// Why the cluster cannot start or a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -210,8 +216,14 @@ impl Cluster {
 
     /// Settles leases and beats the heartbeat through `store` until the process ends. The
     /// store being unreachable is a state ([`StoreState::Down`]), not an end.
-    pub async fn run(self: Arc<Self>, store: Store, tables: Arc<Tables>) {
+    pub async fn run(
+        self: Arc<Self>,
+        store: Store,
+        tables: Arc<Tables>,
+        admission: Arc<Admission>,
+    ) {
         let replicas_key = format!("{}:replicas", self.settings.key_prefix);
+        let demand_prefix = format!("{}:demand:", self.settings.key_prefix);
         let mut tick = tokio::time::interval(self.settings.sync_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_settle = Instant::now();
@@ -220,13 +232,21 @@ impl Cluster {
             tick.tick().await;
             let beat_due = last_beat.is_none_or(|b| b.elapsed() >= self.settings.heartbeat);
             if beat_due || self.lock().state != StoreState::Up {
-                match store
-                    .heartbeat(&replicas_key, &self.replica_id, self.settings.replica_ttl)
-                    .await
-                {
-                    Ok(seen) => {
+                let demand = own_demand(&tables, &admission);
+                let beat = store
+                    .heartbeat(
+                        &replicas_key,
+                        &self.replica_id,
+                        self.settings.replica_ttl,
+                        &store::format_demand(&demand),
+                        &demand_prefix,
+                    )
+                    .await;
+                match beat {
+                    Ok(beats) => {
                         last_beat = Some(Instant::now());
-                        self.replicas_seen(seen);
+                        self.allot_slots(&tables, &beats, &demand);
+                        self.replicas_seen(beats);
                         self.store_answered(&tables);
                     }
                     Err(e) => {
@@ -240,6 +260,33 @@ impl Cluster {
             if let Err(e) = self.settle(&store, &tables, elapsed).await {
                 self.store_failed(&tables, &e);
             }
+        }
+    }
+
+    /// Divides each shard's slots (declared or learned) among the replicas the heartbeat
+    /// saw, by what each asks of the shard's pool ([`allot`]); alone, this replica has
+    /// them all. Allotments stand while the store is unreachable (the last share known).
+    fn allot_slots(&self, tables: &Tables, beats: &[Beat], own: &[(String, f64)]) {
+        let table = tables.peek();
+        let mut replicas: Vec<&Beat> = beats.iter().collect();
+        replicas.sort_by(|a, b| a.replica.cmp(&b.replica));
+        let me = replicas.iter().position(|b| b.replica == self.replica_id);
+        for s in table.router.shards() {
+            let (Some(slots), Some(me), true) = (s.max_in_flight(), me, replicas.len() > 1) else {
+                s.slots.set_allotment(None);
+                continue;
+            };
+            let demand: Vec<f64> = replicas
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let of = if i == me { own } else { &b.demand[..] };
+                    of.iter()
+                        .find(|(p, _)| *p == s.pool)
+                        .map_or(0.0, |(_, d)| *d)
+                })
+                .collect();
+            s.slots.set_allotment(Some(allot(slots, &demand)[me]));
         }
     }
 
@@ -281,14 +328,14 @@ impl Cluster {
         Ok(())
     }
 
-    fn replicas_seen(&self, mut seen: Vec<(String, Duration)>) {
-        seen.sort();
+    fn replicas_seen(&self, mut seen: Vec<Beat>) {
+        seen.sort_by(|a, b| a.replica.cmp(&b.replica));
         let mut s = self.lock();
         s.replicas = seen
             .into_iter()
-            .map(|(id, ago)| ReplicaSeen {
-                id,
-                last_beat_ms: ago.as_millis() as u64,
+            .map(|b| ReplicaSeen {
+                id: b.replica,
+                last_beat_ms: b.ago.as_millis() as u64,
             })
             .collect();
         self.gauges.replicas.set(s.replicas.len() as i64);
@@ -343,6 +390,28 @@ impl Cluster {
             "cluster store unreachable: tenant limits are local, at 1/{replicas} of each"
         );
     }
+}
+
+/// What this replica asks of each pool: requests in flight on its shards and queued for
+/// its models.
+fn own_demand(tables: &Tables, admission: &Admission) -> Vec<(String, f64)> {
+    let table = tables.peek();
+    table
+        .policy
+        .pools
+        .iter()
+        .map(|p| {
+            let in_flight: u64 = table
+                .router
+                .shards()
+                .iter()
+                .filter(|s| s.pool == p.id)
+                .map(|s| s.load.inflight_requests())
+                .sum();
+            let queued: usize = p.models.iter().map(|m| admission.queued_for(m)).sum();
+            (p.id.clone(), in_flight as f64 + queued as f64)
+        })
+        .collect()
 }
 
 fn for_each_bucket(tables: &Tables, f: impl Fn(&Bucket)) {

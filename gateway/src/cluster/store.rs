@@ -40,6 +40,40 @@ pub struct Settled {
     pub level: f64,
 }
 
+/// One replica as the heartbeat saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Beat {
+    /// Its id.
+    pub replica: String,
+    /// Since its last heartbeat.
+    pub ago: Duration,
+    /// What it asks of each pool: requests in flight and queued, by pool id.
+    pub demand: Vec<(String, f64)>,
+}
+
+/// `POOL=REQUESTS,...` as a replica wrote it (what does not parse is left out).
+pub fn parse_demand(s: &str) -> Vec<(String, f64)> {
+    s.split(',')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            let v: f64 = v
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite() && *v >= 0.0)?;
+            Some((k.to_string(), v))
+        })
+        .collect()
+}
+
+/// A replica's demand, written for [`parse_demand`].
+pub fn format_demand(demand: &[(String, f64)]) -> String {
+    demand
+        .iter()
+        .map(|(k, v)| format!("{k}={v:.1}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A connection to the store.
 pub struct Store {
     connection: ConnectionManager,
@@ -139,29 +173,37 @@ impl Store {
             .collect()
     }
 
-    /// Says `replica` is alive and returns the replicas heard from within `ttl` (this one
-    /// included) with how long ago each last beat.
+    /// Says `replica` is alive, with its `demand` (`POOL=REQUESTS,...`, kept under
+    /// `demand_prefix` + its id for the TTL), and returns the replicas heard from within
+    /// `ttl` (this one included): how long ago each last beat, and its demand.
     pub async fn heartbeat(
         &self,
         set: &str,
         replica: &str,
         ttl: Duration,
-    ) -> Result<Vec<(String, Duration)>, ClusterError> {
+        demand: &str,
+        demand_prefix: &str,
+    ) -> Result<Vec<Beat>, ClusterError> {
         let mut call = self.heartbeat.prepare_invoke();
-        call.key(set).arg(replica).arg(ttl.as_millis() as u64);
+        call.key(set)
+            .arg(replica)
+            .arg(ttl.as_millis() as u64)
+            .arg(demand)
+            .arg(demand_prefix);
         let mut connection = self.connection.clone();
         let answer: Vec<String> = self.bounded(call.invoke_async(&mut connection)).await?;
         let Some((now, rest)) = answer.split_first() else {
             return Err(ClusterError::Store("empty heartbeat answer".into()));
         };
         let now = number(now)?;
-        rest.chunks_exact(2)
-            .map(|pair| {
-                let beat = number(&pair[1])?;
-                Ok((
-                    pair[0].clone(),
-                    Duration::from_millis((now - beat).max(0.0) as u64),
-                ))
+        rest.chunks_exact(3)
+            .map(|r| {
+                let beat = number(&r[1])?;
+                Ok(Beat {
+                    replica: r[0].clone(),
+                    ago: Duration::from_millis((now - beat).max(0.0) as u64),
+                    demand: parse_demand(&r[2]),
+                })
             })
             .collect()
     }
@@ -198,4 +240,20 @@ fn read_secret(source: &SecretSource) -> Result<String, ClusterError> {
         return Err(ClusterError::Secret("the store's password is empty".into()));
     }
     Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demand_round_trips_and_garbage_is_left_out() {
+        let d = vec![("pool-a".to_string(), 3.0), ("pool.b".to_string(), 0.5)];
+        assert_eq!(parse_demand(&format_demand(&d)), d);
+        assert_eq!(parse_demand(""), vec![]);
+        assert_eq!(
+            parse_demand("a=1,b=x,=,c=-2,d=inf,e=2"),
+            vec![("a".to_string(), 1.0), ("e".to_string(), 2.0)]
+        );
+    }
 }

@@ -878,8 +878,8 @@ impl Compiler {
             self,
             "cluster.heartbeat_ms",
             raw.heartbeat_ms,
-            1000,
-            100,
+            250,
+            10,
             60_000,
         );
         let replica_ttl = ms(

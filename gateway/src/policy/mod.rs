@@ -378,7 +378,7 @@ pub struct ClusterSettings {
     pub timeout: Duration,
     /// How often leased allowance is settled with the store.
     pub sync_interval: Duration,
-    /// How often this replica says it is alive.
+    /// How often this replica says it is alive and reports its demand.
     pub heartbeat: Duration,
     /// How long a replica not heard from still counts.
     pub replica_ttl: Duration,
@@ -1116,7 +1116,7 @@ models = ["llama"]
         assert_eq!(c.key_prefix, "breakwater");
         assert_eq!(c.timeout, Duration::from_millis(100));
         assert_eq!(c.sync_interval, Duration::from_millis(100));
-        assert_eq!(c.heartbeat, Duration::from_secs(1));
+        assert_eq!(c.heartbeat, Duration::from_millis(250));
         assert_eq!(c.replica_ttl, Duration::from_secs(5));
     }
 

@@ -343,7 +343,8 @@ pub struct RawCluster {
     pub timeout_ms: Option<u64>,
     /// How often the allowance leased from the store is settled, milliseconds. Default 100.
     pub sync_ms: Option<u64>,
-    /// How often the replica says it is alive, milliseconds. Default 1000.
+    /// How often the replica says it is alive and reports what it asks of each pool (the
+    /// shards' slots are divided by it), milliseconds. Default 250.
     pub heartbeat_ms: Option<u64>,
     /// A replica not heard from for this long no longer counts, milliseconds. Default 5000.
     pub replica_ttl_ms: Option<u64>,

@@ -112,13 +112,14 @@ impl ShardEntry {
 
     /// [`Self::max_in_flight`] for a request of `priority`: a critical one only takes the
     /// slots the engine is known to have, not one more being tried
-    /// ([`EngineSlots::confirmed`]).
+    /// ([`EngineSlots::confirmed`]); with `[cluster]`, within this replica's allotment.
     pub fn max_in_flight_for(&self, priority: Priority) -> Option<u64> {
         match (self.max_requests, priority) {
             (Some(m), _) => Some(m),
             (None, Priority::Critical) => self.slots.confirmed(),
             (None, _) => self.slots.learned(),
         }
+        .map(|m| self.slots.allotted(m))
     }
 
     /// Whether its admission limit, scaled by its health weight in `health`, has room for
