@@ -3,11 +3,18 @@
 
 Usage:  python3 bench/instructions.py [--baseline BIN] [--requests N] [--streams N]
         python3 bench/instructions.py --affinity prefix|session
+        python3 bench/instructions.py --cluster
 
 --affinity measures this build twice instead, with the pool's cache affinity off and with
 it set (and 16-byte blocks, so the load generator's short prompt is hashed in several blocks
 and the prefix index is read and written on every request): the cost of affinity per
 request.
+
+--cluster measures this build twice too: with `[cluster]` on a redis-server it starts
+(127.0.0.1:18779) and without, the requests' tenant limited (`rpm`, `tpm`) in both, so its
+buckets are leased from the store in one and local in the other: the cost of sharing limits
+and slots across replicas per request (the settling and the heartbeats run off the request
+path and count in the idle rate).
 
 CPU time on a small shared machine moves by 10-30 % from one run to the next, which hides a
 change of a few percent on the request path; the number of instructions executed does not
@@ -52,6 +59,8 @@ REQUESTS = int(arg("--requests", "2000"))
 STREAMS = int(arg("--streams", "200"))
 BASELINE = arg("--baseline", None)
 AFFINITY = arg("--affinity", None)
+CLUSTER = "--cluster" in sys.argv
+STORE_PORT = 18779
 
 
 def loadgen(mode, model, **kw):
@@ -115,6 +124,8 @@ def measure(binary, policy):
 
 
 def main():
+    if CLUSTER and shutil.which("redis-server") is None:
+        sys.exit("--cluster needs redis-server (Debian's redis-server package)")
     if shutil.which("valgrind") is None:
         root = [] if os.geteuid() == 0 else ["sudo"]
         subprocess.run(root + ["apt-get", "update", "-qq"], check=True)
@@ -160,7 +171,27 @@ capacity_tps = 1000000
                 f.write(text)
             builds = [(f"affinity {AFFINITY}", os.path.join(PROD, "breakwater"), affine),
                       ("affinity off", os.path.join(PROD, "breakwater"), tmp)]
-        results = {name: measure(path, policy) for name, path, policy in builds}
+        store = None
+        if CLUSTER:
+            # The requests carry no key: the default tenant, limited far above the load.
+            with open(os.path.join(tmp, "policy.toml"), "a") as f:
+                f.write('[[tenants]]\nid = "default"\nrpm = 100000000\ntpm = 1000000000\n')
+            shared = tempfile.mkdtemp(prefix="bw-instr-cluster-")
+            with open(os.path.join(tmp, "policy.toml")) as f:
+                text = f.read()
+            with open(os.path.join(shared, "policy.toml"), "w") as f:
+                f.write(text + f'[cluster]\nstore = "redis://127.0.0.1:{STORE_PORT}"\n')
+            store = subprocess.Popen(["redis-server", "--port", str(STORE_PORT), "--bind",
+                                      "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            builds = [("cluster", os.path.join(PROD, "breakwater"), shared),
+                      ("one replica", os.path.join(PROD, "breakwater"), tmp)]
+        try:
+            results = {name: measure(path, policy) for name, path, policy in builds}
+        finally:
+            if store:
+                store.terminate()
     finally:
         sim.terminate()
     print("| build | instructions / request | instructions / 50-token stream | idle / s |")

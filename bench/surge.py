@@ -32,6 +32,9 @@ Targets, each against freshly started engines:
   no-admission  the same with [admission] enabled = false: the negative control
   haproxy       HAProxy, leastconn, maxconn 16 per server (each engine's slots, told by
                 hand), timeout queue 500 ms, option http-no-delay
+  learned-x3    three `learned` replicas sharing limits and slots through a redis-server
+                (`[cluster]`), behind HAProxy in TCP mode (round robin per connection); the
+                gateway's own figures (queue, refusals by reason) are the first replica's
 
 Also per phase: the engines' batch use (running, waiting), the requests they completed per
 second and the connections they accepted (llm-sim's `/stats`, sampled every 250 ms), and
@@ -137,14 +140,17 @@ def engines(fl):
     return procs
 
 
-def policy(directory, fl, admission, declare_slots, admission_set=""):
+def policy(directory, fl, admission, declare_slots, admission_set="", cluster=None):
     """The gateway's policy for `fl`: admission on or off, each shard's batch slots
-    declared (`max_requests`) or not, extra `[admission]` settings."""
+    declared (`max_requests`) or not, extra `[admission]` settings, `[cluster]` on the
+    store at port `cluster`."""
     text = [f'[gateway]\nhome_region = "us-east"\nlisten = "127.0.0.1:{GATEWAY}"\n'
             f'admin_listen = "127.0.0.1:{ADMIN}"\n',
             "[timeouts]\nconnect_ms = 500\nfirst_byte_ms = 10000\nidle_ms = 10000\ntotal_ms = 60000\n",
             f"[routing]\ndefault_completion_tokens = {fl['max_tokens']}\n",
             "[health]\nmetrics_interval_ms = 200\n"]
+    if cluster:
+        text.append(f'[cluster]\nstore = "redis://127.0.0.1:{cluster}"\n')
     if not admission:
         text.append("[admission]\nenabled = false\n")
     elif admission_set:
@@ -168,25 +174,33 @@ def policy(directory, fl, admission, declare_slots, admission_set=""):
 
 
 def haproxy_conf(path, fl):
-    servers = "\n".join(f"    server {e['id']} 127.0.0.1:{e['port']} maxconn {e['slots']}"
-                        for e in fl["engines"])
+    """HAProxy in front of the engines: each told its slots, a 500 ms queue."""
+    servers = [f"server {e['id']} 127.0.0.1:{e['port']} maxconn {e['slots']}"
+               for e in fl["engines"]]
+    write_haproxy(path, "http", ["option http-no-delay", "timeout queue 500ms"], "leastconn",
+                  servers)
+
+
+def write_haproxy(path, mode, defaults, balance, servers):
+    """One frontend on the gateway's port, one backend of `servers`."""
+    lines = "\n".join(f"    {x}" for x in defaults)
+    backend = "\n".join(f"    {x}" for x in servers)
     with open(path, "w") as f:
         f.write(f"""global
     nbthread 1
     maxconn 9000
 defaults
-    mode http
-    option http-no-delay
+    mode {mode}
+{lines}
     timeout connect 500ms
     timeout client 60s
     timeout server 60s
-    timeout queue 500ms
 frontend fe
     bind 127.0.0.1:{GATEWAY}
-    default_backend engines
-backend engines
-    balance leastconn
-{servers}
+    default_backend servers
+backend servers
+    balance {balance}
+{backend}
 """)
 
 
@@ -304,13 +318,48 @@ def cpu_seconds(pids):
     return cpu_ticks(pids) / os.sysconf("SC_CLK_TCK")
 
 
+STORE = 19379  # learned-x3's redis-server
+REPLICA_PORTS = [(19081, 19091), (19082, 19093), (19083, 19094)]  # traffic, admin
+
+
+def replicas(tmp, fl, admission_set, keep):
+    """learned-x3: a redis-server, three gateways sharing it, HAProxy (TCP) in front; the
+    processes, HAProxy last."""
+    procs = [start(["redis-server", "--port", str(STORE), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no"])]
+    d = os.path.join(tmp, "learned-x3")
+    os.makedirs(d, exist_ok=True)
+    policy(d, fl, admission=True, declare_slots=False, admission_set=admission_set,
+           cluster=STORE)
+    env = dict(os.environ, BREAKWATER_ADMIN_TOKEN="bench", RUST_LOG="warn")
+    for i, (port, admin) in enumerate(REPLICA_PORTS):
+        log = open(os.path.join(keep or tmp, f"learned-x3-{i}.log"), "w")
+        procs.append(start([os.path.join(REL, "breakwater"), "serve", "--policy", d,
+                            "--threads", "1", "--listen", f"127.0.0.1:{port}",
+                            "--admin-listen", f"127.0.0.1:{admin}"],
+                           cpus=PROXY_CPUS, stderr=log, env=env))
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+    conf = os.path.join(tmp, "haproxy-tcp.cfg")
+    write_haproxy(conf, "tcp", [], "roundrobin",
+                  [f"server r{i} 127.0.0.1:{p}" for i, (p, _) in enumerate(REPLICA_PORTS)])
+    procs.append(start(["haproxy", "-f", conf, "-db"], cpus=PROXY_CPUS))
+    time.sleep(0.5)
+    return procs
+
+
 def run_target(name, tmp, fl=DEFAULT_FLEET, phases=PHASES, admission_set=ADMISSION_SET):
     """One target against freshly started engines of `fl`: `haproxy`, `no-admission`,
-    `admission` (slots declared), or `learned` (nothing about slots declared)."""
+    `admission` (slots declared), `learned` (nothing about slots declared), or
+    `learned-x3` (three learned replicas sharing a store, behind HAProxy in TCP mode)."""
     sims = engines(fl)
     procs = list(sims)
+    global ADMIN
+    admin_port = ADMIN
     try:
-        if name == "haproxy":
+        if name == "learned-x3":
+            procs += replicas(tmp, fl, admission_set, os.environ.get("SURGE_LOG_DIR"))
+            ADMIN = REPLICA_PORTS[0][1]
+        elif name == "haproxy":
             conf = os.path.join(tmp, "haproxy.cfg")
             haproxy_conf(conf, fl)
             procs.append(start(["haproxy", "-f", conf, "-db"], cpus=PROXY_CPUS))
@@ -331,7 +380,10 @@ def run_target(name, tmp, fl=DEFAULT_FLEET, phases=PHASES, admission_set=ADMISSI
                                cpus=PROXY_CPUS, stderr=log, env=env))
             wait_http(f"http://127.0.0.1:{GATEWAY}/healthz")
         time.sleep(1.0)
-        proxy, sim_pids = [procs[-1].pid], [p.pid for p in sims]
+        proxy = [procs[-1].pid]
+        if name == "learned-x3":
+            proxy = [p.pid for p in procs[len(sims):]]  # the store, replicas and HAProxy
+        sim_pids = [p.pid for p in sims]
         before = cpu_seconds(proxy), cpu_seconds(sim_pids)
         result = surge(fl, phases, gateway=(name != "haproxy"))
         result["cpu_s"] = {"proxy": cpu_seconds(proxy) - before[0],
@@ -348,6 +400,7 @@ def run_target(name, tmp, fl=DEFAULT_FLEET, phases=PHASES, admission_set=ADMISSI
             result["drain_tokens_per_s"] = status["admission"]["drain_tokens_per_s"]
         return result
     finally:
+        ADMIN = admin_port
         stop(procs)
         time.sleep(0.5)
 

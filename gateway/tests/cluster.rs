@@ -37,11 +37,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (Debian's redis-server package) must be installed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_port(port);
         Redis { child, port }
     }
 
@@ -56,6 +52,18 @@ impl Redis {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits (at most 10 s) until something listens on `port`.
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not start on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -394,6 +402,86 @@ async fn the_store_killed_hung_and_restarted_empty_fails_no_request() {
     assert!(m.contains("breakwater_cluster_store_up 1"), "{m}");
 }
 
+/// A TCP relay to the store that, while `slow` is set, holds every chunk for 300 ms each
+/// way: a store (or a network) slower than the replicas' 100 ms timeout.
+async fn slow_relay(to: u16, slow: Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut r, mut w) in [(cr, sw), (sr, cw)] {
+                let slow = Arc::clone(&slow);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if slow.load(std::sync::atomic::Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_store_counts_as_down_and_no_request_waits_on_it() {
+    let redis = Redis::start();
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = slow_relay(redis.port, Arc::clone(&slow)).await;
+    let shard = start_shard(ShardSpec::new("s1", "home").capacity(100_000.0)).await;
+    let rpm = 1200u64; // 20/s
+    let gws = replicas(&shard, relay, rpm, 1_000_000).await;
+    drain(&gws, RPM_KEY).await;
+    // 14 s at three times the limit: slow from 3 s to 8 s.
+    let faults = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        slow.store(true, std::sync::atomic::Ordering::Relaxed);
+        let down = wait_state(&gws, "down", Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(5) - down).await;
+        slow.store(false, std::sync::atomic::Ordering::Relaxed);
+        let up = wait_state(&gws, "up", Duration::from_secs(3)).await;
+        (down, up)
+    };
+    let (outcomes, (down, up)) =
+        tokio::join!(offer(&gws, RPM_KEY, 60.0, Duration::from_secs(14)), faults);
+    eprintln!("down after {down:?}, up after {up:?}");
+    assert!(outcomes.iter().all(|(_, o)| matches!(o.status, 200 | 429)));
+    let slowest = outcomes.iter().map(|(_, o)| o.took).max().unwrap();
+    assert!(
+        slowest < Duration::from_millis(900),
+        "a request took {slowest:?}"
+    );
+    let limit = rpm as f64 / 60.0;
+    for (from, to, what, low, high) in [(4, 8, "slow", 0.5, 2.0), (10, 14, "fast again", 0.9, 1.1)]
+    {
+        let rate = admitted_per_s(
+            &outcomes,
+            Duration::from_secs(from),
+            Duration::from_secs(to),
+        );
+        eprintln!("{what}: {rate:.1}/s admitted against a limit of {limit}/s");
+        assert!(
+            rate >= low * limit && rate <= high * limit,
+            "{what}: {rate:.1}/s admitted, limit {limit}/s"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_drops_out_and_the_others_take_the_whole_limit() {
     let redis = Redis::start();
@@ -529,6 +617,146 @@ async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
         v
     };
     eprintln!("allotted slots at the end: {shares:?}");
+}
+
+/// A CA, and a PEM certificate and key it signed for `names`.
+fn ca_and_leaf(dir: &std::path::Path, leaves: &[(&str, &[&str])]) -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "store test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+    for (name, names) in leaves {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, *name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+    dir.join("ca.crt")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rediss_store_with_client_certificates_and_a_password_file_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = ca_and_leaf(d, &[("server", &["127.0.0.1"]), ("client", &["gateway"])]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let password = "s3cret-store-password";
+    let path = |f: &str| d.join(f).display().to_string();
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            &path("server.crt"),
+            "--tls-key-file",
+            &path("server.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &ca.display().to_string(),
+            "--tls-auth-clients",
+            "yes",
+        ])
+        .args([
+            "--requirepass",
+            password,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    wait_port(port);
+    let shard = start_shard(ShardSpec::new("s1", "home")).await;
+    let with_password = |pw: &str| {
+        std::fs::write(d.join("password"), format!("{pw}\n")).unwrap();
+        policy_text(
+            &[&shard],
+            &format!(
+                "[cluster]\nstore = \"rediss://127.0.0.1:{port}\"\npassword_file = \"{}\"\n\
+                 [cluster.tls]\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n\n\
+                 [[tenants]]\nid = \"by-requests\"\napi_key_sha256 = [\"{}\"]\nrpm = 600\n",
+                path("password"),
+                ca.display(),
+                path("client.crt"),
+                path("client.key"),
+                digest(RPM_KEY)
+            ),
+        )
+    };
+    let gw = Gateway::start(&with_password(password)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = gw.status().await;
+        if s["cluster"]["state"] == "up" {
+            let t = s["admission"]["tenants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["id"] == "by-requests")
+                .unwrap()
+                .clone();
+            assert_eq!(t["limits_from"], "store", "{t}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the TLS store was not reached: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = client();
+    let o = ask(&c, &gw.url("/v1/chat/completions"), RPM_KEY).await;
+    assert_eq!(o.status, 200);
+    assert!(!gw.log().contains(password), "the password reached the log");
+
+    // A wrong password: the store refuses, the replica says so and serves on its own share,
+    // and neither password appears anywhere.
+    let wrong = Gateway::start(&with_password("not-the-password")).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = wrong.status().await;
+        if s["cluster"]["state"] == "down" {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a refused password left the store {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Its local share (the whole, alone) refills from empty at 10/s.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let o = ask(&c, &wrong.url("/v1/chat/completions"), RPM_KEY).await;
+    assert_eq!(o.status, 200, "limits fall back to the local share");
+    let said = status.to_string() + &wrong.log() + &wrong.metrics().await;
+    assert!(
+        !said.contains("not-the-password") && !said.contains(password),
+        "{said}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[tokio::test]
