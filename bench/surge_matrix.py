@@ -2,7 +2,7 @@
 """The surge benchmark over a matrix of fleets: engines that behave differently, one run.
 
 Usage:  python3 bench/surge_matrix.py [--quick] [--pin] [--profiles a,b,...]
-                                      [--targets learned,admission,haproxy,no-admission]
+                                      [--targets learned,admission,haproxy,no-admission,learned-x3]
                                       [--admission-set 'KEY = VALUE; ...']
 
 Admission that was tuned on one engine model can leave slots idle on another. Each profile
@@ -19,6 +19,8 @@ sheddable 30 %):
   admission     Breakwater with each shard's slots declared (`max_requests`)
   haproxy       HAProxy, leastconn, maxconn = each engine's slots, timeout queue 500 ms
   no-admission  Breakwater with admission off: the negative control
+  learned-x3    three "learned" replicas sharing a redis-server (`[cluster]`) behind HAProxy
+                in TCP mode (only when asked for with --targets)
 
 Per target and phase: goodput sent and delivered (bench/surge.py's two counts), admitted
 TTFT, refusal latency and `Retry-After`, critical good, 5xx / timeouts / cut streams, the
@@ -178,9 +180,11 @@ def main():
     targets = arg("--targets") or ["learned", "admission", "haproxy", "no-admission"]
     chosen = [p for p in profiles() if only is None or p["name"].split(",")[0] in only
               or p["name"] in only]
-    if "haproxy" in targets and shutil.which("haproxy") is None:
-        surge.sh(["sudo", "apt-get", "install", "-y", "-qq", "haproxy"] if os.geteuid() != 0
-                 else ["apt-get", "install", "-y", "-qq", "haproxy"])
+    for tool, package, wanted in (("haproxy", "haproxy", {"haproxy", "learned-x3"}),
+                                  ("redis-server", "redis-server", {"learned-x3"})):
+        if wanted & set(targets) and shutil.which(tool) is None:
+            install = ["apt-get", "install", "-y", "-qq", package]
+            surge.sh(install if os.geteuid() == 0 else ["sudo"] + install)
     surge.sh(["cargo", "build", "--release", "-q", "-p", "breakwater", "-p", "llm-sim",
               "-p", "breakwater-loadgen"], cwd=surge.ROOT)
     os.makedirs(surge.OUT, exist_ok=True)
