@@ -285,7 +285,7 @@ async fn three_replicas_hold_a_tenants_rpm_and_tpm_within_5_percent_over_a_minut
         (tokens as f64 / tpm as f64 - 1.0).abs() <= 0.05,
         "tpm {tpm} across three replicas: {tokens} tokens answered in a minute"
     );
-    // Each replica admitted a part: the limit was shared, not served by one.
+    // Every replica was on the store throughout: the limits were the store's.
     for gw in &gws {
         assert!(
             gw.metrics().await.contains("breakwater_cluster_store_up 1"),
@@ -757,6 +757,27 @@ async fn a_rediss_store_with_client_certificates_and_a_password_file_is_used() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_a_reload_adds_while_the_store_is_down_gets_its_local_share() {
+    let mut redis = Redis::start();
+    let shard = start_shard(ShardSpec::new("s1", "home")).await;
+    let text = policy(&shard, redis.port, 600, 1_000_000, "r0");
+    let gw = Gateway::start(&text).await;
+    wait_state(std::slice::from_ref(&gw), "up", Duration::from_secs(5)).await;
+    redis.kill();
+    wait_state(std::slice::from_ref(&gw), "down", Duration::from_secs(3)).await;
+    let key = "sk-cluster-added";
+    gw.write_policy(&format!(
+        "{text}\n[[tenants]]\nid = \"added\"\napi_key_sha256 = [\"{}\"]\nrpm = 600\n",
+        digest(key)
+    ));
+    assert_eq!(gw.reload().await.0, 200);
+    // Alone, its share is the whole: 10/s, refilling from empty.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let o = ask(&client(), &gw.url("/v1/chat/completions"), key).await;
+    assert_eq!(o.status, 200, "a tenant added during the outage is refused");
 }
 
 #[tokio::test]

@@ -367,22 +367,25 @@ impl Cluster {
         }
     }
 
-    /// A store call failed: on the first failure, every leased bucket falls back to this
-    /// replica's share.
+    /// A store call failed: every leased bucket falls back to this replica's share — at
+    /// every failure, not only the first, so a bucket a reload made during the outage
+    /// (leased, empty) falls back too; for one already falling back it changes nothing.
     fn store_failed(&self, tables: &Tables, e: &ClusterError) {
         self.gauges.store_errors.inc();
         let mut s = self.lock();
         s.last_error = Some(e.to_string());
-        if s.state == StoreState::Down {
-            return;
-        }
-        s.state = StoreState::Down;
-        s.since = Instant::now();
+        let was_down = std::mem::replace(&mut s.state, StoreState::Down) == StoreState::Down;
         let replicas = s.replicas.len().max(1);
+        if !was_down {
+            s.since = Instant::now();
+        }
         drop(s);
-        self.gauges.store_up.set(0);
         let share = 1.0 / replicas as f64;
         for_each_bucket(tables, |b| b.fall_back(share));
+        if was_down {
+            return;
+        }
+        self.gauges.store_up.set(0);
         tracing::warn!(
             replica = %self.replica_id,
             error = %e,
