@@ -482,6 +482,7 @@ impl ShutdownSignalWatch for StopSignal {
         };
         let shutdown = self.state.tables.peek().policy.shutdown;
         let lifecycle = Arc::clone(&self.state.lifecycle);
+        let cluster = self.state.cluster.clone();
         // An upgrade: Pingora sends the sockets, both processes accept for its fixed five
         // seconds, then this one closes its listeners. A stop: the policy's delay.
         let listening_for = if upgrade {
@@ -504,6 +505,9 @@ impl ShutdownSignalWatch for StopSignal {
             });
             while lifecycle.in_flight() > 0 {
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Some(cluster) = cluster {
+                cluster.leave();
             }
             tracing::info!("shutdown: nothing left in flight, exiting");
             std::process::exit(0);

@@ -619,6 +619,174 @@ async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
     eprintln!("allotted slots at the end: {shares:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_together_keep_to_a_shards_token_limit() {
+    let redis = Redis::start();
+    // No slot bound on the engine; the token limit is fixed at 600 ms of 1,000 tokens/s
+    // (600 tokens), so what is learned cannot blur what is divided.
+    let shard = start_shard(ShardSpec::new("s1", "home").itl_ms(20)).await;
+    let gws = replicas_of(|i| {
+        policy(&shard, redis.port, 1_000_000, 100_000_000, &format!("r{i}")).replacen(
+            "[[tenants]]",
+            "[admission]\ninitial_limit_ms = 600\nmin_limit_ms = 600\nmax_limit_ms = 600\n\n[[tenants]]",
+            1,
+        )
+    })
+    .await;
+    let limit = gws[0].shard("s1").await["admission_limit_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(limit, 600);
+    // Eight clients on each replica, each asking 20 tokens (about 400 ms of decode): each
+    // replica alone would fill the whole limit.
+    let stop = Instant::now() + Duration::from_secs(5);
+    let mut clients = Vec::new();
+    for gw in &gws {
+        for _ in 0..8 {
+            let url = gw.url("/v1/chat/completions");
+            clients.push(tokio::spawn(async move {
+                let (c, mut statuses) = (client(), Vec::new());
+                while Instant::now() < stop && statuses.len() < 500 {
+                    let status = match c.post(&url).json(&chat(20, false)).send().await {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let _ = r.bytes().await;
+                            s
+                        }
+                        Err(_) => 0,
+                    };
+                    statuses.push(status);
+                    if status == 429 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                statuses
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut totals = Vec::new();
+    while Instant::now() < stop - Duration::from_millis(300) {
+        let mut total = 0;
+        for gw in &gws {
+            total += gw.shard("s1").await["inflight_tokens"].as_u64().unwrap();
+        }
+        totals.push(total);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut statuses = Vec::new();
+    for c in clients {
+        statuses.extend(c.await.unwrap());
+    }
+    let shares: Vec<f64> = {
+        let mut v = Vec::new();
+        for gw in &gws {
+            v.push(gw.shard("s1").await["limit_share"].as_f64().unwrap());
+        }
+        v
+    };
+    totals.sort_unstable();
+    let mean = totals.iter().sum::<u64>() as f64 / totals.len().max(1) as f64;
+    let p90 = totals[totals.len() * 9 / 10];
+    eprintln!(
+        "{} samples of the three replicas' tokens in flight: mean {mean:.0}, p90 {p90}, max {} \
+         against a limit of {limit}; shares at the end {shares:?}; {} answered of {}",
+        totals.len(),
+        totals.last().unwrap(),
+        statuses.iter().filter(|s| **s == 200).count(),
+        statuses.len()
+    );
+    assert!(
+        statuses.iter().all(|s| matches!(s, 200 | 429)),
+        "{statuses:?}"
+    );
+    assert!(
+        p90 as f64 <= limit as f64 * 1.2,
+        "the replicas together kept {p90} tokens in flight (p90) on a shard limited to {limit}"
+    );
+    assert!(
+        mean >= limit as f64 * 0.5,
+        "the limit was left unused: {mean:.0} of {limit} in flight on average"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_stopping_hands_its_leases_back_and_leaves_at_once() {
+    let redis = Redis::start();
+    let shard = start_shard(ShardSpec::new("s1", "home").capacity(100_000.0)).await;
+    let mut gws = replicas_of(|i| {
+        policy(&shard, redis.port, 60_000, 100_000_000, &format!("r{i}")).replacen(
+            "[gateway]\n",
+            "[gateway]\nshutdown_delay_ms = 200\n",
+            1,
+        )
+    })
+    .await;
+    let mut leaving = gws.pop().unwrap();
+    let _ = offer(
+        std::slice::from_ref(&leaving),
+        RPM_KEY,
+        50.0,
+        Duration::from_secs(1),
+    )
+    .await;
+    let held = leaving.status().await["admission"]["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "by-requests")
+        .unwrap()["rpm_held"]
+        .as_f64()
+        .unwrap();
+    assert!(held >= 1.0, "the leaving replica holds no lease: {held}");
+    leaving.signal("TERM");
+    let start = Instant::now();
+    loop {
+        let seen = gws[0].status().await["cluster"]["replicas"]
+            .as_array()
+            .map_or(0, Vec::len);
+        if seen == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the stopped replica still counts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left_after = start.elapsed();
+    let exit = leaving.wait_exit(Duration::from_secs(5));
+    let log = leaving.log();
+    eprintln!("held {held:.0} units; the others saw two replicas after {left_after:?}");
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("leases handed back"))
+        .unwrap_or_else(|| panic!("no hand-back logged:\n{log}"));
+    // The units handed back (the log may colour the field: escapes are left out).
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    let units: f64 = plain
+        .split("units=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{plain}"));
+    assert!(units >= 1.0, "nothing handed back: {line}");
+    // The replica TTL is 2 s: gone well before it, by leaving, not by expiry.
+    assert!(
+        left_after < Duration::from_millis(1200),
+        "the stopped replica counted for {left_after:?}"
+    );
+}
+
 /// A CA, and a PEM certificate and key it signed for `names`.
 fn ca_and_leaf(dir: &std::path::Path, leaves: &[(&str, &[&str])]) -> std::path::PathBuf {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};

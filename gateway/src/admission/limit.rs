@@ -17,6 +17,10 @@
 //! A TTFT that jumps once the engine starts queueing (its batch slots are full) pulls the
 //! limit down to what runs at once; while samples stay near the baseline and the limit is
 //! in use it grows. A 429 from the shard cuts the limit by a fifth at once.
+//!
+//! With `[cluster]`, the limit is the shard's, not this replica's: the replicas divide it
+//! by their demand as they divide the slots ([`ShardLimit::set_share`]); this replica fills
+//! its share, and learns as if the shard's whole load were its in-flight tokens ÷ share.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -28,12 +32,18 @@ const SMOOTHING: f64 = 0.2;
 const BASELINE_RISE: f64 = 1.0 / 600.0;
 /// The least headroom over the limit while first tokens come promptly, as a share of it.
 const GROWTH: f64 = 0.1;
+/// The least share of a limit a replica is set to (one with no demand still takes a
+/// request when the shard is idle: [`ShardLimit::fits`]).
+const MIN_SHARE: f64 = 0.01;
 
 /// One shard's limit, in tokens in flight.
 #[derive(Debug)]
 pub struct ShardLimit {
     /// The limit now, tokens (read on every admission without a lock).
     tokens: AtomicU64,
+    /// This replica's share of the limit among the gateway replicas, as `f64` bits (1.0:
+    /// alone, or no `[cluster]`).
+    share: AtomicU64,
     state: Mutex<Gradient>,
 }
 
@@ -64,6 +74,7 @@ impl ShardLimit {
         let limit = tokens(initial);
         Self {
             tokens: AtomicU64::new(limit as u64),
+            share: AtomicU64::new(1f64.to_bits()),
             state: Mutex::new(Gradient {
                 limit,
                 baseline: 0.0,
@@ -90,9 +101,23 @@ impl ShardLimit {
         self.tokens.store(g.limit as u64, Ordering::Relaxed);
     }
 
-    /// The limit now, tokens.
+    /// The limit now, tokens (the shard's, of which this replica fills [`Self::share`]).
     pub fn tokens(&self) -> u64 {
         self.tokens.load(Ordering::Relaxed)
+    }
+
+    /// This replica's share of the limit (1.0 unless gateway replicas divide it).
+    pub fn share(&self) -> f64 {
+        f64::from_bits(self.share.load(Ordering::Relaxed))
+    }
+
+    /// Sets this replica's share of the limit among the gateway replicas (`None`: all of
+    /// it), kept within (0, 1].
+    pub fn set_share(&self, share: Option<f64>) {
+        let share = share
+            .filter(|s| s.is_finite())
+            .map_or(1.0, |s| s.clamp(MIN_SHARE, 1.0));
+        self.share.store(share.to_bits(), Ordering::Relaxed);
     }
 
     /// Whether a request of `cost` tokens fits beside `inflight` on a shard health
@@ -101,13 +126,17 @@ impl ShardLimit {
     /// is full). An idle shard takes any request, however large: a request above the
     /// limit must still run somewhere.
     pub fn fits(&self, inflight: u64, cost: u64, weight: f64) -> bool {
-        inflight == 0 || (inflight + cost) as f64 <= self.tokens() as f64 * weight.clamp(0.0, 1.0)
+        inflight == 0
+            || (inflight + cost) as f64
+                <= self.tokens() as f64 * self.share() * weight.clamp(0.0, 1.0)
     }
 
     /// Learns from one request's time to first token (`queueing`: TTFT less its
-    /// estimated prefill), seen with `inflight` tokens on the shard, requests averaging
-    /// `avg_request_tokens`.
+    /// estimated prefill), seen with `inflight` tokens on the shard from this replica,
+    /// requests averaging `avg_request_tokens`.
     pub fn observe(&self, queueing: Duration, inflight: u64, avg_request_tokens: f64) {
+        // The shard's whole load, as far as this replica can tell: what it sends ÷ its share.
+        let inflight = inflight as f64 / self.share();
         let sample = queueing.as_secs_f64().max(1e-4);
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if g.baseline == 0.0 || sample < g.baseline {
@@ -118,7 +147,7 @@ impl ShardLimit {
             g.baseline += (sample - g.baseline) * BASELINE_RISE;
         }
         let gradient = (g.tolerance * g.baseline / sample).clamp(0.5, 1.0);
-        if gradient >= 1.0 && (inflight as f64) < g.limit / 2.0 {
+        if gradient >= 1.0 && inflight < g.limit / 2.0 {
             return; // no evidence the shard could take more: it is not being used
         }
         // Two average requests (Gradient2's queue size); while first tokens come promptly
@@ -237,6 +266,25 @@ mod tests {
         assert!(l.fits(0, 50_000, 1.0));
         assert!(l.fits(700, 100, 1.0));
         assert!(!l.fits(700, 101, 1.0));
+    }
+
+    #[test]
+    fn a_replica_fills_its_share_and_learns_from_the_shard_s_whole_load() {
+        let l = limit();
+        l.set_share(Some(0.25));
+        assert!(l.fits(200, 50, 1.0));
+        assert!(!l.fits(200, 51, 1.0), "a quarter of 1,000 tokens");
+        // 300 tokens from this replica at a quarter is 1,200 on the shard: in use, so
+        // prompt first tokens grow the limit (with the share ignored, 300 < 500 would not).
+        l.observe(Duration::from_millis(50), 300, 100.0);
+        assert!(l.tokens() > 1000, "{}", l.tokens());
+        // No share, or nonsense, is the whole limit; a share is never zero.
+        l.set_share(None);
+        assert_eq!(l.share(), 1.0);
+        l.set_share(Some(f64::NAN));
+        assert_eq!(l.share(), 1.0);
+        l.set_share(Some(0.0));
+        assert!(l.share() > 0.0);
     }
 
     #[test]

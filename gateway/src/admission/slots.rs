@@ -54,6 +54,9 @@ pub struct EngineSlots {
     /// With `[cluster]`: this replica's part of the slots (+1, so 0 means the whole), as
     /// [`allot`] last divided them among the replicas.
     allotted: AtomicU64,
+    /// With `[cluster]`: set on every replica but one (per pool), which leave the tries of
+    /// one more slot to that one and follow the engine's counts.
+    no_tries: AtomicBool,
 }
 
 /// Least time between two tries of one more slot than learned.
@@ -104,6 +107,24 @@ impl EngineSlots {
             .store(allotted.map_or(0, |a| a + 1), Ordering::Relaxed);
     }
 
+    /// Whether this replica tries one more slot when the engine runs all it has learned
+    /// (`false`: another gateway replica does, and this one learns the answer from the
+    /// engine's counts like any other reading).
+    pub fn set_may_try(&self, may: bool) {
+        self.no_tries.store(!may, Ordering::Relaxed);
+        if !may && self.trying.swap(false, Ordering::Relaxed) {
+            // The try is another replica's now: back to what the engine was seen to run.
+            let n = self.slots.load(Ordering::Relaxed);
+            self.slots
+                .store(n.saturating_sub(1).max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether this replica is trying one more slot now.
+    pub fn is_trying(&self) -> bool {
+        self.trying.load(Ordering::Relaxed)
+    }
+
     /// Learns from an engine reading taken at `taken`: `running` in the batch, `waiting`
     /// for a slot. A reading already learned from (or an older one) changes nothing.
     pub fn observe(&self, taken: Instant, running: f64, waiting: f64) {
@@ -146,7 +167,9 @@ impl EngineSlots {
                 self.wrong_tries.store(0, Ordering::Relaxed); // the slot tried was there
             }
             let probed = self.probed.load(Ordering::Relaxed);
-            if at.saturating_sub(probed) >= self.probe_interval().as_nanos() as u64 {
+            if !self.no_tries.load(Ordering::Relaxed)
+                && at.saturating_sub(probed) >= self.probe_interval().as_nanos() as u64
+            {
                 self.probed.store(at, Ordering::Relaxed);
                 trying = true;
                 running + 1
@@ -269,6 +292,25 @@ mod tests {
 
     fn at(ms: u64) -> Instant {
         epoch() + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_replica_that_leaves_the_tries_to_another_follows_the_engine_s_counts() {
+        let s = EngineSlots::default();
+        s.observe(at(1), 8.0, 2.0);
+        s.set_may_try(false);
+        // Full with nobody waiting, long after any try: this replica does not try.
+        s.observe(at(10_000), 8.0, 0.0);
+        assert_eq!((s.learned(), s.is_trying()), (Some(8), false));
+        // Another replica's try found a ninth slot: the engine says so, and this one learns it.
+        s.observe(at(10_100), 9.0, 0.0);
+        assert_eq!(s.learned(), Some(9));
+        // Made the one that tries, it tries; told to stop mid-try, it drops the slot tried.
+        s.set_may_try(true);
+        s.observe(at(20_000), 9.0, 0.0);
+        assert_eq!((s.learned(), s.is_trying()), (Some(10), true));
+        s.set_may_try(false);
+        assert_eq!((s.learned(), s.is_trying()), (Some(9), false));
     }
 
     #[test]

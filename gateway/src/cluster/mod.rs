@@ -14,7 +14,9 @@
 //! ([`store::Store::heartbeat`]) with what it asks of each pool (requests in flight and
 //! queued), so every replica knows the others and their demand, and divides each shard's
 //! batch slots among them the same way ([`crate::admission::slots::allot`]): the replicas
-//! together fill no more slots than the engine runs.
+//! together fill no more slots than the engine runs. The token limit each learns from time
+//! to first token is the shard's, divided the same way; and one replica per pool tries one
+//! more slot while the others follow the engine's counts.
 //!
 //! The store is optional and fallible. When the store does not answer within `timeout_ms` (down, hung, partitioned)
 //! every leased bucket refills locally at `1 ÷ replicas` of its tenant's rate until the
@@ -35,6 +37,9 @@ use crate::metrics::Metrics;
 use crate::policy::ClusterSettings;
 use crate::table::Tables;
 use store::{Beat, Settle, Store};
+
+/// The units a shard's token limit is divided into among replicas ([`allot`]).
+const SHARE_UNITS: u64 = 1000;
 
 /// Why the cluster cannot start or a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +114,10 @@ pub struct Cluster {
     replica_id: String,
     shared: Mutex<Shared>,
     gauges: Gauges,
+    /// Told when the process stops: hand the leases back and leave.
+    stopping: tokio::sync::Notify,
+    /// Set (and signalled) once the leases are handed back.
+    left: (Mutex<bool>, std::sync::Condvar),
 }
 
 struct Gauges {
@@ -183,6 +192,8 @@ impl Cluster {
                 replicas: Vec::new(),
             }),
             gauges: Gauges::new(metrics)?,
+            stopping: tokio::sync::Notify::new(),
+            left: (Mutex::new(false), std::sync::Condvar::new()),
         }))
     }
 
@@ -214,6 +225,43 @@ impl Cluster {
         self.lock().replicas.len().max(1)
     }
 
+    /// The process is stopping (nothing is in flight any more): hands this replica's leases
+    /// back to the store and leaves the replica set, so the others have the tenants'
+    /// allowance and the shards' slots at once rather than after `replica_ttl_ms`. Waits for
+    /// a settling under way and the two calls, each bounded by `timeout_ms`; `false` if that
+    /// was not done in time (the store down: the leases then return to the store by its
+    /// refill, and the replica drops out by its TTL).
+    pub fn leave(&self) -> bool {
+        let wait = self.settings.timeout * 4 + Duration::from_millis(50);
+        self.stopping.notify_one();
+        let (done, signal) = &self.left;
+        let done = done.lock().unwrap_or_else(|p| p.into_inner());
+        let (done, _) = signal
+            .wait_timeout_while(done, wait, |d| !*d)
+            .unwrap_or_else(|p| p.into_inner());
+        *done
+    }
+
+    async fn hand_back(&self, store: &Store, tables: &Tables, replicas_key: &str, prefix: &str) {
+        let settled = self.settle(store, tables, Duration::ZERO, true).await;
+        let left = store.leave(replicas_key, &self.replica_id, prefix).await;
+        match settled.and_then(|units| left.map(|()| units)) {
+            Ok(units) => tracing::info!(
+                replica = %self.replica_id,
+                units = units.round() as u64,
+                "cluster: leases handed back to the store, left the replica set"
+            ),
+            Err(e) => tracing::warn!(
+                replica = %self.replica_id,
+                error = %e,
+                "cluster: could not hand the leases back; the store refills them"
+            ),
+        }
+        let (done, signal) = &self.left;
+        *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        signal.notify_all();
+    }
+
     /// Settles leases and beats the heartbeat through `store` until the process ends. The
     /// store being unreachable is a state ([`StoreState::Down`]), not an end.
     pub async fn run(
@@ -229,51 +277,71 @@ impl Cluster {
         let mut last_settle = Instant::now();
         let mut last_beat: Option<Instant> = None;
         loop {
-            tick.tick().await;
-            let beat_due = last_beat.is_none_or(|b| b.elapsed() >= self.settings.heartbeat);
-            if beat_due || self.lock().state != StoreState::Up {
-                let demand = own_demand(&tables, &admission);
-                let beat = store
-                    .heartbeat(
-                        &replicas_key,
-                        &self.replica_id,
-                        self.settings.replica_ttl,
-                        &store::format_demand(&demand),
-                        &demand_prefix,
-                    )
-                    .await;
-                match beat {
-                    Ok(beats) => {
-                        last_beat = Some(Instant::now());
-                        self.allot_slots(&tables, &beats, &demand);
-                        self.replicas_seen(beats);
-                        self.store_answered(&tables);
-                    }
-                    Err(e) => {
-                        self.store_failed(&tables, &e);
-                        continue;
-                    }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.stopping.notified() => {
+                    self.hand_back(&store, &tables, &replicas_key, &demand_prefix).await;
+                    return;
                 }
             }
+            let beat_due = last_beat.is_none_or(|b| b.elapsed() >= self.settings.heartbeat);
             let elapsed = last_settle.elapsed();
             last_settle = Instant::now();
-            if let Err(e) = self.settle(&store, &tables, elapsed).await {
+            // The heartbeat (with the demand the division follows) and the settling go out
+            // together, so neither waits a round trip for the other.
+            let demand = own_demand(&tables, &admission);
+            let beat = async {
+                if !beat_due && self.lock().state == StoreState::Up {
+                    return None;
+                }
+                Some(
+                    store
+                        .heartbeat(
+                            &replicas_key,
+                            &self.replica_id,
+                            self.settings.replica_ttl,
+                            &store::format_demand(&demand),
+                            &demand_prefix,
+                        )
+                        .await,
+                )
+            };
+            let (beat, settled) = tokio::join!(beat, self.settle(&store, &tables, elapsed, false));
+            match beat {
+                Some(Ok(beats)) => {
+                    last_beat = Some(Instant::now());
+                    self.allot_slots(&tables, &beats, &demand);
+                    self.replicas_seen(beats);
+                    if settled.is_ok() {
+                        self.store_answered(&tables);
+                    }
+                }
+                Some(Err(e)) => self.store_failed(&tables, &e),
+                None => {}
+            }
+            if let Err(e) = settled {
                 self.store_failed(&tables, &e);
             }
         }
     }
 
-    /// Divides each shard's slots (declared or learned) among the replicas the heartbeat
-    /// saw, by what each asks of the shard's pool ([`allot`]); alone, this replica has
-    /// them all. Allotments stand while the store is unreachable (the last share known).
+    /// Divides each shard's slots (declared or learned) and its learned token limit among
+    /// the replicas the heartbeat saw, by what each asks of the shard's pool ([`allot`]),
+    /// and leaves the tries of one more slot to one replica: the first (by id) that asks
+    /// anything of the pool, which adds the slot it tries to its part (the others divide
+    /// the slots without it, and learn the answer from the engine's counts). Alone, this
+    /// replica has everything. Allotments stand while the store is unreachable (the last
+    /// share known).
     fn allot_slots(&self, tables: &Tables, beats: &[Beat], own: &[(String, f64)]) {
         let table = tables.peek();
         let mut replicas: Vec<&Beat> = beats.iter().collect();
         replicas.sort_by(|a, b| a.replica.cmp(&b.replica));
         let me = replicas.iter().position(|b| b.replica == self.replica_id);
         for s in table.router.shards() {
-            let (Some(slots), Some(me), true) = (s.max_in_flight(), me, replicas.len() > 1) else {
+            let Some(me) = me.filter(|_| replicas.len() > 1) else {
                 s.slots.set_allotment(None);
+                s.slots.set_may_try(true);
+                s.limit.set_share(None);
                 continue;
             };
             let demand: Vec<f64> = replicas
@@ -286,17 +354,30 @@ impl Cluster {
                         .map_or(0.0, |(_, d)| *d)
                 })
                 .collect();
-            s.slots.set_allotment(Some(allot(slots, &demand)[me]));
+            let prober = demand.iter().position(|d| *d > 0.0).unwrap_or(0);
+            s.slots.set_may_try(me == prober);
+            s.limit.set_share(Some(
+                allot(SHARE_UNITS, &demand)[me] as f64 / SHARE_UNITS as f64,
+            ));
+            let Some(slots) = s.max_in_flight() else {
+                s.slots.set_allotment(None);
+                continue;
+            };
+            let trying = u64::from(s.max_requests.is_none() && s.slots.is_trying());
+            let part = allot(slots.saturating_sub(trying), &demand)[me] + trying;
+            s.slots.set_allotment(Some(part));
         }
     }
 
-    /// One settling of every leased bucket of the table in force.
+    /// One settling of every leased bucket of the table in force; with `hand_back`, every
+    /// lease goes back whole (the replica is leaving). Returns the units handed back.
     async fn settle(
         &self,
         store: &Store,
         tables: &Tables,
         elapsed: Duration,
-    ) -> Result<(), ClusterError> {
+        hand_back: bool,
+    ) -> Result<f64, ClusterError> {
         let table = tables.load();
         let replicas = self.replica_count();
         // Leases cover the demand of two settlings, so one late answer refuses nobody.
@@ -306,9 +387,12 @@ impl Cluster {
         for t in table.tenants.all() {
             for (kind, bucket) in [("rpm", &t.rpm), ("tpm", &t.tpm)] {
                 let Some(bucket) = bucket else { continue };
-                let Some(ask) = bucket.lease_ask(elapsed, ahead, replicas) else {
+                let Some(mut ask) = bucket.lease_ask(elapsed, ahead, replicas) else {
                     continue;
                 };
+                if hand_back {
+                    ask.want = 0.0;
+                }
                 batch.push(Settle {
                     key: bucket_key(&self.settings.key_prefix, &t.id, kind),
                     per_minute: bucket.per_minute(),
@@ -321,11 +405,13 @@ impl Cluster {
         }
         // On failure nothing was settled: the leases stand, and the buckets fall back.
         let answers = store.settle(&batch).await?;
+        let mut returned = 0.0;
         for ((bucket, ask), answer) in buckets.iter().zip(answers) {
             bucket.lease_settled(*ask, answer.granted, answer.level);
+            returned += (-answer.granted).max(0.0);
         }
         self.gauges.settles.inc();
-        Ok(())
+        Ok(returned)
     }
 
     fn replicas_seen(&self, mut seen: Vec<Beat>) {

@@ -208,6 +208,24 @@ impl Store {
             .collect()
     }
 
+    /// Takes `replica` out of the replica set and its demand out of the store, so the
+    /// others divide without it at their next heartbeat.
+    pub async fn leave(
+        &self,
+        set: &str,
+        replica: &str,
+        demand_prefix: &str,
+    ) -> Result<(), ClusterError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zrem(set, replica)
+            .ignore()
+            .del(format!("{demand_prefix}{replica}"))
+            .ignore();
+        let mut connection = self.connection.clone();
+        self.bounded(pipe.query_async::<()>(&mut connection)).await
+    }
+
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,

@@ -878,7 +878,7 @@ impl Compiler {
             self,
             "cluster.heartbeat_ms",
             raw.heartbeat_ms,
-            250,
+            sync_interval.as_millis() as u64,
             10,
             60_000,
         );

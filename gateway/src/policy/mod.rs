@@ -1116,7 +1116,7 @@ models = ["llama"]
         assert_eq!(c.key_prefix, "breakwater");
         assert_eq!(c.timeout, Duration::from_millis(100));
         assert_eq!(c.sync_interval, Duration::from_millis(100));
-        assert_eq!(c.heartbeat, Duration::from_millis(250));
+        assert_eq!(c.heartbeat, Duration::from_millis(100));
         assert_eq!(c.replica_ttl, Duration::from_secs(5));
     }
 
