@@ -531,6 +531,61 @@ async fn a_replica_killed_drops_out_and_the_others_take_the_whole_limit() {
     assert!(m.contains("breakwater_cluster_replicas 2"), "{m}");
 }
 
+/// `per_replica[i]` closed-loop clients on replica `i`, each sending `body` until `stop`
+/// (at most `most` requests each; after a 429, 20 ms of quiet). Each yields the statuses it
+/// saw (0: no answer).
+fn closed_loop(
+    gws: &[Gateway],
+    per_replica: &[usize],
+    body: Value,
+    stop: Instant,
+    most: usize,
+) -> Vec<tokio::task::JoinHandle<Vec<u16>>> {
+    let mut clients = Vec::new();
+    for (gw, n) in gws.iter().zip(per_replica) {
+        for _ in 0..*n {
+            let (url, body) = (gw.url("/v1/chat/completions"), body.clone());
+            clients.push(tokio::spawn(async move {
+                let (c, mut statuses) = (client(), Vec::new());
+                while Instant::now() < stop && statuses.len() < most {
+                    let status = match c.post(&url).json(&body).send().await {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let _ = r.bytes().await;
+                            s
+                        }
+                        Err(_) => 0,
+                    };
+                    statuses.push(status);
+                    if status == 429 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                statuses
+            }));
+        }
+    }
+    clients
+}
+
+/// Every status the clients of [`closed_loop`] saw.
+async fn statuses_of(clients: Vec<tokio::task::JoinHandle<Vec<u16>>>) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for c in clients {
+        statuses.extend(c.await.unwrap());
+    }
+    statuses
+}
+
+/// Shard `s1`'s `field` in each replica's `/admin/status`, in order.
+async fn shard_field(gws: &[Gateway], field: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for gw in gws {
+        out.push(gw.shard("s1").await[field].clone());
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
     let redis = Redis::start();
@@ -549,31 +604,7 @@ async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
     // Each replica alone would fill all 6 slots; together they must share them. Twelve
     // clients on the first replica, six on each of the others: four times the slots.
     let stop = Instant::now() + Duration::from_secs(6);
-    let mut clients = Vec::new();
-    for (i, n) in [(0usize, 12), (1, 6), (2, 6)] {
-        for _ in 0..n {
-            let url = gws[i].url("/v1/chat/completions");
-            clients.push(tokio::spawn(async move {
-                let (c, mut statuses) = (client(), Vec::new());
-                while Instant::now() < stop && statuses.len() < 2000 {
-                    let r = c.post(&url).json(&chat(8, false)).send().await;
-                    let status = match r {
-                        Ok(r) => {
-                            let s = r.status().as_u16();
-                            let _ = r.bytes().await;
-                            s
-                        }
-                        Err(_) => 0,
-                    };
-                    statuses.push(status);
-                    if status == 429 {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                statuses
-            }));
-        }
-    }
+    let clients = closed_loop(&gws, &[12, 6, 6], chat(8, false), stop, 2000);
     // The engine's own counts, every 10 ms, after a second to settle the shares.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut samples = Vec::new();
@@ -582,10 +613,7 @@ async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
         samples.push((st.running, st.waiting));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut statuses = Vec::new();
-    for c in clients {
-        statuses.extend(c.await.unwrap());
-    }
+    let statuses = statuses_of(clients).await;
     let queued_in_engine = samples.iter().filter(|(_, w)| *w > 0).count();
     let mean_running =
         samples.iter().map(|(r, _)| *r as f64).sum::<f64>() / samples.len().max(1) as f64;
@@ -609,13 +637,7 @@ async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
         mean_running >= 4.8,
         "slots idle: {mean_running:.2} of 6 running"
     );
-    let shares: Vec<Value> = {
-        let mut v = Vec::new();
-        for gw in &gws {
-            v.push(gw.shard("s1").await["allotted_slots"].clone());
-        }
-        v
-    };
+    let shares = shard_field(&gws, "allotted_slots").await;
     eprintln!("allotted slots at the end: {shares:?}");
 }
 
@@ -640,51 +662,16 @@ async fn three_replicas_together_keep_to_a_shards_token_limit() {
     // Eight clients on each replica, each asking 20 tokens (about 400 ms of decode): each
     // replica alone would fill the whole limit.
     let stop = Instant::now() + Duration::from_secs(5);
-    let mut clients = Vec::new();
-    for gw in &gws {
-        for _ in 0..8 {
-            let url = gw.url("/v1/chat/completions");
-            clients.push(tokio::spawn(async move {
-                let (c, mut statuses) = (client(), Vec::new());
-                while Instant::now() < stop && statuses.len() < 500 {
-                    let status = match c.post(&url).json(&chat(20, false)).send().await {
-                        Ok(r) => {
-                            let s = r.status().as_u16();
-                            let _ = r.bytes().await;
-                            s
-                        }
-                        Err(_) => 0,
-                    };
-                    statuses.push(status);
-                    if status == 429 {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                statuses
-            }));
-        }
-    }
+    let clients = closed_loop(&gws, &[8, 8, 8], chat(20, false), stop, 500);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut totals = Vec::new();
     while Instant::now() < stop - Duration::from_millis(300) {
-        let mut total = 0;
-        for gw in &gws {
-            total += gw.shard("s1").await["inflight_tokens"].as_u64().unwrap();
-        }
-        totals.push(total);
+        let in_flight = shard_field(&gws, "inflight_tokens").await;
+        totals.push(in_flight.iter().map(|v| v.as_u64().unwrap()).sum::<u64>());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut statuses = Vec::new();
-    for c in clients {
-        statuses.extend(c.await.unwrap());
-    }
-    let shares: Vec<f64> = {
-        let mut v = Vec::new();
-        for gw in &gws {
-            v.push(gw.shard("s1").await["limit_share"].as_f64().unwrap());
-        }
-        v
-    };
+    let statuses = statuses_of(clients).await;
+    let shares = shard_field(&gws, "limit_share").await;
     totals.sort_unstable();
     let mean = totals.iter().sum::<u64>() as f64 / totals.len().max(1) as f64;
     let p90 = totals[totals.len() * 9 / 10];

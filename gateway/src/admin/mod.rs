@@ -130,7 +130,7 @@ impl Admin {
                     "learned_slots": s.slots.learned(),
                     "allotted_slots": s.slots.allotment(),
                     "limit_share": s.limit.share(),
-                    "effective_limit_tokens": (s.limit.tokens() as f64 * s.limit.share() * h.weight_factor.clamp(0.0, 1.0)).round(),
+                    "effective_limit_tokens": s.limit.effective_tokens(h.weight_factor).round(),
                     "last_minute": s.window.summary(now_s, now_s),
                     "dispatched_requests_total": s.load.dispatched_requests_total(),
                     "dispatched_tokens_total": s.load.dispatched_tokens_total(),

@@ -126,9 +126,13 @@ impl ShardLimit {
     /// is full). An idle shard takes any request, however large: a request above the
     /// limit must still run somewhere.
     pub fn fits(&self, inflight: u64, cost: u64, weight: f64) -> bool {
-        inflight == 0
-            || (inflight + cost) as f64
-                <= self.tokens() as f64 * self.share() * weight.clamp(0.0, 1.0)
+        inflight == 0 || (inflight + cost) as f64 <= self.effective_tokens(weight)
+    }
+
+    /// The tokens this replica may keep in flight on the shard: the limit, times its share
+    /// among the replicas, times the shard's health `weight` (clamped to 0–1).
+    pub fn effective_tokens(&self, weight: f64) -> f64 {
+        self.tokens() as f64 * self.share() * weight.clamp(0.0, 1.0)
     }
 
     /// Learns from one request's time to first token (`queueing`: TTFT less its
