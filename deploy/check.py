@@ -104,6 +104,7 @@ def check_kubernetes():
     kdir = os.path.join(DEPLOY, "kubernetes")
     targets = [os.path.join(kdir, "overlays", d) for d in sorted(os.listdir(os.path.join(kdir, "overlays")))]
     targets.append(os.path.join(kdir, "gpu-probe"))
+    targets.append(os.path.join(kdir, "engines"))
     validate = shutil.which("kubernetes-validate")
     if validate is None:
         problem("kubernetes-validate is not installed (pip install kubernetes-validate)")

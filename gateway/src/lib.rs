@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod decisions;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod discovery;
 pub mod listeners;
 pub mod metrics;
 pub mod otlp;

@@ -7,6 +7,7 @@
 //! Triggers: the file watcher ([`crate::policy::watch`]), `SIGHUP`, `POST /admin/reload`.
 //! Reloads are serialized; one that finds the same contents and commit changes nothing.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +15,7 @@ use breakwater_health::{HealthConfig, ShardProbes};
 use serde::Serialize;
 
 use crate::admission::Admission;
+use crate::discovery::{with_discovered, Discovered};
 use crate::metrics::Metrics;
 use crate::policy::revision::Revision;
 use crate::policy::{self, Policy, PolicyError};
@@ -31,6 +33,8 @@ pub enum Trigger {
     Signal,
     /// `POST /admin/reload`.
     Admin,
+    /// A discovered pool's records changed ([`crate::discovery`]).
+    Discovery,
 }
 
 impl Trigger {
@@ -40,6 +44,7 @@ impl Trigger {
             Trigger::Watch => "watch",
             Trigger::Signal => "signal",
             Trigger::Admin => "admin",
+            Trigger::Discovery => "discovery",
         }
     }
 }
@@ -112,6 +117,10 @@ pub struct Reloader {
     status: Mutex<PolicyStatus>,
     /// The content hash in force.
     content: Mutex<Revision>,
+    /// The policy the files declare, before discovered shards are added.
+    declared: Mutex<Arc<Policy>>,
+    /// The addresses discovery found, by pool.
+    discovered: Mutex<Discovered>,
     /// Held for a whole reload.
     one_at_a_time: Mutex<()>,
 }
@@ -176,6 +185,8 @@ impl Reloader {
             journal: parts.journal,
             status: Mutex::new(status),
             content: Mutex::new(revision),
+            declared: Mutex::new(Arc::new(table.policy.clone())),
+            discovered: Mutex::new(Discovered::new()),
             one_at_a_time: Mutex::new(()),
         })
     }
@@ -188,6 +199,42 @@ impl Reloader {
             .clone()
     }
 
+    /// The policy the files declare (before discovered shards are added).
+    pub fn declared(&self) -> Arc<Policy> {
+        Arc::clone(&self.declared.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Discovery found `addrs` for `pool`: installs the declared policy with them when
+    /// that changes the one in force, and then says how many shards the pool has from
+    /// DNS.
+    pub fn set_discovered(&self, pool: &str, addrs: Vec<SocketAddr>) -> Option<usize> {
+        let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+        let declared = self.declared();
+        let policy = {
+            let mut found = self.discovered.lock().unwrap_or_else(|p| p.into_inner());
+            // The same answer again (most lookups): nothing to rebuild.
+            if found.get(pool) == Some(&addrs) {
+                return None;
+            }
+            found.insert(pool.to_string(), addrs);
+            with_discovered(&declared, &found)
+        };
+        if self.tables.peek().policy == policy {
+            return None;
+        }
+        let from_dns = policy.shards[declared.shards.len()..]
+            .iter()
+            .filter(|s| s.pool == pool)
+            .count();
+        let revision = self
+            .content
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.apply(Trigger::Discovery, policy, revision);
+        Some(from_dns)
+    }
+
     /// Reads the directory again and applies the set when it is valid and new.
     pub fn reload(&self, trigger: Trigger) -> Result<Applied, ReloadError> {
         let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
@@ -196,10 +243,26 @@ impl Reloader {
             let policy = policy::from_sources(&sources)?;
             Ok((policy, Revision::of(Some(dir), &sources)))
         });
-        let (policy, revision) = match loaded {
+        let (declared, revision) = match loaded {
             Ok(ok) => ok,
             Err(e) => return Err(self.rejected(trigger, describe(&e))),
         };
+        let policy = {
+            let mut found = self.discovered.lock().unwrap_or_else(|p| p.into_inner());
+            // A pool that no longer discovers, or discovers elsewhere, starts afresh.
+            let old = self.declared();
+            found.retain(|pool, _| {
+                let target = |p: &Policy| {
+                    p.pools
+                        .iter()
+                        .find(|x| x.id == *pool)
+                        .and_then(|x| x.discover.as_ref().map(|d| d.target.clone()))
+                };
+                target(&declared).is_some() && target(&declared) == target(&old)
+            });
+            with_discovered(&declared, &found)
+        };
+        *self.declared.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(declared);
         // The same files can still compile to a new policy when what they point to changed
         // (a pool's CA bundle).
         let same = *self.content.lock().unwrap_or_else(|p| p.into_inner()) == revision
@@ -290,10 +353,11 @@ impl Reloader {
 
 /// Ids of `a`'s shards that `b` does not have (with the same URL).
 fn shard_ids_missing_from(a: &Table, b: &Table) -> Vec<String> {
+    let in_b: std::collections::HashSet<_> = b.router.shards().iter().map(|o| o.key).collect();
     a.router
         .shards()
         .iter()
-        .filter(|s| !b.router.shards().iter().any(|o| o.key == s.key))
+        .filter(|s| !in_b.contains(&s.key))
         .map(|s| s.id.clone())
         .collect()
 }

@@ -348,6 +348,8 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
         },
     );
     reload_on_sighup(&health.runtime, Arc::clone(&reloader));
+    let discovery = crate::discovery::Discovery::new(Arc::clone(&reloader), &metrics)?;
+    health.runtime.spawn(Arc::clone(&discovery).run());
     if let Some(dir) = opts.policy_dir {
         let r = Arc::clone(&reloader);
         crate::policy::watch::spawn(dir, POLICY_DEBOUNCE, POLICY_POLL, move || {
@@ -407,7 +409,7 @@ pub fn serve(opts: ServeOptions, listeners: Listeners, stop: StopSource) -> Resu
             "BREAKWATER_ADMIN_TOKEN is unset: the admin API's /admin routes refuse every request"
         );
     }
-    let admin = Admin::new(Arc::clone(&state), reloader, opts.fault_controls);
+    let admin = Admin::new(Arc::clone(&state), reloader, discovery, opts.fault_controls);
     let mut admin_service = Service::new("breakwater admin".to_string(), admin);
     add_listener(
         &mut admin_service,

@@ -7,6 +7,7 @@
 //! travel from one table to the next (see [`Router::build`]); what outlives every table —
 //! shard ids, the health snapshot, the monitor — is the [`Fleet`].
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
@@ -15,7 +16,7 @@ use std::time::Duration;
 use breakwater_health::{ShardInfo, ShardProbes};
 
 use crate::admission::tenant::Tenants;
-use crate::policy::Policy;
+use crate::policy::{Policy, Shard};
 use crate::proxy::upstream::UpstreamClient;
 use crate::routing::{Fleet, Router, ShardEntry};
 
@@ -68,21 +69,26 @@ impl Table {
 
     /// What the health thread should watch for this table's shards.
     pub fn probes(&self) -> Vec<ShardProbes> {
+        let specs: HashMap<&str, &Shard> = self
+            .policy
+            .shards
+            .iter()
+            .map(|s| (s.id.as_str(), s))
+            .collect();
         self.router
             .shards()
             .iter()
-            .map(|s| shard_probes(&self.policy, s))
+            .map(|s| shard_probes(&self.policy, s, specs.get(s.id.as_str()).copied()))
             .collect()
     }
 }
 
-fn shard_probes(policy: &Policy, s: &ShardEntry) -> ShardProbes {
+fn shard_probes(policy: &Policy, s: &ShardEntry, spec: Option<&Shard>) -> ShardProbes {
     use breakwater_health::check::CheckTarget;
     use breakwater_health::engine::{EngineMetrics, ScrapeTarget};
     use breakwater_health::gpu::GpuTarget;
     let base = s.url.as_str().trim_end_matches('/');
     let pool = policy.pools.iter().find(|p| p.id == s.pool);
-    let spec = policy.shards.iter().find(|p| p.id == s.id);
     ShardProbes {
         info: ShardInfo {
             id: s.key,

@@ -228,13 +228,23 @@ async fn under_saturation_critical_traffic_is_served_and_sheddable_is_refused_fa
         tenant("bulk", "sk-bulk", "sheddable", "")
     );
     let gw = Gateway::start(&policy_text(&[&s], &extra)).await;
+    // The sheddable clients come once critical traffic has saturated the shard for a
+    // second. (Before the fleet's rate is measured, the gateway takes the shard's declared
+    // 1,000 tokens/s at its word — ten times what two slots serve — and a sheddable
+    // request arriving with the first ones may join and wait out its timeout.)
+    let saturated = Duration::from_secs(1);
     let length = Duration::from_secs(3);
+    let gw = &gw;
+    let late_loop = |key| async move {
+        tokio::time::sleep(saturated).await;
+        client_loop(gw, key, length).await
+    };
     let (gold_a, gold_b, bulk_a, bulk_b, bulk_c) = tokio::join!(
-        client_loop(&gw, "sk-gold", length),
-        client_loop(&gw, "sk-gold", length),
-        client_loop(&gw, "sk-bulk", length),
-        client_loop(&gw, "sk-bulk", length),
-        client_loop(&gw, "sk-bulk", length),
+        client_loop(gw, "sk-gold", saturated + length),
+        client_loop(gw, "sk-gold", saturated + length),
+        late_loop("sk-bulk"),
+        late_loop("sk-bulk"),
+        late_loop("sk-bulk"),
     );
     let gold: Vec<_> = gold_a.into_iter().chain(gold_b).collect();
     let bulk: Vec<_> = bulk_a.into_iter().chain(bulk_b).chain(bulk_c).collect();

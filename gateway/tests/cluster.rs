@@ -6,90 +6,17 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use breakwater::admission::tenant::key_digest_hex;
+use common::redis::{wait_port, Redis};
 use common::*;
 use serde_json::Value;
 
-/// A `redis-server` on a free loopback port, without persistence; killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
-    }
-
-    fn start_on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian's redis-server package) must be installed");
-        wait_port(port);
-        Redis { child, port }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits (at most 10 s) until something listens on `port`.
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server did not start on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.signal_quietly();
-        self.kill();
-    }
-}
-
-impl Redis {
-    /// A stopped server must be continued before it can die of SIGKILL's wait.
-    fn signal_quietly(&self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .status();
-    }
-}
-
 const RPM_KEY: &str = "sk-cluster-rpm";
 const TPM_KEY: &str = "sk-cluster-tpm";
-
-fn digest(key: &str) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(key.as_bytes()))
-}
 
 fn policy(shard: &Shard, redis_port: u16, rpm: u64, tpm: u64, replica: &str) -> String {
     policy_text(
@@ -99,8 +26,8 @@ fn policy(shard: &Shard, redis_port: u16, rpm: u64, tpm: u64, replica: &str) -> 
              timeout_ms = 100\nsync_ms = 100\nheartbeat_ms = 100\nreplica_ttl_ms = 2000\n\n\
              [[tenants]]\nid = \"by-requests\"\napi_key_sha256 = [\"{}\"]\nrpm = {rpm}\n\n\
              [[tenants]]\nid = \"by-tokens\"\napi_key_sha256 = [\"{}\"]\ntpm = {tpm}\n",
-            digest(RPM_KEY),
-            digest(TPM_KEY)
+            key_digest_hex(RPM_KEY),
+            key_digest_hex(TPM_KEY)
         ),
     )
 }
@@ -586,6 +513,34 @@ async fn shard_field(gws: &[Gateway], field: &str) -> Vec<Value> {
     out
 }
 
+/// How the engine behind `shard` ran from now until `until`, read from its own counts
+/// every 10 ms.
+struct EngineUse {
+    samples: usize,
+    /// Samples with a request waiting in the engine's own queue.
+    queued: usize,
+    /// The most requests waiting in any sample.
+    most_waiting: u64,
+    /// Requests running, on average.
+    mean_running: f64,
+}
+
+async fn engine_use(shard: &Shard, until: Instant) -> EngineUse {
+    let mut samples = Vec::new();
+    while Instant::now() < until {
+        let st = shard.stats();
+        samples.push((st.running, st.waiting));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    EngineUse {
+        samples: samples.len(),
+        queued: samples.iter().filter(|(_, w)| *w > 0).count(),
+        most_waiting: samples.iter().map(|(_, w)| *w).max().unwrap_or(0),
+        mean_running: samples.iter().map(|(r, _)| *r as f64).sum::<f64>()
+            / samples.len().max(1) as f64,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
     let redis = Redis::start();
@@ -607,21 +562,17 @@ async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
     let clients = closed_loop(&gws, &[12, 6, 6], chat(8, false), stop, 2000);
     // The engine's own counts, every 10 ms, after a second to settle the shares.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut samples = Vec::new();
-    while Instant::now() < stop - Duration::from_millis(200) {
-        let st = shard.stats();
-        samples.push((st.running, st.waiting));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let EngineUse {
+        samples,
+        queued: queued_in_engine,
+        mean_running,
+        ..
+    } = engine_use(&shard, stop - Duration::from_millis(200)).await;
     let statuses = statuses_of(clients).await;
-    let queued_in_engine = samples.iter().filter(|(_, w)| *w > 0).count();
-    let mean_running =
-        samples.iter().map(|(r, _)| *r as f64).sum::<f64>() / samples.len().max(1) as f64;
     let ok = statuses.iter().filter(|s| **s == 200).count();
     eprintln!(
-        "{} samples: engine queue non-empty in {queued_in_engine}, mean running {mean_running:.2} of 6; \
+        "{samples} samples: engine queue non-empty in {queued_in_engine}, mean running {mean_running:.2} of 6; \
          {ok} answered of {}",
-        samples.len(),
         statuses.len()
     );
     assert!(
@@ -629,9 +580,8 @@ async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
         "{statuses:?}"
     );
     assert!(
-        queued_in_engine * 20 <= samples.len(),
-        "the replicas together sent the engine more than its 6 slots in {queued_in_engine} of {} samples",
-        samples.len()
+        queued_in_engine * 20 <= samples,
+        "the replicas together sent the engine more than its 6 slots in {queued_in_engine} of {samples} samples"
     );
     assert!(
         mean_running >= 4.8,
@@ -639,6 +589,82 @@ async fn three_replicas_together_never_fill_more_than_a_shards_slots() {
     );
     let shares = shard_field(&gws, "allotted_slots").await;
     eprintln!("allotted slots at the end: {shares:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "not yet reliable: engine queue non-empty in 0-25 of 570 samples with the cap, 33-36 without; mean running 5.3-6.9 of 8"]
+async fn slots_moving_between_replicas_are_filled_only_as_the_others_free_them() {
+    let redis = Redis::start();
+    let mut spec = ShardSpec::new("s1", "home");
+    spec.behaviour = llm_sim::Behaviour::FifoSlots;
+    // About 250 ms a request: longer than a heartbeat, so a replica that takes slots from
+    // another before its requests end would be seen filling the engine's queue.
+    (spec.slots, spec.ttft_ms, spec.itl_ms) = (8, 30, 20);
+    let shard = start_shard(spec).await;
+    let gws = Arc::new(
+        replicas_of(|i| {
+            policy(&shard, redis.port, 1_000_000, 100_000_000, &format!("r{i}")).replacen(
+                "capacity_tps = 1000\n",
+                "capacity_tps = 1000\nmax_requests = 8\n",
+                1,
+            )
+        })
+        .await,
+    );
+    // Two clients on every replica throughout, and a crowd of sixteen that moves from one
+    // replica to the next every 1.2 s: the division of the 8 slots moves with it.
+    let phase = Duration::from_millis(1200);
+    let start = Instant::now();
+    let stop = start + phase * 6;
+    let background = closed_loop(&gws, &[2, 2, 2], chat(10, false), stop, 2000);
+    let crowds = {
+        let gws = Arc::clone(&gws);
+        tokio::spawn(async move {
+            let mut clients = Vec::new();
+            for k in 0..6 {
+                let mut per_replica = [0; 3];
+                per_replica[k % 3] = 16;
+                tokio::time::sleep_until((start + phase * k as u32).into()).await;
+                let until = start + phase * (k as u32 + 1);
+                clients.extend(closed_loop(
+                    &gws,
+                    &per_replica,
+                    chat(10, false),
+                    until,
+                    2000,
+                ));
+            }
+            statuses_of(clients).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let EngineUse {
+        samples,
+        queued: queued_in_engine,
+        most_waiting,
+        mean_running,
+    } = engine_use(&shard, stop - Duration::from_millis(200)).await;
+    let mut statuses = statuses_of(background).await;
+    statuses.extend(crowds.await.unwrap());
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    eprintln!(
+        "{samples} samples: engine queue non-empty in {queued_in_engine} (at most {most_waiting} waiting), \
+         mean running {mean_running:.2} of 8; {ok} answered of {}",
+        statuses.len()
+    );
+    assert!(
+        statuses.iter().all(|s| matches!(s, 200 | 429)),
+        "{statuses:?}"
+    );
+    assert!(
+        queued_in_engine * 40 <= samples,
+        "as the slots moved the replicas sent the engine more than its 8 slots in \
+         {queued_in_engine} of {samples} samples"
+    );
+    assert!(
+        mean_running >= 6.0,
+        "slots idle: {mean_running:.2} of 8 running"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -856,7 +882,7 @@ async fn a_rediss_store_with_client_certificates_and_a_password_file_is_used() {
                 ca.display(),
                 path("client.crt"),
                 path("client.key"),
-                digest(RPM_KEY)
+                key_digest_hex(RPM_KEY)
             ),
         )
     };
@@ -926,7 +952,7 @@ async fn a_tenant_a_reload_adds_while_the_store_is_down_gets_its_local_share() {
     let key = "sk-cluster-added";
     gw.write_policy(&format!(
         "{text}\n[[tenants]]\nid = \"added\"\napi_key_sha256 = [\"{}\"]\nrpm = 600\n",
-        digest(key)
+        key_digest_hex(key)
     ));
     assert_eq!(gw.reload().await.0, 200);
     // Alone, its share is the whole: 10/s, refilling from empty.

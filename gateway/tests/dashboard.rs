@@ -2,8 +2,11 @@
 //! (WebDriver) opens the admin listener of a running `breakwater demo`, is refused with a
 //! wrong token, signs in, finds four shards in two regions, presses a fault button and sees
 //! the shard leave `healthy`, opens a routing decision, and saves a screenshot
-//! (`target/dashboard.png`). Needs `chromium` and `chromium-driver` (`.ci/run` installs
-//! them); without them the test fails and says so.
+//! (`target/dashboard.png`); and, on two replicas sharing a real `redis-server`, shows the
+//! store's state, the replicas and a tenant's use across them, and the store going down and
+//! coming back; and a pool discovered from a real dnsmasq, its lookups failing and
+//! answering again. Needs `chromium` and `chromium-driver` (`.ci/run` installs them); without
+//! them the test fails and says so.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,7 +15,9 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{client, Demo};
+use common::dns::Dns;
+use common::redis::Redis;
+use common::{chat, client, policy_text, start_shard, Demo, Gateway, ShardSpec, ADMIN_TOKEN};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
@@ -116,6 +121,23 @@ async fn wait_js(b: &Client, script: &str, within: Duration, what: &str) -> Valu
     }
 }
 
+/// Clicks the element `css` finds. The page re-renders as it polls, so an element found
+/// may be replaced before the click lands: then it is found again (a few times).
+async fn click(b: &Client, css: &str) {
+    for attempt in 0.. {
+        let err = match b.find(Locator::Css(css)).await {
+            Ok(e) => match e.click().await {
+                Ok(_) => return,
+                Err(err) => err,
+            },
+            Err(err) => err,
+        };
+        assert!(attempt < 5, "{css}: {err}");
+        eprintln!("{css}: {err}; again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn sign_in(b: &Client, token: &str) {
     let input = b.wait().for_element(Locator::Css("#token")).await.unwrap();
     input.clear().await.unwrap();
@@ -194,14 +216,7 @@ async fn an_operator_signs_in_breaks_a_shard_from_the_dashboard_and_watches_it_l
 
     // A fault button takes use-small down; the health checks eject it and the page shows it.
     let t = Instant::now();
-    b.find(Locator::Css(
-        "button[data-shard='use-small'][data-fault='down']",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    click(&b, "button[data-shard='use-small'][data-fault='down']").await;
     let state = wait_js(
         &b,
         "const s = document.querySelector(\"article[data-shard='use-small']\"); \
@@ -230,14 +245,7 @@ async fn an_operator_signs_in_breaks_a_shard_from_the_dashboard_and_watches_it_l
         "the decision of dash-19",
     )
     .await;
-    b.find(Locator::Css(
-        "#decisions details[data-request='dash-19'] summary",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    click(&b, "#decisions details[data-request='dash-19'] summary").await;
     let shown = wait_js(
         &b,
         "const d = document.querySelector(\"#decisions details[data-request='dash-19']\"); \
@@ -265,14 +273,7 @@ async fn an_operator_signs_in_breaks_a_shard_from_the_dashboard_and_watches_it_l
     eprintln!("screenshot: {} ({} bytes)", out.display(), png.len());
 
     // Mended from the page too.
-    b.find(Locator::Css(
-        "button[data-shard='use-small'][data-fault='ok']",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    click(&b, "button[data-shard='use-small'][data-fault='ok']").await;
     wait_js(
         &b,
         "return document.querySelector(\"article[data-shard='use-small']\").dataset.state === 'healthy'",
@@ -280,5 +281,137 @@ async fn an_operator_signs_in_breaks_a_shard_from_the_dashboard_and_watches_it_l
         "use-small healthy again",
     )
     .await;
+    b.close().await.unwrap();
+}
+
+/// The header's text (policy, `[cluster]` and discovery lines), once it contains `text`.
+async fn header_line(b: &Client, text: &str, within: Duration) -> String {
+    let script = format!(
+        "const p = document.getElementById('policy'); \
+         return p && p.innerText.includes({text:?}) ? p.innerText : null"
+    );
+    let v = wait_js(b, &script, within, &format!("the header saying {text:?}")).await;
+    v.as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_replicas_the_store_and_a_tenants_use_across_them() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let shard = start_shard(ShardSpec::new("s1", "home")).await;
+    let key = "sk-dashboard";
+    let policy = |replica: &str| {
+        policy_text(
+            &[&shard],
+            &format!(
+                "[cluster]\nstore = \"redis://127.0.0.1:{port}\"\nreplica_id = \"{replica}\"\n\
+                 timeout_ms = 100\nsync_ms = 100\nreplica_ttl_ms = 2000\n\n\
+                 [[tenants]]\nid = \"acme\"\napi_key_sha256 = [\"{}\"]\nrpm = 60\n",
+                breakwater::admission::tenant::key_digest_hex(key)
+            ),
+        )
+    };
+    let a = Gateway::start(&policy("gw-a")).await;
+    let b_gw = Gateway::start(&policy("gw-b")).await;
+    let driver = Driver::start().await;
+    let b = driver.browser().await;
+    b.goto(&format!("http://{}/", a.admin)).await.unwrap();
+    sign_in(&b, ADMIN_TOKEN).await;
+
+    let line = header_line(&b, "2 replica(s): gw-a, gw-b", Duration::from_secs(10)).await;
+    assert!(line.contains("cluster gw-a"), "{line}");
+    let state = b
+        .execute(
+            "const s = document.getElementById('cluster-state'); return [s.textContent, s.className]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(state, json!(["store up", "good"]), "{line}");
+
+    // Ten requests, five through each replica: the tenant's use across both shows here.
+    let c = client();
+    for i in 0..10 {
+        let gw = if i % 2 == 0 { &a } else { &b_gw };
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat(4, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    let script = "const m = document.getElementById('policy').innerText.match(/acme rpm (\\d+)\\/60 left/); \
+                  return m ? Number(m[1]) : null";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let left = loop {
+        let v = b.execute(script, vec![]).await.unwrap();
+        // The store refills 1 a second; ten spent across the two, so at most 55 left
+        // a few seconds on, whichever replica's page this is.
+        if let Some(n) = v.as_f64().filter(|n| *n <= 55.0) {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "the tenant's use not shown: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("the dashboard showed acme rpm {left}/60 left after ten requests over two replicas");
+
+    // The store dies: the header says the limits are local, in red; it comes back: up.
+    redis.kill();
+    let line = header_line(&b, "store down, limits local", Duration::from_secs(5)).await;
+    let class = b
+        .execute(
+            "return document.getElementById('cluster-state').className",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(class, json!("bad"), "{line}");
+    let _restarted = Redis::start_on(port);
+    header_line(&b, "store up", Duration::from_secs(10)).await;
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_a_discovered_pool_and_its_lookups_failing() {
+    let shard = start_shard(ShardSpec::new("s1", "home")).await;
+    let port = shard.sim.url().rsplit(':').next().unwrap().to_string();
+    let dns = Dns::start(&[("127.0.0.1", "engines.test")], 1);
+    let policy = format!(
+        "[gateway]\nhome_region = \"home\"\n\n[[regions]]\nid = \"home\"\n\n\
+         [discovery]\nnameservers = [\"127.0.0.1:{}\"]\ntimeout_ms = 200\n\n\
+         [[pools]]\nid = \"p\"\nregion = \"home\"\nmodels = [\"m\"]\n\
+         discover = \"dns://engines.test:{port}\"\ncapacity_tps = 1000\ndiscover_min_ms = 200\n",
+        dns.port
+    );
+    let gw = Gateway::start(&policy).await;
+    let driver = Driver::start().await;
+    let b = driver.browser().await;
+    b.goto(&format!("http://{}/", gw.admin)).await.unwrap();
+    sign_in(&b, ADMIN_TOKEN).await;
+    let line = header_line(
+        &b,
+        &format!("p dns://engines.test:{port}: 1 shard(s), resolved"),
+        Duration::from_secs(10),
+    )
+    .await;
+    let class = "return document.getElementById('discovery-p').className";
+    assert_eq!(
+        b.execute(class, vec![]).await.unwrap(),
+        json!("good"),
+        "{line}"
+    );
+    // The server hangs: the lookups fail, in red, and the shard stays.
+    dns.signal("STOP");
+    let line = header_line(&b, "lookups failing", Duration::from_secs(10)).await;
+    assert!(line.contains("1 shard(s)"), "{line}");
+    assert_eq!(
+        b.execute(class, vec![]).await.unwrap(),
+        json!("bad"),
+        "{line}"
+    );
+    dns.signal("CONT");
+    header_line(&b, "1 shard(s), resolved", Duration::from_secs(10)).await;
     b.close().await.unwrap();
 }

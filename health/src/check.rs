@@ -27,17 +27,20 @@ pub struct CheckTarget {
 }
 
 /// Starts checking one shard on the current Tokio runtime until the returned handle is
-/// aborted. The first check comes at a random point within one interval, so a fleet of
-/// gateways (or a reload that adds many shards) does not probe in lock-step.
+/// aborted. The first check comes at a random point within `first_within` (one interval
+/// for the fleet the gateway starts with, less for a shard that joins later and waits for
+/// it), so a fleet of gateways (or a reload that adds many shards) does not probe in
+/// lock-step.
 pub fn spawn_check(
     target: CheckTarget,
     client: ProbeClient,
     cfg: &HealthConfig,
+    first_within: Duration,
     monitor: HealthMonitor,
 ) -> JoinHandle<()> {
     let (interval, timeout) = (cfg.check_interval, cfg.check_timeout);
     tokio::spawn(async move {
-        let first = rand::thread_rng().gen_range(Duration::ZERO..=interval);
+        let first = rand::thread_rng().gen_range(Duration::ZERO..=first_within);
         tokio::time::sleep(first).await;
         loop {
             let signal = check_once(&client, &target.url, timeout).await;

@@ -26,6 +26,9 @@ const CHANNEL_CAPACITY: usize = 4096;
 /// How often ejection timers are looked at.
 const TICK: Duration = Duration::from_millis(100);
 
+/// Readings alone republish the view at most this often.
+const READINGS_GAP: Duration = Duration::from_millis(10);
+
 /// What the monitor needs to know about a shard.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardInfo {
@@ -52,13 +55,37 @@ pub struct Transition {
     pub reason: String,
 }
 
+/// What a message changed, for when the view is published.
+enum Change {
+    /// Nothing shown.
+    None,
+    /// A reading only: published at once unless the view went out within READINGS_GAP.
+    Reading,
+    /// A shard's state (or the set, or the settings): published at once.
+    State,
+}
+
+impl Change {
+    fn or_none(changed: bool) -> Self {
+        if changed {
+            Self::State
+        } else {
+            Self::None
+        }
+    }
+}
+
 /// How shards new to the monitor start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Joining {
     /// At full weight: the fleet the gateway started with.
     AtFullWeight,
-    /// In slow start: shards a reload added, which may have just booted.
+    /// In slow start: shards a reload added, which may have just booted (with active
+    /// checks off).
     InSlowStart,
+    /// Taking nothing until their first active check passes, then in slow start: shards a
+    /// reload or discovery added, with active checks on.
+    AfterFirstCheck,
 }
 
 /// A new set of shards (and settings) for the monitor.
@@ -250,28 +277,46 @@ impl Owner {
         mut self,
         mut rx: mpsc::Receiver<(ShardId, Signal)>,
         mut control: mpsc::UnboundedReceiver<Reconfigure>,
-        publish: impl Fn(HealthView) + Send + 'static,
+        publish_view: impl Fn(HealthView) + Send + 'static,
     ) {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Readings (engine metrics, GPU) go out at most every READINGS_GAP: a fleet of
+        // thousands scraped every second would otherwise rebuild the whole view thousands
+        // of times a second. A small fleet's readings go out at once, as do state changes.
+        let mut readings_waiting = false;
+        let mut published = tokio::time::Instant::now();
         loop {
-            let changed = tokio::select! {
+            let flush_at = published + READINGS_GAP;
+            let change = tokio::select! {
                 msg = rx.recv() => match msg {
                     Some((id, signal)) => self.apply(id, signal),
                     None => return,
                 },
-                Some(r) = control.recv() => self.reconfigure(r),
-                _ = ticker.tick() => self.tick(),
+                Some(r) = control.recv() => Change::or_none(self.reconfigure(r)),
+                _ = ticker.tick() => Change::or_none(self.tick()),
+                _ = tokio::time::sleep_until(flush_at), if readings_waiting => Change::State,
             };
-            if changed {
-                publish(self.view());
+            let now = tokio::time::Instant::now();
+            let publish = match change {
+                Change::State => true,
+                Change::Reading => {
+                    readings_waiting = true;
+                    now.saturating_duration_since(published) >= READINGS_GAP
+                }
+                Change::None => false,
+            };
+            if publish {
+                publish_view(self.view());
+                published = now;
+                readings_waiting = false;
             }
         }
     }
 
     fn reconfigure(&mut self, r: Reconfigure) -> bool {
         let now = tokio::time::Instant::now().into_std();
-        let keep: Vec<ShardId> = r.shards.iter().map(|s| s.id).collect();
+        let keep: std::collections::HashSet<ShardId> = r.shards.iter().map(|s| s.id).collect();
         self.entries.retain(|id, _| keep.contains(&id));
         for info in r.shards {
             match self.entries.get_mut(info.id) {
@@ -280,6 +325,7 @@ impl Owner {
                     let tracker = match r.joining {
                         Joining::AtFullWeight => Tracker::new(),
                         Joining::InSlowStart => Tracker::returning(now),
+                        Joining::AfterFirstCheck => Tracker::joining(),
                     };
                     self.entries.insert(info.id, Entry::new(info, tracker));
                 }
@@ -305,11 +351,16 @@ impl Owner {
         }
     }
 
-    fn apply(&mut self, shard: ShardId, signal: Signal) -> bool {
+    fn apply(&mut self, shard: ShardId, signal: Signal) -> Change {
         if !self.entries.contains_key(shard) {
-            return false;
+            return Change::None;
         }
-        let permit = self.permit(shard);
+        // Only a failure or a stall may eject; the pool's count is read only for them.
+        let permit = if matches!(signal, Signal::Failure { .. } | Signal::Stalled { .. }) {
+            self.permit(shard)
+        } else {
+            EjectPermit::Allowed
+        };
         let jitter = if self.cfg.ejection_jitter.is_zero() {
             Duration::ZERO
         } else {
@@ -322,9 +373,10 @@ impl Owner {
         match tracker.on(signal, now, &self.cfg, permit, jitter) {
             Some((from, _)) => {
                 self.record(shard, from);
-                true
+                Change::State
             }
-            None => is_reading,
+            None if is_reading => Change::Reading,
+            None => Change::None,
         }
     }
 

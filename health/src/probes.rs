@@ -162,7 +162,7 @@ impl Probes {
             running: SecondaryMap::new(),
         };
         for spec in shards {
-            probes.spawn(spec);
+            probes.spawn(spec, false);
         }
         probes
     }
@@ -180,17 +180,28 @@ impl Probes {
     /// Moves to a new set of shards and settings: see the module's rule. With new
     /// timings, every probe restarts.
     pub fn apply(&mut self, shards: Vec<ShardProbes>, cfg: HealthConfig) {
+        let joining = if cfg.checks_enabled() {
+            Joining::AfterFirstCheck
+        } else {
+            Joining::InSlowStart
+        };
         self.monitor.reconfigure(
             shards.iter().map(|s| s.info.clone()).collect(),
             cfg.clone(),
-            Joining::InSlowStart,
+            joining,
         );
+        // Shards new to the probes are checked soon: they take nothing until then.
+        let new: std::collections::HashSet<ShardId> = shards
+            .iter()
+            .map(|s| s.info.id)
+            .filter(|id| !self.running.contains_key(*id))
+            .collect();
         if cfg != self.cfg {
             self.running.clear();
             self.clients = Clients::new(&cfg, None);
             self.cfg = cfg;
         }
-        let keep: Vec<ShardId> = shards.iter().map(|s| s.info.id).collect();
+        let keep: std::collections::HashSet<ShardId> = shards.iter().map(|s| s.info.id).collect();
         self.running.retain(|id, _| keep.contains(&id));
         for spec in shards {
             if self
@@ -200,11 +211,14 @@ impl Probes {
             {
                 continue;
             }
-            self.spawn(spec);
+            let joined = new.contains(&spec.info.id);
+            self.spawn(spec, joined);
         }
     }
 
-    fn spawn(&mut self, spec: ShardProbes) {
+    /// Starts `spec`'s probes; the first check of a shard that `joined` after the start
+    /// comes within a tenth of the check interval (others' within one interval).
+    fn spawn(&mut self, spec: ShardProbes, joined: bool) {
         let cfg = &self.cfg;
         let mut tasks = Vec::with_capacity(3);
         // An `https://` shard's check and scrape use clients with its pool's TLS.
@@ -212,10 +226,16 @@ impl Probes {
         let clients = own.as_ref().unwrap_or(&self.clients);
         if cfg.checks_enabled() {
             let (target, client) = (spec.check.clone(), clients.check.clone());
+            let first_within = if joined {
+                cfg.check_interval / 10
+            } else {
+                cfg.check_interval
+            };
             tasks.push(Owned(spawn_check(
                 target,
                 client,
                 cfg,
+                first_within,
                 self.monitor.clone(),
             )));
         }

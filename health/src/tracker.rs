@@ -77,6 +77,8 @@ pub struct Tracker {
     check_failures: u32,
     check_passes: u32,
     check_reason: String,
+    /// Joined and not checked yet: the first passing check admits it (in slow start).
+    awaiting_first_check: bool,
     gpu_verdict: Verdict,
     gpu_healthy_streak: u32,
     gpu_reason: String,
@@ -107,6 +109,7 @@ impl Tracker {
             check_failures: 0,
             check_passes: 0,
             check_reason: String::new(),
+            awaiting_first_check: false,
             gpu_verdict: Verdict::Healthy,
             gpu_healthy_streak: 0,
             gpu_reason: String::new(),
@@ -122,6 +125,21 @@ impl Tracker {
     pub fn returning(now: Instant) -> Self {
         Self {
             returned_at: Some(now),
+            ..Self::new()
+        }
+    }
+
+    /// A shard that has just joined (added by a reload or discovery, with active checks
+    /// on): it takes nothing until its first check passes, then ramps up in slow start. A
+    /// failing first check keeps it out as any failing check does.
+    pub fn joining() -> Self {
+        let reason = "joined: waiting for its first passing check".to_string();
+        Self {
+            check_healthy: false,
+            check_reason: reason.clone(),
+            awaiting_first_check: true,
+            state: ShardState::Ejected,
+            reason,
             ..Self::new()
         }
     }
@@ -200,6 +218,10 @@ impl Tracker {
             Signal::CheckPassed => {
                 self.check_failures = 0;
                 self.check_passes += 1;
+                if std::mem::take(&mut self.awaiting_first_check) {
+                    self.check_healthy = true;
+                    self.returned_at = Some(now);
+                }
                 if !self.check_healthy && self.check_passes >= cfg.healthy_threshold {
                     self.check_healthy = true;
                     self.returned_at = Some(now);
@@ -437,6 +459,31 @@ mod tests {
             NO_JITTER,
         );
         assert_eq!(t.state(), ShardState::Healthy);
+    }
+
+    #[test]
+    fn a_joining_shard_takes_nothing_until_its_first_check_passes_then_ramps_up() {
+        let c = HealthConfig {
+            slow_start: Duration::from_secs(10),
+            ..cfg()
+        };
+        let t0 = Instant::now();
+        let mut t = Tracker::joining();
+        assert_eq!(t.state(), ShardState::Ejected);
+        // Requests' outcomes do not admit it; a failing check keeps it out.
+        t.on(Signal::Success, t0, &c, EjectPermit::Allowed, NO_JITTER);
+        let failed = Signal::CheckFailed {
+            detail: "status 503".into(),
+        };
+        t.on(failed, t0, &c, EjectPermit::Allowed, NO_JITTER);
+        assert_eq!(t.state(), ShardState::Ejected);
+        // One passing check (not healthy_threshold of them) admits it, in slow start.
+        let at = t0 + Duration::from_secs(1);
+        let changed = t.on(Signal::CheckPassed, at, &c, EjectPermit::Allowed, NO_JITTER);
+        assert_eq!(changed.map(|c| c.0), Some(ShardState::Ejected));
+        assert_eq!(t.state(), ShardState::Healthy);
+        assert_eq!(t.slow_start_factor(at, &c), 0.1);
+        assert_eq!(t.slow_start_factor(at + Duration::from_secs(11), &c), 1.0);
     }
 
     #[test]

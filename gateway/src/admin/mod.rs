@@ -17,8 +17,6 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
-use std::sync::atomic::Ordering;
-
 use breakwater_health::ShardState;
 
 mod dashboard;
@@ -43,6 +41,7 @@ use crate::table::Table;
 pub struct Admin {
     state: Arc<State>,
     reloader: Arc<Reloader>,
+    discovery: Arc<crate::discovery::Discovery>,
     /// Demo mode: where each simulated shard and probe takes faults.
     #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     fault_controls: FaultControls,
@@ -71,10 +70,16 @@ fn shard_action(path: &str) -> Option<(&str, ShardAction)> {
 impl Admin {
     /// An admin API over the gateway's state, guarded by its admin token.
     /// `fault_controls` is empty outside demo mode, which turns the fault endpoint off.
-    pub fn new(state: Arc<State>, reloader: Arc<Reloader>, fault_controls: FaultControls) -> Self {
+    pub fn new(
+        state: Arc<State>,
+        reloader: Arc<Reloader>,
+        discovery: Arc<crate::discovery::Discovery>,
+        fault_controls: FaultControls,
+    ) -> Self {
         Self {
             state,
             reloader,
+            discovery,
             fault_controls,
         }
     }
@@ -148,6 +153,7 @@ impl Admin {
             "shards": shards,
             "admission": self.admission_status(&table),
             "cluster": self.state.cluster.as_ref().map(|c| c.view()),
+            "discovery": self.discovery.status(),
         })
     }
 
@@ -252,7 +258,7 @@ impl Admin {
                 "not_found",
             );
         };
-        let was = shard.drained.swap(drain, Ordering::Relaxed);
+        let was = shard.load.set_drained(drain);
         tracing::info!(
             target: "admin",
             shard = %shard.id,

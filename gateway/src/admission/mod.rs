@@ -291,6 +291,8 @@ impl Admission {
     ) -> Option<(Slot, Option<AffinityOutcome>)> {
         let placed = self.place(table, route, priority, cost, affinity)?;
         self.admitted[priority.index()].add(cost);
+        self.queue
+            .passed_by(priority, cost, || self.left(self.drain.rate()));
         Some(placed)
     }
 

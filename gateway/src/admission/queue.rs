@@ -209,7 +209,7 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
                 .iter()
                 .any(|w| w.load(Ordering::Relaxed) > 0)
         {
-            self.evict_overdue(&mut inner, now, rate, &mut sends);
+            self.evict_overdue(&mut inner, now, rate, 0, &mut sends);
         }
         self.grant(&mut inner, place, &mut sends);
         drop(inner);
@@ -221,6 +221,27 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
             rx,
             enqueued: now,
         }
+    }
+
+    /// After a request of `priority` and `cost` took room directly, ahead of the less
+    /// important waiters: refuses those it pushed past their deadlines at `rate()`, as
+    /// [`Self::enqueue`] does for one that queues (the room it took was theirs), so a
+    /// waiter that more important arrivals keep passing is told at once, not at its
+    /// deadline.
+    pub fn passed_by(&self, priority: Priority, cost: u64, rate: impl FnOnce() -> f64) {
+        let band = priority.index();
+        if band >= 2
+            || self.waiting[band + 1..]
+                .iter()
+                .all(|w| w.load(Ordering::Relaxed) == 0)
+        {
+            return;
+        }
+        let mut sends = Vec::new();
+        let mut inner = self.lock();
+        self.evict_overdue(&mut inner, Instant::now(), rate(), cost, &mut sends);
+        drop(inner);
+        deliver(sends);
     }
 
     /// Grants room to waiters, most important first, while `place` finds some.
@@ -293,7 +314,8 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
     }
 
     /// Refuses the less important waiters that, behind everything served before them,
-    /// would be served after their deadline. Before a sheddable waiter: every critical
+    /// would be served after their deadline. Before a sheddable waiter: `passing` (the
+    /// tokens of a request that just took room ahead of every waiter), every critical
     /// one, the standard ones that count as earlier (queued within the grace after it)
     /// and the sheddable ones ahead in its band.
     fn evict_overdue(
@@ -301,10 +323,11 @@ impl<K: PartialEq + Clone, G> WaitQueue<K, G> {
         inner: &mut Inner<K, G>,
         now: Instant,
         rate: f64,
+        passing: u64,
         sends: &mut Vec<(oneshot::Sender<Outcome<G>>, Outcome<G>)>,
     ) {
         let rate = rate.max(1.0);
-        let critical: u64 = inner.bands[0].iter().map(|w| w.cost).sum();
+        let critical: u64 = passing + inner.bands[0].iter().map(|w| w.cost).sum::<u64>();
         // The standard waiters kept: when each was queued and the tokens up to it.
         let mut standard: Vec<(Instant, u64)> = Vec::new();
         let mut sheddable = 0u64;
@@ -462,6 +485,24 @@ mod tests {
         assert_eq!(q.depths(), [1, 0, 1]);
         q.dispatch(|_, _| Some(1));
         assert_eq!(shed.granted().await, Some(Ok(1)));
+    }
+
+    #[tokio::test]
+    async fn a_request_taking_room_ahead_evicts_the_waiters_it_pushes_past_their_deadline() {
+        let q: WaitQueue<usize, u32> = WaitQueue::default();
+        // 1,000 tokens/s: the sheddable waiter's 100 tokens are due in 100 ms, its
+        // deadline in 300 ms.
+        let soon = Instant::now() + Duration::from_millis(300);
+        let mut shed = q.enqueue(Priority::Sheddable, 0, 100, soon, 1000.0, |_, _| None);
+        // A critical request of 100 tokens takes room directly: due at 200 ms, kept.
+        q.passed_by(Priority::Critical, 100, || 1000.0);
+        // A sheddable request takes room ahead of nobody, however large.
+        q.passed_by(Priority::Sheddable, 1000, || 1000.0);
+        assert_eq!(q.depths(), [0, 0, 1]);
+        // 250 critical tokens: due at 350 ms, refused now.
+        q.passed_by(Priority::Critical, 250, || 1000.0);
+        assert_eq!(shed.granted().await, Some(Err(Evicted)));
+        assert!(q.is_empty());
     }
 
     #[tokio::test]

@@ -1,8 +1,8 @@
--- One replica says it is alive and what it asks of each pool; replicas not heard from
--- within the TTL drop out.
+-- One replica says it is alive, what it asks of each pool and what it has in flight on
+-- each shard; replicas not heard from within the TTL drop out.
 -- KEYS[1]: the sorted set of replicas (score: last beat, ms).
--- ARGV[1]: this replica's id; ARGV[2]: the TTL in ms; ARGV[3]: its demand
--- ("POOL=REQUESTS,..."); ARGV[4]: the prefix of the replicas' demand keys.
+-- ARGV[1]: this replica's id; ARGV[2]: the TTL in ms; ARGV[3]: its report
+-- ("POOL=REQUESTS,...,@SHARD=REQUESTS,..."); ARGV[4]: the prefix of the replicas' demand keys.
 -- Returns {now_ms, id1, beat1, demand1, id2, beat2, demand2, ...}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

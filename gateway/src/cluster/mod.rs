@@ -36,7 +36,7 @@ use crate::admission::Admission;
 use crate::metrics::Metrics;
 use crate::policy::ClusterSettings;
 use crate::table::Tables;
-use store::{Beat, Settle, Store};
+use store::{Beat, Report, Settle, Store};
 
 /// The units a shard's token limit is divided into among replicas ([`allot`]).
 const SHARE_UNITS: u64 = 1000;
@@ -287,9 +287,9 @@ impl Cluster {
             let beat_due = last_beat.is_none_or(|b| b.elapsed() >= self.settings.heartbeat);
             let elapsed = last_settle.elapsed();
             last_settle = Instant::now();
-            // The heartbeat (with the demand the division follows) and the settling go out
+            // The heartbeat (with the report the division follows) and the settling go out
             // together, so neither waits a round trip for the other.
-            let demand = own_demand(&tables, &admission);
+            let report = own_report(&tables, &admission);
             let beat = async {
                 if !beat_due && self.lock().state == StoreState::Up {
                     return None;
@@ -300,7 +300,7 @@ impl Cluster {
                             &replicas_key,
                             &self.replica_id,
                             self.settings.replica_ttl,
-                            &store::format_demand(&demand),
+                            &report.format(),
                             &demand_prefix,
                         )
                         .await,
@@ -310,7 +310,7 @@ impl Cluster {
             match beat {
                 Some(Ok(beats)) => {
                     last_beat = Some(Instant::now());
-                    self.allot_slots(&tables, &beats, &demand);
+                    self.allot_slots(&tables, &beats, &report);
                     self.replicas_seen(beats);
                     if settled.is_ok() {
                         self.store_answered(&tables);
@@ -329,14 +329,25 @@ impl Cluster {
     /// the replicas the heartbeat saw, by what each asks of the shard's pool ([`allot`]),
     /// and leaves the tries of one more slot to one replica: the first (by id) that asks
     /// anything of the pool, which adds the slot it tries to its part (the others divide
-    /// the slots without it, and learn the answer from the engine's counts). Alone, this
-    /// replica has everything. Allotments stand while the store is unreachable (the last
-    /// share known).
-    fn allot_slots(&self, tables: &Tables, beats: &[Beat], own: &[(String, f64)]) {
+    /// the slots without it, and learn the answer from the engine's counts). A part is
+    /// never more than the slots less what the others reported in flight on the shard:
+    /// when the division moves slots from one replica to another, the one gaining them
+    /// fills them as the other's requests end, not before, so together they never run
+    /// more than the engine has (the engine would queue the rest where the gateway's
+    /// priorities cannot reach). Alone, this replica has everything. Allotments stand
+    /// while the store is unreachable (the last share known).
+    fn allot_slots(&self, tables: &Tables, beats: &[Beat], own: &Report) {
         let table = tables.peek();
         let mut replicas: Vec<&Beat> = beats.iter().collect();
         replicas.sort_by(|a, b| a.replica.cmp(&b.replica));
         let me = replicas.iter().position(|b| b.replica == self.replica_id);
+        // What the other replicas reported in flight, by shard: summed once, not per shard.
+        let mut others_in_flight: std::collections::HashMap<&str, f64> = Default::default();
+        for b in replicas.iter().filter(|b| b.replica != self.replica_id) {
+            for (shard, n) in &b.report.in_flight {
+                *others_in_flight.entry(shard.as_str()).or_default() += n;
+            }
+        }
         for s in table.router.shards() {
             let Some(me) = me.filter(|_| replicas.len() > 1) else {
                 s.slots.set_allotment(None);
@@ -348,8 +359,9 @@ impl Cluster {
                 .iter()
                 .enumerate()
                 .map(|(i, b)| {
-                    let of = if i == me { own } else { &b.demand[..] };
-                    of.iter()
+                    let of = if i == me { own } else { &b.report };
+                    of.demand
+                        .iter()
                         .find(|(p, _)| *p == s.pool)
                         .map_or(0.0, |(_, d)| *d)
                 })
@@ -365,7 +377,9 @@ impl Cluster {
             };
             let trying = u64::from(s.max_requests.is_none() && s.slots.is_trying());
             let part = allot(slots.saturating_sub(trying), &demand)[me] + trying;
-            s.slots.set_allotment(Some(part));
+            let others = others_in_flight.get(s.id.as_str()).copied().unwrap_or(0.0);
+            let free = slots.saturating_sub(others.round() as u64);
+            s.slots.set_allotment(Some(part.min(free)));
         }
     }
 
@@ -481,18 +495,17 @@ impl Cluster {
     }
 }
 
-/// What this replica asks of each pool: requests in flight on its shards and queued for
-/// its models.
-fn own_demand(tables: &Tables, admission: &Admission) -> Vec<(String, f64)> {
+/// What this replica reports: what it asks of each pool (requests in flight on its shards
+/// and queued for its models) and what it has in flight on each shard.
+fn own_report(tables: &Tables, admission: &Admission) -> Report {
     let table = tables.peek();
-    table
+    let shards = table.router.shards();
+    let demand = table
         .policy
         .pools
         .iter()
         .map(|p| {
-            let in_flight: u64 = table
-                .router
-                .shards()
+            let in_flight: u64 = shards
                 .iter()
                 .filter(|s| s.pool == p.id)
                 .map(|s| s.load.inflight_requests())
@@ -500,7 +513,13 @@ fn own_demand(tables: &Tables, admission: &Admission) -> Vec<(String, f64)> {
             let queued: usize = p.models.iter().map(|m| admission.queued_for(m)).sum();
             (p.id.clone(), in_flight as f64 + queued as f64)
         })
-        .collect()
+        .collect();
+    let in_flight = shards
+        .iter()
+        .map(|s| (s.id.to_string(), s.load.inflight_requests() as f64))
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    Report { demand, in_flight }
 }
 
 fn for_each_bucket(tables: &Tables, f: impl Fn(&Bucket)) {

@@ -47,31 +47,54 @@ pub struct Beat {
     pub replica: String,
     /// Since its last heartbeat.
     pub ago: Duration,
-    /// What it asks of each pool: requests in flight and queued, by pool id.
+    /// What it reported with that heartbeat.
+    pub report: Report,
+}
+
+/// What a replica reports with each heartbeat: what it asks of each pool, and what it has
+/// in flight on each shard, so the others divide the slots by the first and never fill
+/// what the second still holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// Requests in flight and queued, by pool id.
     pub demand: Vec<(String, f64)>,
+    /// Requests in flight, by shard id (shards with none are left out).
+    pub in_flight: Vec<(String, f64)>,
 }
 
-/// `POOL=REQUESTS,...` as a replica wrote it (what does not parse is left out).
-pub fn parse_demand(s: &str) -> Vec<(String, f64)> {
-    s.split(',')
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            let v: f64 = v
-                .parse()
-                .ok()
-                .filter(|v: &f64| v.is_finite() && *v >= 0.0)?;
-            Some((k.to_string(), v))
-        })
-        .collect()
-}
+/// Marks a shard's entry in a written [`Report`] (ids never contain it).
+const SHARD_MARK: char = '@';
 
-/// A replica's demand, written for [`parse_demand`].
-pub fn format_demand(demand: &[(String, f64)]) -> String {
-    demand
-        .iter()
-        .map(|(k, v)| format!("{k}={v:.1}"))
-        .collect::<Vec<_>>()
-        .join(",")
+impl Report {
+    /// `POOL=REQUESTS,...,@SHARD=REQUESTS,...`, for [`Report::parse`].
+    pub fn format(&self) -> String {
+        let pools = self.demand.iter().map(|(k, v)| format!("{k}={v:.1}"));
+        let shards = self
+            .in_flight
+            .iter()
+            .map(|(k, v)| format!("{SHARD_MARK}{k}={v:.0}"));
+        pools.chain(shards).collect::<Vec<_>>().join(",")
+    }
+
+    /// A report as a replica wrote it (what does not parse is left out).
+    pub fn parse(s: &str) -> Report {
+        let mut report = Report::default();
+        for kv in s.split(',') {
+            let Some((k, v)) = kv.split_once('=') else {
+                continue;
+            };
+            let Some(v) = v.parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0) else {
+                continue;
+            };
+            match k.strip_prefix(SHARD_MARK) {
+                Some(shard) if !shard.is_empty() => report.in_flight.push((shard.into(), v)),
+                Some(_) => {}
+                None if !k.is_empty() => report.demand.push((k.into(), v)),
+                None => {}
+            }
+        }
+        report
+    }
 }
 
 /// A connection to the store.
@@ -173,22 +196,22 @@ impl Store {
             .collect()
     }
 
-    /// Says `replica` is alive, with its `demand` (`POOL=REQUESTS,...`, kept under
+    /// Says `replica` is alive, with its `report` ([`Report::format`], kept under
     /// `demand_prefix` + its id for the TTL), and returns the replicas heard from within
-    /// `ttl` (this one included): how long ago each last beat, and its demand.
+    /// `ttl` (this one included): how long ago each last beat, and its report.
     pub async fn heartbeat(
         &self,
         set: &str,
         replica: &str,
         ttl: Duration,
-        demand: &str,
+        report: &str,
         demand_prefix: &str,
     ) -> Result<Vec<Beat>, ClusterError> {
         let mut call = self.heartbeat.prepare_invoke();
         call.key(set)
             .arg(replica)
             .arg(ttl.as_millis() as u64)
-            .arg(demand)
+            .arg(report)
             .arg(demand_prefix);
         let mut connection = self.connection.clone();
         let answer: Vec<String> = self.bounded(call.invoke_async(&mut connection)).await?;
@@ -202,7 +225,7 @@ impl Store {
                 Ok(Beat {
                     replica: r[0].clone(),
                     ago: Duration::from_millis((now - beat).max(0.0) as u64),
-                    demand: parse_demand(&r[2]),
+                    report: Report::parse(&r[2]),
                 })
             })
             .collect()
@@ -265,13 +288,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn demand_round_trips_and_garbage_is_left_out() {
-        let d = vec![("pool-a".to_string(), 3.0), ("pool.b".to_string(), 0.5)];
-        assert_eq!(parse_demand(&format_demand(&d)), d);
-        assert_eq!(parse_demand(""), vec![]);
-        assert_eq!(
-            parse_demand("a=1,b=x,=,c=-2,d=inf,e=2"),
-            vec![("a".to_string(), 1.0), ("e".to_string(), 2.0)]
-        );
+    fn reports_round_trip_and_garbage_is_left_out() {
+        let r = Report {
+            demand: vec![("pool-a".into(), 3.0), ("pool.b".into(), 0.5)],
+            in_flight: vec![("s1".into(), 2.0), ("s-2".into(), 14.0)],
+        };
+        assert_eq!(r.format(), "pool-a=3.0,pool.b=0.5,@s1=2,@s-2=14");
+        assert_eq!(Report::parse(&r.format()), r);
+        assert_eq!(Report::parse(""), Report::default());
+        let r = Report::parse("a=1,b=x,=,c=-2,d=inf,@=3,@s=1,e=2");
+        assert_eq!(r.demand, vec![("a".into(), 1.0), ("e".into(), 2.0)]);
+        assert_eq!(r.in_flight, vec![("s".into(), 1.0)]);
     }
 }

@@ -9,15 +9,18 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::raw::{RawAdmission, RawCluster, RawListenerTls, RawPoolTls, RawTenant};
+use super::raw::{
+    RawAdmission, RawCluster, RawDiscovery, RawListenerTls, RawPool, RawPoolTls, RawTenant,
+};
 use super::raw::{
     RawFile, RawGateway, RawHealth, RawLimits, RawRetries, RawRouting, RawShard, RawTimeouts,
 };
 use super::{
-    AdmissionSettings, ClusterSettings, EngineKind, Limits, ListenerTls, Policy, PolicyIssue, Pool,
-    Priority, Region, RetrySettings, RoutingSettings, SecretSource, Shard, Shutdown, Tenant,
-    Timeouts,
+    AdmissionSettings, ClusterSettings, DiscoverySettings, EngineKind, Limits, ListenerTls, Policy,
+    PolicyIssue, Pool, Priority, Region, RetrySettings, RoutingSettings, SecretSource, Shard,
+    Shutdown, Tenant, Timeouts,
 };
+use crate::discovery::{Discover, DiscoverTarget};
 use crate::proxy::request::{Endpoint, EndpointSet};
 use crate::routing::affinity::{AffinityMode, AffinitySettings};
 use crate::tls::upstream::{PoolTlsFiles, UpstreamTls};
@@ -102,6 +105,7 @@ impl Compiler {
         let retries = self.singleton(files, "retries", |f| f.retries.as_ref());
         let admission = self.singleton(files, "admission", |f| f.admission.as_ref());
         let cluster = self.singleton(files, "cluster", |f| f.cluster.as_ref());
+        let discovery = self.singleton(files, "discovery", |f| f.discovery.as_ref());
 
         let (regions, region_file) = self.regions(files);
         let mut pools = self.pools(files, &region_file);
@@ -138,6 +142,7 @@ impl Compiler {
         };
         let tenants = self.tenants(files, &adm, admission.map(|(f, _)| f));
         let cluster = cluster.and_then(|(f, raw)| self.cluster(f, raw));
+        let discovery = discovery.map_or_else(Default::default, |(f, raw)| self.discovery(f, raw));
 
         self.policy = Some(Policy {
             home_region: gw.home_region.clone(),
@@ -154,6 +159,7 @@ impl Compiler {
             retries: retries_section,
             admission: adm,
             cluster,
+            discovery,
             tenants,
             regions,
             pools,
@@ -304,11 +310,151 @@ impl Compiler {
                     tls: None,
                     endpoints: self.endpoints(name, &at("endpoints"), p.endpoints.as_deref()),
                     affinity: self.affinity(name, &at, p),
+                    discover: self.discover(name, &at, p),
                 });
             }
         }
 
         pools
+    }
+
+    /// A pool's `discover` and the keys its discovered shards take; the latter only
+    /// with the former.
+    fn discover(
+        &mut self,
+        file: &str,
+        at: &dyn Fn(&str) -> String,
+        p: &RawPool,
+    ) -> Option<Discover> {
+        let Some(raw) = &p.discover else {
+            let keys = [
+                ("scheme", p.scheme.is_some()),
+                ("capacity_tps", p.capacity_tps.is_some()),
+                ("weight", p.weight.is_some()),
+                ("max_requests", p.max_requests.is_some()),
+                ("gpu_probe", p.gpu_probe.is_some()),
+                ("discover_min_ms", p.discover_min_ms.is_some()),
+                ("discover_max_ms", p.discover_max_ms.is_some()),
+            ];
+            for (key, _) in keys.iter().filter(|k| k.1) {
+                self.issue(
+                    file,
+                    at(key),
+                    "only for discovered shards: set discover, or put it on each [[shards]]",
+                );
+            }
+            return None;
+        };
+        let target = match DiscoverTarget::parse(raw) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.issue(file, at("discover"), e);
+                None
+            }
+        };
+        let scheme = p.scheme.as_deref().unwrap_or("http");
+        if !matches!(scheme, "http" | "https") {
+            self.issue(
+                file,
+                at("scheme"),
+                format!("{scheme:?}: expected http or https"),
+            );
+        }
+        let capacity_tps = match p.capacity_tps {
+            Some(c) if c.is_finite() && c > 0.0 && c <= 1e9 => c,
+            Some(c) => {
+                let msg = format!("{c} must be a positive number of tokens/s (at most 1e9)");
+                self.issue(file, at("capacity_tps"), msg);
+                1.0
+            }
+            None => {
+                self.issue(
+                    file,
+                    at("capacity_tps"),
+                    "a discovered pool declares each shard's capacity_tps",
+                );
+                1.0
+            }
+        };
+        let weight = p.weight.unwrap_or(1.0);
+        if !(weight.is_finite() && weight > 0.0 && weight <= 1000.0) {
+            self.issue(
+                file,
+                at("weight"),
+                format!("{weight} must be within (0, 1000]"),
+            );
+        }
+        let max_requests = p
+            .max_requests
+            .map(|v| self.bounded(file, &at("max_requests"), v, 1, 1_000_000));
+        if let Some(t) = &p.gpu_probe {
+            let sample = t.replace("{ip}", "192.0.2.1");
+            let plain = Url::parse(&sample).is_ok_and(|u| u.scheme() == "http");
+            if !t.contains("{ip}")
+                || !plain
+                || self.base_url(file, &at("gpu_probe"), &sample).is_none()
+            {
+                self.issue(
+                    file,
+                    at("gpu_probe"),
+                    format!("{t:?}: an http:// base URL with {{ip}} for the shard's address"),
+                );
+            }
+        }
+        let ms = |c: &mut Self, key: &str, v: Option<u64>, default: u64| {
+            Duration::from_millis(c.bounded(file, &at(key), v.unwrap_or(default), 100, 86_400_000))
+        };
+        let min_interval = ms(self, "discover_min_ms", p.discover_min_ms, 1000);
+        let max_interval = ms(self, "discover_max_ms", p.discover_max_ms, 30_000);
+        if min_interval > max_interval {
+            self.issue(
+                file,
+                at("discover_max_ms"),
+                "must be at least discover_min_ms",
+            );
+        }
+        Some(Discover {
+            target: target?,
+            scheme: scheme.to_string(),
+            capacity_tps,
+            weight,
+            max_requests,
+            gpu_probe: p.gpu_probe.clone(),
+            min_interval,
+            max_interval,
+        })
+    }
+
+    /// `[discovery]`.
+    fn discovery(&mut self, file: &str, raw: &RawDiscovery) -> DiscoverySettings {
+        let mut nameservers = Vec::new();
+        for (i, n) in raw.nameservers.iter().flatten().enumerate() {
+            match n.parse::<SocketAddr>() {
+                Ok(a) => nameservers.push(a),
+                Err(_) => self.issue(
+                    file,
+                    format!("discovery.nameservers[{i}]"),
+                    format!("{n:?} is not IP:PORT"),
+                ),
+            }
+        }
+        let d = DiscoverySettings::default();
+        let ms = |c: &mut Self, key: &str, v: Option<u64>, default: Duration, min: u64| {
+            v.map_or(default, |v| {
+                Duration::from_millis(c.bounded(file, key, v, min, 86_400_000))
+            })
+        };
+        DiscoverySettings {
+            nameservers,
+            timeout: ms(self, "discovery.timeout_ms", raw.timeout_ms, d.timeout, 10),
+            max_stale: ms(
+                self,
+                "discovery.max_stale_ms",
+                raw.max_stale_ms,
+                d.max_stale,
+                0,
+            ),
+        }
     }
 
     /// `[[shards]]`.
@@ -1298,7 +1444,13 @@ impl Compiler {
                     self.issue(file, key.clone(), msg);
                 }
             }
-            if !mine().any(|s| s.url.scheme() == "https") {
+            let discovered_https = pool.discover.as_ref().map(|d| d.scheme.as_str());
+            if let (Some((file, key, _)), Some("http")) = (&declared, discovered_https) {
+                let msg =
+                    "the pool has [pools.tls] but discovers http:// shards; set scheme = \"https\"";
+                self.issue(file, key.clone(), msg);
+            }
+            if !mine().any(|s| s.url.scheme() == "https") && discovered_https != Some("https") {
                 continue;
             }
             let (file, key, files) = declared.unwrap_or_default();

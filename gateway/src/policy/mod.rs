@@ -95,6 +95,8 @@ pub struct Pool {
     pub endpoints: EndpointSet,
     /// Cache affinity.
     pub affinity: crate::routing::affinity::AffinitySettings,
+    /// Where its engines are discovered, when they are.
+    pub discover: Option<crate::discovery::Discover>,
 }
 
 /// One inference endpoint.
@@ -393,6 +395,27 @@ pub struct ListenerTls {
     pub http2: bool,
 }
 
+/// `[discovery]`: how the pools' `discover` names are looked up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoverySettings {
+    /// The DNS servers asked (empty: the system's resolver configuration).
+    pub nameservers: Vec<SocketAddr>,
+    /// How long one lookup may take.
+    pub timeout: Duration,
+    /// While lookups fail, how long a pool keeps the shards last found.
+    pub max_stale: Duration,
+}
+
+impl Default for DiscoverySettings {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(2),
+            max_stale: Duration::from_secs(900),
+        }
+    }
+}
+
 /// A complete, validated policy set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -424,6 +447,8 @@ pub struct Policy {
     pub admission: AdmissionSettings,
     /// The store replicas share limits through (`None`: every limit is this replica's).
     pub cluster: Option<ClusterSettings>,
+    /// How pools' `discover` names are looked up.
+    pub discovery: DiscoverySettings,
     /// Tenants.
     pub tenants: Vec<Tenant>,
     /// Regions in failover order.
@@ -1118,6 +1143,108 @@ models = ["llama"]
         assert_eq!(c.sync_interval, Duration::from_millis(100));
         assert_eq!(c.heartbeat, Duration::from_millis(100));
         assert_eq!(c.replica_ttl, Duration::from_secs(5));
+    }
+
+    /// BASE with a second pool, in region west, that discovers its shards.
+    fn discovered(keys: &str) -> String {
+        format!(
+            "{BASE}\n[[pools]]\nid = \"p-west\"\nregion = \"west\"\nmodels = [\"llama\"]\n{keys}\n"
+        )
+    }
+
+    #[test]
+    fn a_discovered_pool_compiles_with_its_defaults_and_the_discovery_section() {
+        let p = one(&format!(
+            "{}\n[discovery]\nnameservers = [\"127.0.0.1:5353\", \"[::1]:53\"]\ntimeout_ms = 500\n",
+            discovered("discover = \"dns+srv://_http._tcp.vllm.svc\"\ncapacity_tps = 800\nmax_requests = 32\ngpu_probe = \"http://{ip}:9400\"\ndiscover_max_ms = 10000")
+        ))
+        .unwrap();
+        let d = p.pools[1].discover.as_ref().unwrap();
+        assert_eq!(d.target.to_string(), "dns+srv://_http._tcp.vllm.svc");
+        assert_eq!(
+            (d.scheme.as_str(), d.capacity_tps, d.weight),
+            ("http", 800.0, 1.0)
+        );
+        assert_eq!(d.max_requests, Some(32));
+        assert_eq!(d.min_interval, Duration::from_secs(1));
+        assert_eq!(d.max_interval, Duration::from_secs(10));
+        assert_eq!(p.discovery.nameservers.len(), 2);
+        assert_eq!(p.discovery.timeout, Duration::from_millis(500));
+        assert_eq!(p.discovery.max_stale, Duration::from_secs(900));
+        assert!(p.pools[0].discover.is_none());
+        // A pool with no shard yet is valid: its shards come from DNS.
+        assert_eq!(p.shards.len(), 1);
+    }
+
+    #[test]
+    fn discovery_mistakes_are_named() {
+        let bad = |keys: &str| issues(one(&discovered(keys)));
+        let has = |i: &[String], key: &str| i.iter().any(|m| m.contains(key));
+        let i = bad("discover = \"vllm.svc:8000\"\ncapacity_tps = 10");
+        assert!(
+            has(&i, "pools[1].discover") && has(&i, "dns://NAME:PORT"),
+            "{i:?}"
+        );
+        let i = bad("discover = \"dns://vllm.svc\"\ncapacity_tps = 10");
+        assert!(has(&i, "needs the engines' port"), "{i:?}");
+        let i = bad("discover = \"dns://vllm.svc:8000\"");
+        assert!(has(&i, "pools[1].capacity_tps"), "{i:?}");
+        let i = bad("discover = \"dns://vllm.svc:8000\"\ncapacity_tps = 10\nscheme = \"ftp\"");
+        assert!(has(&i, "pools[1].scheme"), "{i:?}");
+        let i = bad("discover = \"dns://vllm.svc:8000\"\ncapacity_tps = 10\ngpu_probe = \"http://10.0.0.1:9400\"");
+        assert!(has(&i, "pools[1].gpu_probe") && has(&i, "{ip}"), "{i:?}");
+        let i = bad("discover = \"dns://vllm.svc:8000\"\ncapacity_tps = 10\ndiscover_min_ms = 5000\ndiscover_max_ms = 1000");
+        assert!(has(&i, "pools[1].discover_max_ms"), "{i:?}");
+        let i = bad("discover = \"dns://vllm.svc:8000\"\ncapacity_tps = 10\ndiscover_min_ms = 5");
+        assert!(has(&i, "pools[1].discover_min_ms"), "{i:?}");
+        let i = bad("discover = \"dns://vllm.svc:8000\"\ncapacity_tps = -1\nweight = 0");
+        assert!(
+            has(&i, "pools[1].capacity_tps") && has(&i, "pools[1].weight"),
+            "{i:?}"
+        );
+        // The shards' keys without discover belong on [[shards]].
+        let i = bad("capacity_tps = 10\nmax_requests = 4");
+        assert!(
+            has(&i, "pools[1].capacity_tps") && has(&i, "pools[1].max_requests"),
+            "{i:?}"
+        );
+        let i = issues(one(&format!(
+            "{BASE}\n[discovery]\nnameservers = [\"10.0.0.1\"]\n"
+        )));
+        assert!(has(&i, "discovery.nameservers[0]"), "{i:?}");
+        let i = issues(one(&format!("{BASE}\n[discovery]\nresolver = \"x\"\n")));
+        assert!(has(&i, "resolver"), "{i:?}");
+    }
+
+    #[test]
+    fn discovered_addresses_become_shards_and_a_static_shard_keeps_its_own() {
+        let p = one(&format!(
+            "{}\n[[shards]]\nid = \"w-static\"\npool = \"p-west\"\nurl = \"http://10.0.0.2:8000\"\ncapacity_tps = 5\n",
+            discovered("discover = \"dns://vllm.svc:8000\"\ncapacity_tps = 700\nweight = 2")
+        ))
+        .unwrap();
+        let mut found = crate::discovery::Discovered::new();
+        found.insert(
+            "p-west".into(),
+            vec![
+                "10.0.0.1:8000".parse().unwrap(),
+                "10.0.0.2:8000".parse().unwrap(),
+            ],
+        );
+        // A pool that does not discover is left alone whatever is found for it.
+        found.insert("p-east".into(), vec!["10.9.9.9:8000".parse().unwrap()]);
+        let full = crate::discovery::with_discovered(&p, &found);
+        let ids: Vec<&str> = full.shards.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["e1", "w-static", "p-west@10.0.0.1:8000"]);
+        let s = &full.shards[2];
+        assert_eq!(
+            (s.region.as_str(), s.capacity_tps, s.weight),
+            ("west", 700.0, 2.0)
+        );
+        assert_eq!(
+            crate::discovery::with_discovered(&p, &Default::default()),
+            p
+        );
     }
 
     #[test]

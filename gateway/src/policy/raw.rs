@@ -27,6 +27,8 @@ pub struct RawFile {
     pub admission: Option<RawAdmission>,
     /// `[cluster]`: replicas that share tenant limits through a store.
     pub cluster: Option<RawCluster>,
+    /// `[discovery]`: the DNS servers pools' `discover` names are looked up on.
+    pub discovery: Option<RawDiscovery>,
     /// `[[tenants]]`: who sends traffic, with their keys, priority and limits.
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
@@ -258,6 +260,27 @@ pub struct RawPool {
     pub affinity_max_load: Option<f64>,
     /// How long the prefix index remembers a shard for a block, ms. Default 600000.
     pub affinity_ttl_ms: Option<u64>,
+    /// Where the pool's engines are listed: `dns://NAME:PORT` (A and AAAA records, each
+    /// address an engine on PORT) or `dns+srv://_service._proto.NAME` (SRV records). The
+    /// shards found join the pool's `[[shards]]`. Default: none.
+    pub discover: Option<String>,
+    /// How discovered shards are reached: `http` or `https`. Default `http`.
+    pub scheme: Option<String>,
+    /// Each discovered shard's decode capacity, tokens per second. Required with
+    /// `discover`.
+    pub capacity_tps: Option<f64>,
+    /// Each discovered shard's relative weight, (0, 1000]. Default 1.
+    pub weight: Option<f64>,
+    /// Each discovered shard's batch slots. Default: undeclared.
+    pub max_requests: Option<u64>,
+    /// Each discovered shard's gpu-probe agent, `{ip}` standing for its address
+    /// (`http://{ip}:9400`). Default: none.
+    pub gpu_probe: Option<String>,
+    /// The records are looked up again at their TTL, but no sooner than this after the
+    /// last lookup, ms. Default 1000.
+    pub discover_min_ms: Option<u64>,
+    /// ... and no later than this, ms. Default 30000.
+    pub discover_max_ms: Option<u64>,
 }
 
 /// `[[shards]]`
@@ -368,4 +391,17 @@ pub struct RawTenant {
     pub tpm: Option<u64>,
     /// The deadline of a request that brings none, milliseconds. Default: `timeouts.total_ms`.
     pub timeout_ms: Option<u64>,
+}
+
+/// `[discovery]`: how pools' `discover` names are looked up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscovery {
+    /// DNS servers asked, `IP:PORT` each. Default: the system's resolver configuration.
+    pub nameservers: Option<Vec<String>>,
+    /// How long one lookup may take, ms. Default 2000.
+    pub timeout_ms: Option<u64>,
+    /// While lookups fail, a pool keeps the shards last found for at most this long, ms;
+    /// then they are dropped as gone. Default 900000 (15 minutes).
+    pub max_stale_ms: Option<u64>,
 }

@@ -1,5 +1,6 @@
-//! Why a request went where it did: every shard of its route as the pick saw it — its
-//! tier, its load score, and, for those passed over, the reason.
+//! Why a request went where it did: every shard of its route as the pick saw it (about
+//! [`LISTED`] of them in a longer route) — its tier, its load score, and, for those passed
+//! over, the reason.
 
 use std::sync::Arc;
 
@@ -42,13 +43,18 @@ pub struct Candidate {
 /// Candidates kept inline: routes of up to this many shards record without allocating.
 pub const INLINE: usize = 8;
 
+/// Routes of up to this many shards are shown whole; longer ones by about this many (as
+/// many as are kept inline: recording a decision never allocates, and costs the same for a
+/// route of 8 shards and one of 4,096).
+pub const LISTED: usize = INLINE;
+
 /// The candidates of one pick, with the table's shards they point into (one shared
 /// reference for all of them).
 #[derive(Debug, Clone)]
 pub struct Candidates {
     /// The routing table's shards, indexed by [`Candidate::shard`].
     pub shards: Arc<[Arc<ShardEntry>]>,
-    /// Every shard of the route, in tier order.
+    /// Every shard of the route (about [`LISTED`] of a longer one), in tier order.
     pub list: SmallVec<[Candidate; INLINE]>,
 }
 

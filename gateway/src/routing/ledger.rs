@@ -4,20 +4,33 @@
 //! when its [`LoadCharge`] is dropped — on completion, error, timeout or client abort alike —
 //! so the ledger cannot drift however the request ends.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// One shard's live load. Shared between routing (reads), requests (charge/release) and
-/// the admin API (reads).
+/// One shard's live load, and whether an operator drained it. Shared between routing
+/// (reads), requests (charge/release) and the admin API (reads, drains). The drain flag
+/// lives here, beside what every pick reads, so examining a shard costs one cache line, not
+/// two — it matters once a fleet's shards no longer fit in the cache.
 #[derive(Debug, Default)]
 pub struct ShardLoad {
     inflight_tokens: AtomicU64,
     inflight_requests: AtomicU64,
     dispatched_tokens_total: AtomicU64,
     dispatched_requests_total: AtomicU64,
+    drained: AtomicBool,
 }
 
 impl ShardLoad {
+    /// Whether an operator has drained the shard.
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+
+    /// Drains (`true`) or undrains the shard; returns whether it was drained before.
+    pub fn set_drained(&self, drained: bool) -> bool {
+        self.drained.swap(drained, Ordering::Relaxed)
+    }
+
     /// Charges `tokens` to this shard; the returned guard releases them when dropped.
     pub fn charge(self: &Arc<Self>, tokens: u64) -> LoadCharge {
         self.inflight_tokens.fetch_add(tokens, Ordering::Relaxed);

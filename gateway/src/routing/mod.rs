@@ -17,7 +17,6 @@ pub mod ledger;
 pub mod select;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -78,8 +77,6 @@ pub struct ShardEntry {
     pub limit: Arc<ShardLimit>,
     /// Its engine's batch slots, learned from the engine's running and waiting counts.
     pub slots: Arc<EngineSlots>,
-    /// An operator drained it: no new requests until undrained.
-    pub drained: Arc<AtomicBool>,
     /// Where request outcomes on it are reported.
     pub reporter: ShardReporter,
     /// Its last minute of answers (rate, TTFT percentiles), for the dashboard.
@@ -101,7 +98,7 @@ impl ShardEntry {
 
     /// Whether an operator has drained the shard.
     pub fn is_drained(&self) -> bool {
-        self.drained.load(Ordering::Relaxed)
+        self.load.is_drained()
     }
 
     /// The most requests admission keeps in flight on it: its declared batch slots
@@ -179,7 +176,23 @@ pub struct ModelRoute {
     pub endpoints: EndpointSet,
     /// Cache affinity, when its pools ask for it (the same for all of them).
     pub affinity: Option<Arc<RouteAffinity>>,
+    /// Each tier's share of first attempts, as last worked out ([`Router::spill_tier`]).
+    spill: Mutex<Option<SpillShares>>,
 }
+
+/// The tiers' shares of first attempts for one health snapshot, for at most
+/// [`SPILL_REFRESH`]: working them out reads every shard of the route.
+#[derive(Debug)]
+struct SpillShares {
+    /// The snapshot they were worked out on (its address).
+    view: usize,
+    at: Instant,
+    shares: SmallVec<[f64; 4]>,
+}
+
+/// How long the tiers' shares are kept for one health snapshot: an operator's drain and
+/// engine readings going stale change them without a new snapshot.
+const SPILL_REFRESH: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What outlives every routing table: the shard ids handed out, the health snapshot the
 /// monitor publishes, and the monitor itself.
@@ -265,20 +278,21 @@ impl Router {
     /// the tables that in-flight requests still hold. Model statistics carry by name.
     pub fn build(policy: &Policy, previous: Option<&Router>, fleet: &Arc<Fleet>) -> Self {
         let mut ids = fleet.ids.lock().unwrap_or_else(|p| p.into_inner());
+        // By id, so a table of thousands of shards builds in linear time.
+        let before: HashMap<&str, &Arc<ShardEntry>> = previous
+            .map(|p| p.shards.iter().map(|o| (o.id.as_str(), o)).collect())
+            .unwrap_or_default();
         let shards: Vec<Arc<ShardEntry>> = policy
             .shards
             .iter()
             .map(|s| {
-                let old = previous.and_then(|p| p.shards.iter().find(|o| o.id == s.id));
+                let old = before.get(s.id.as_str()).copied();
                 Arc::new(shard_entry(policy, s, old, &mut ids, &fleet.monitor))
             })
             .collect();
         if let Some(p) = previous {
-            for gone in p
-                .shards
-                .iter()
-                .filter(|o| !shards.iter().any(|n| n.key == o.key))
-            {
+            let kept: std::collections::HashSet<ShardId> = shards.iter().map(|n| n.key).collect();
+            for gone in p.shards.iter().filter(|o| !kept.contains(&o.key)) {
                 ids.remove(gone.key);
             }
         }
@@ -351,6 +365,7 @@ impl Router {
                     context_window,
                     endpoints,
                     affinity,
+                    spill: Mutex::new(None),
                 }
             })
             .collect();
@@ -549,32 +564,38 @@ impl Router {
             .skip(first_tier)
             .chain(route.tiers.iter().take(first_tier))
         {
-            candidates.clear();
-            candidates.extend(tier.iter().copied().filter(|i| {
-                let s = &self.shards[*i];
+            let eligible = |i: usize| {
+                let s = &self.shards[i];
                 let allowed = if panic {
                     !s.is_drained()
                 } else {
-                    self.admitted(*i, &health)
+                    self.admitted(i, &health)
                 };
                 allowed && !tried.contains(&s.key) && fits(s, &health, now)
-            }));
-            if let (Some((key, cost)), Some(aff)) = (affine, route.affinity.as_deref()) {
-                if let Some((i, outcome)) =
-                    self.affine_choice(tier, &candidates, key, cost, aff, &health, now)
-                {
-                    let chosen = match outcome {
-                        AffinityOutcome::OverriddenByLoad => {
-                            select::p2c(&candidates, |i| self.score(i, &health, now), rng)
-                        }
-                        _ => Some(i),
-                    };
-                    if let Some(i) = chosen {
-                        return Some((&self.shards[i], Some(outcome)));
-                    }
+            };
+            let score = |i: usize| self.score(i, &health, now);
+            let (Some((key, cost)), Some(aff)) = (affine, route.affinity.as_deref()) else {
+                // Sampled, not listed: the same cost whatever the tier's size.
+                if let Some(i) = select::sampled_p2c(tier, eligible, score, rng) {
+                    return Some((&self.shards[i], None));
+                }
+                continue;
+            };
+            // Affinity ranks the whole tier (rendezvous order): it lists the candidates.
+            candidates.clear();
+            candidates.extend(tier.iter().copied().filter(|i| eligible(*i)));
+            if let Some((i, outcome)) =
+                self.affine_choice(tier, &candidates, key, cost, aff, &health, now)
+            {
+                let chosen = match outcome {
+                    AffinityOutcome::OverriddenByLoad => select::p2c(&candidates, score, rng),
+                    _ => Some(i),
+                };
+                if let Some(i) = chosen {
+                    return Some((&self.shards[i], Some(outcome)));
                 }
             }
-            if let Some(i) = select::p2c(&candidates, |i| self.score(i, &health, now), rng) {
+            if let Some(i) = select::p2c(&candidates, score, rng) {
                 return Some((&self.shards[i], None));
             }
         }
@@ -674,9 +695,54 @@ impl Router {
     /// takes it back as its shards return and ramp up (slow start), which makes failback
     /// gradual.
     fn spill_tier(&self, route: &ModelRoute, health: &HealthView, now: Instant, u: f64) -> usize {
-        let mut rest = 1.0;
+        if route.tiers.len() < 2 {
+            return 0;
+        }
+        // A short route is read whole each time (as cheap as a look in the cache, and no
+        // lock); a long one is read once per health snapshot.
+        let shards: usize = route.tiers.iter().map(Vec::len).sum();
+        let shares = if shards <= select::SCAN_UP_TO {
+            self.tier_shares(route, health, now)
+        } else {
+            let view = std::ptr::from_ref(health) as usize;
+            let mut cached = route.spill.lock().unwrap_or_else(|p| p.into_inner());
+            match cached.as_ref() {
+                Some(c)
+                    if c.view == view && now.saturating_duration_since(c.at) < SPILL_REFRESH =>
+                {
+                    c.shares.clone()
+                }
+                _ => {
+                    let shares = self.tier_shares(route, health, now);
+                    *cached = Some(SpillShares {
+                        view,
+                        at: now,
+                        shares: shares.clone(),
+                    });
+                    shares
+                }
+            }
+        };
         let mut acc = 0.0;
-        for (t, tier) in route.tiers.iter().enumerate() {
+        for (t, share) in shares.iter().enumerate() {
+            acc += share;
+            if u < acc {
+                return t;
+            }
+        }
+        0
+    }
+
+    /// Each tier's share of first attempts (see [`Self::spill_tier`]).
+    fn tier_shares(
+        &self,
+        route: &ModelRoute,
+        health: &HealthView,
+        now: Instant,
+    ) -> SmallVec<[f64; 4]> {
+        let mut rest = 1.0;
+        let mut shares = SmallVec::new();
+        for tier in &route.tiers {
             let total: f64 = tier
                 .iter()
                 .map(|i| self.shards[*i].effective_capacity)
@@ -694,13 +760,10 @@ impl Router {
             } else {
                 0.0
             };
-            acc += share;
             rest -= share;
-            if u < acc {
-                return t;
-            }
+            shares.push(share);
         }
-        0
+        shares
     }
 
     /// Whether a shard's engine has room: fresh metrics below both saturation thresholds
@@ -749,7 +812,9 @@ impl Router {
     /// Every shard of `route` as a pick for a request of `cost` tokens would see it now:
     /// tier, score, and why one is passed over (`limits`: the priority admission limits
     /// apply for, as for a first attempt; `None` for none). The decisions log keeps it;
-    /// routing itself never calls it.
+    /// routing itself never calls it. A route of more than [`explain::LISTED`] shards is
+    /// shown by about that many, each tier by its share of them, evenly spaced from a
+    /// random start — so recording a decision costs the same whatever the fleet's size.
     pub fn explain(
         &self,
         route: &ModelRoute,
@@ -761,8 +826,23 @@ impl Router {
         let health = self.fleet.health.load();
         let now = Instant::now();
         let mut list = smallvec::SmallVec::new();
+        let total: usize = route.tiers.iter().map(Vec::len).sum();
+        let mut rng = rand::thread_rng();
         for (tier, shards) in route.tiers.iter().enumerate() {
-            for &i in shards {
+            let shown = if total <= explain::LISTED {
+                shards.len()
+            } else {
+                (shards.len() * explain::LISTED)
+                    .div_ceil(total)
+                    .min(shards.len())
+            };
+            let start = if shown < shards.len() {
+                rng.gen_range(0..shards.len())
+            } else {
+                0
+            };
+            for k in 0..shown {
+                let i = shards[(start + k * shards.len() / shown.max(1)) % shards.len()];
                 let s = &self.shards[i];
                 let excluded = if s.is_drained() {
                     Some(Exclusion::Drained)
@@ -813,8 +893,7 @@ fn shard_entry(
 ) -> ShardEntry {
     let a = &policy.admission;
     let effective_capacity = s.capacity_tps * s.weight;
-    let (key, load, limit, slots, drained, reporter, window) = match old.filter(|o| o.url == s.url)
-    {
+    let (key, load, limit, slots, reporter, window) = match old.filter(|o| o.url == s.url) {
         Some(o) => {
             o.limit.reconfigure(
                 effective_capacity,
@@ -827,7 +906,6 @@ fn shard_entry(
                 Arc::clone(&o.load),
                 Arc::clone(&o.limit),
                 Arc::clone(&o.slots),
-                Arc::clone(&o.drained),
                 o.reporter.clone(),
                 Arc::clone(&o.window),
             )
@@ -841,13 +919,14 @@ fn shard_entry(
                 a.max_limit,
                 a.ttft_tolerance,
             );
-            let drained = old.is_some_and(|o| o.is_drained());
+            let load = ShardLoad::default();
+            // An operator's drain outlives a change of URL.
+            load.set_drained(old.is_some_and(|o| o.is_drained()));
             (
                 key,
-                Arc::new(ShardLoad::default()),
+                Arc::new(load),
                 Arc::new(limit),
                 Arc::default(),
-                Arc::new(AtomicBool::new(drained)),
                 monitor.reporter(key),
                 Arc::default(),
             )
@@ -881,7 +960,6 @@ fn shard_entry(
         load,
         limit,
         slots,
-        drained,
         reporter,
         window,
     }
@@ -957,6 +1035,90 @@ capacity_tps = 100
             .into(),
         )])
         .unwrap()
+    }
+
+    /// `west` shards in the home region and `east` in the other, all for model "m".
+    fn fleet_policy(west: usize, east: usize) -> Policy {
+        let mut t = String::from(
+            "[gateway]\nhome_region = \"west\"\n[[regions]]\nid = \"west\"\n[[regions]]\nid = \"east\"\n\
+             [[pools]]\nid = \"pw\"\nregion = \"west\"\nmodels = [\"m\"]\n\
+             [[pools]]\nid = \"pe\"\nregion = \"east\"\nmodels = [\"m\"]\n",
+        );
+        for (pool, n, base) in [("pw", west, 0), ("pe", east, west)] {
+            for i in base..base + n {
+                t += &format!(
+                    "[[shards]]\nid = \"s{i}\"\npool = \"{pool}\"\nurl = \"http://10.0.{}.{}:8000\"\ncapacity_tps = 100\n",
+                    i / 250,
+                    i % 250 + 1
+                );
+            }
+        }
+        crate::policy::from_sources(&[("t.toml".into(), t)]).unwrap()
+    }
+
+    #[test]
+    fn a_large_route_is_explained_by_a_bounded_spread_sample_and_a_small_one_whole() {
+        let r = Router::new(&fleet_policy(3000, 300));
+        let route = r.route("m").unwrap();
+        let c = r.explain(route, 10, &[], None);
+        assert!(
+            (explain::LISTED..=explain::LISTED + 2).contains(&c.list.len()),
+            "{}",
+            c.list.len()
+        );
+        let home = c.list.iter().filter(|x| x.tier == 0).count();
+        assert!((7..=8).contains(&home), "{home} of {}", c.list.len());
+        let mut ids: Vec<u32> = c.list.iter().map(|x| x.shard).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), c.list.len(), "a shard shown twice");
+        let small = Router::new(&fleet_policy(5, 3));
+        let c = small.explain(small.route("m").unwrap(), 10, &[], None);
+        assert_eq!(c.list.len(), 8);
+    }
+
+    #[test]
+    fn a_long_routes_spill_follows_each_new_health_snapshot() {
+        // 40 shards: the regions' shares are kept per snapshot, not read per pick.
+        let r = Router::new(&fleet_policy(20, 20));
+        let route = r.route("m").unwrap();
+        let mut rng = SmallRng::seed_from_u64(31);
+        // Few picks, well within the cache's 100 ms: a stale share would still show.
+        let home_share = |r: &Router, rng: &mut SmallRng| {
+            let n = 400;
+            let home = (0..n)
+                .filter(|_| pos(r, r.pick(route, &[], rng)).is_some_and(|i| i < 20))
+                .count();
+            home as f64 / n as f64
+        };
+        assert_eq!(home_share(&r, &mut rng), 1.0);
+        // Half of home ejected: 1/2 × 1.4 = 70 % stays.
+        let mut entries = vec![ShardHealth::healthy(); 40];
+        for e in entries.iter_mut().take(10) {
+            e.state = ShardState::Ejected;
+        }
+        r.publish_health(view(&r, entries.clone()));
+        assert!((home_share(&r, &mut rng) - 0.7).abs() < 0.1);
+        // Back: the next snapshot is read at once, not after the cache's 100 ms.
+        r.publish_health(view(&r, vec![ShardHealth::healthy(); 40]));
+        assert_eq!(home_share(&r, &mut rng), 1.0);
+    }
+
+    #[test]
+    fn a_pick_in_a_large_tier_spreads_over_it_and_skips_what_is_drained() {
+        let r = Router::new(&fleet_policy(2000, 0));
+        let route = r.route("m").unwrap();
+        for s in r.shards().iter().skip(10) {
+            s.load.set_drained(true);
+        }
+        let mut rng = SmallRng::seed_from_u64(21);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..500 {
+            let i = pos(&r, r.pick(route, &[], &mut rng)).unwrap();
+            assert!(i < 10, "a drained shard was picked");
+            seen.insert(i);
+        }
+        assert_eq!(seen.len(), 10, "{seen:?}");
     }
 
     #[test]

@@ -24,7 +24,9 @@ struct Slot {
     /// Which 10-second period the slot holds (`now_s / SLOT_S`).
     period: u64,
     answers: u64,
-    ttft_us: Histogram<u64>,
+    /// Made on the slot's first sample: a shard that serves nothing costs no histogram
+    /// (about 25 KB each; six per shard).
+    ttft_us: Option<Histogram<u64>>,
 }
 
 /// The last minute of one shard, as the dashboard shows it.
@@ -46,7 +48,7 @@ impl Default for LatencyWindow {
             slots: Mutex::new(std::array::from_fn(|_| Slot {
                 period: u64::MAX,
                 answers: 0,
-                ttft_us: super::ttft_histogram(),
+                ttft_us: None,
             })),
         }
     }
@@ -62,12 +64,16 @@ impl LatencyWindow {
         if slot.period != period {
             slot.period = period;
             slot.answers = 0;
-            slot.ttft_us.reset();
+            if let Some(h) = &mut slot.ttft_us {
+                h.reset();
+            }
         }
         slot.answers += 1;
         if let Some(t) = ttft {
             let us = super::ttft_us(t);
-            slot.ttft_us.saturating_record(us);
+            slot.ttft_us
+                .get_or_insert_with(super::ttft_histogram)
+                .saturating_record(us);
         }
     }
 
@@ -84,7 +90,9 @@ impl LatencyWindow {
             .filter(|s| (oldest..=period).contains(&s.period))
         {
             answers += s.answers;
-            let _ = merged.add(&s.ttft_us);
+            if let Some(h) = &s.ttft_us {
+                let _ = merged.add(h);
+            }
         }
         drop(slots);
         // The window spans the five whole slots before this one and the part of this one

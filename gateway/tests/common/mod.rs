@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod dns;
+pub mod redis;
+
 use llm_sim::{Fault, FaultMode, SimConfig, SimHandle, SimStats};
 use serde_json::Value;
 

@@ -188,6 +188,7 @@ function renderPolicy(status) {
     ` · ${status.ready ? "ready" : "NOT READY"}${status.stopping ? " · stopping" : ""}`,
     ` · v${status.version}`,
     ...clusterParts(status),
+    ...discoveryParts(status),
   ];
   $("policy").replaceChildren(...parts);
 }
@@ -216,6 +217,22 @@ function clusterParts(status) {
     ` · ${(c.replicas || []).length} replica(s): ${replicas}`,
     tenants ? ` · ${tenants}` : "",
   ];
+}
+
+// Discovered pools: what each looks up, the shards it has from DNS, and whether the
+// lookups answer (failing ones keep the shards last found).
+function discoveryParts(status) {
+  const pools = status.discovery || [];
+  if (!pools.length) return [];
+  return [el("br"), "discovery: ", ...pools.flatMap((d, i) => [
+    i ? " · " : "",
+    `${d.pool} ${d.target}: ${d.shards} shard(s), `,
+    d.error
+      ? el("span", { class: "bad", id: `discovery-${d.pool}` },
+        `lookups failing (${d.failures} in a row: ${d.error}), keeping the shards last found`)
+      : el("span", { class: "good", id: `discovery-${d.pool}` },
+        d.last_ok_unix_ms ? `resolved ${clock(d.last_ok_unix_ms)}` : "not resolved yet"),
+  ])];
 }
 
 function renderNow(status, h) {
