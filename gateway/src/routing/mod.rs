@@ -130,13 +130,18 @@ impl ShardEntry {
                 self.slots.observe(taken, running, waiting);
             }
         }
+        // A shard health keeps out is picked only when its route has no other (panic
+        // routing): it is then served as if healthy, not at the zero weight its state gives
+        // it — which would let it take one request at a time and queue the rest, so a fleet
+        // that fails would answer "overloaded" instead of its errors.
+        let weight = if health.takes_new_requests(self.key) {
+            health.weight_factor(self.key)
+        } else {
+            1.0
+        };
         self.max_in_flight_for(priority)
             .is_none_or(|m| self.load.inflight_requests() < m)
-            && self.limit.fits(
-                self.load.inflight_tokens(),
-                cost,
-                health.weight_factor(self.key),
-            )
+            && self.limit.fits(self.load.inflight_tokens(), cost, weight)
     }
 }
 
@@ -1102,6 +1107,35 @@ capacity_tps = 100
         // Back: the next snapshot is read at once, not after the cache's 100 ms.
         r.publish_health(view(&r, vec![ShardHealth::healthy(); 40]));
         assert_eq!(home_share(&r, &mut rng), 1.0);
+    }
+
+    #[test]
+    fn when_every_shard_is_ejected_each_takes_requests_up_to_its_whole_limit() {
+        let r = Router::new(&fleet_policy(2, 0));
+        let route = r.route("m").unwrap();
+        let ejected = ShardHealth {
+            state: ShardState::Ejected,
+            weight_factor: 0.0,
+            ..ShardHealth::healthy()
+        };
+        r.publish_health(view(&r, vec![ejected.clone(), ejected]));
+        let _busy: Vec<_> = r.shards().iter().map(|s| s.load.charge(10)).collect();
+        let health = r.fleet.health.load();
+        // Panic routing picks them; admission must let them take more than one each.
+        for s in r.shards() {
+            assert!(s.limit_fits(10, Priority::Standard, &health), "{}", s.id);
+        }
+        let fits = |s: &ShardEntry, h: &HealthView, _| s.limit_fits(10, Priority::Standard, h);
+        let mut rng = SmallRng::seed_from_u64(3);
+        assert!(r.pick_fitting(route, &[], fits, &mut rng).is_some());
+        // One healthy shard in slow start keeps its low weight.
+        let starting = ShardHealth {
+            weight_factor: 0.001,
+            ..ShardHealth::healthy()
+        };
+        r.publish_health(view(&r, vec![starting.clone(), starting]));
+        let health = r.fleet.health.load();
+        assert!(!r.shards()[0].limit_fits(10, Priority::Standard, &health));
     }
 
     #[test]
