@@ -433,7 +433,7 @@ async fn a_changed_capacity_changes_the_split() {
     let even = share_of_b(&gw).await;
     assert!((0.3..0.7).contains(&even), "equal shards: b took {even}");
     let tripled =
-        policy_text(&[&a, &b], "").replacen("capacity_tps = 1000", "capacity_tps = 1001", 1);
+        policy_text(&[&a, &b], no_scrape).replacen("capacity_tps = 1000", "capacity_tps = 1001", 1);
     let tripled = {
         // b (the second shard) gets three times a's capacity.
         let at = tripled.rfind("capacity_tps = 1000").unwrap();
